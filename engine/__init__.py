@@ -1,0 +1,1 @@
+"""OmniNFT training engine: sampler, rewards, routing, loss, surgery, reweighting, trainer."""
