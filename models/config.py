@@ -1,0 +1,87 @@
+"""Model configuration for the LTX-2 audio-video DiT: one dataclass, named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the dual-stream DiT (field meanings follow ../shared/ltx2/ARCHITECTURE.md section 0).
+
+    Both cross-modal attentions use the audio head layout, so video and audio share `num_heads`
+    (LTX-2 asserts the same). Text contexts enter at `caption_channels` and are projected to each
+    stream's width inside the model, as in the 19B release.
+    """
+
+    num_layers: int = 48
+    num_heads: int = 32
+    video_head_dim: int = 128
+    audio_head_dim: int = 64
+    in_channels: int = 128
+    audio_in_channels: int = 128
+    caption_channels: int = 3840
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_max_pos: tuple[float, float, float] = (20.0, 2048.0, 2048.0)
+    audio_rope_max_pos: float = 20.0
+    vae_scale_factors: tuple[int, int, int] = (8, 32, 32)
+    audio_scale_factor: int = 4
+    audio_sampling_rate: int = 16000
+    audio_hop_length: int = 160
+    causal_offset: int = 1
+    timestep_scale_multiplier: float = 1000.0
+    av_ca_timestep_scale_multiplier: float = 1000.0
+    timestep_embed_dim: int = 256
+
+    @property
+    def video_dim(self) -> int:
+        return self.num_heads * self.video_head_dim
+
+    @property
+    def audio_dim(self) -> int:
+        return self.num_heads * self.audio_head_dim
+
+    def __post_init__(self) -> None:
+        positive = ("num_layers", "num_heads", "video_head_dim", "audio_head_dim", "in_channels",
+                    "audio_in_channels", "caption_channels", "timestep_embed_dim")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
+        for key in ("video_head_dim", "audio_head_dim"):
+            if getattr(self, key) % 2:
+                raise ValueError(f"model.{key} must be even (split RoPE rotates half-dims), got {getattr(self, key)}")
+        # Split RoPE pads the frequency ladder to dim/2 and cuts it per head: there must be room for it.
+        if self.video_dim // 6 * 3 > self.video_dim // 2 or self.video_dim // 6 == 0:
+            raise ValueError(f"model: video width {self.video_dim} is too small for 3-axis RoPE")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "ltx2-19b": ModelConfig(),
+    # CPU-sized: same topology (dual stream, shared heads, split RoPE on every axis), tiny widths.
+    "tiny": ModelConfig(num_layers=4, num_heads=4, video_head_dim=16, audio_head_dim=8, in_channels=16,
+                        audio_in_channels=16, caption_channels=32, timestep_embed_dim=32),
+}
+
+
+def resolve_config(name_or_config: str | ModelConfig | dict) -> ModelConfig:
+    """A preset name, a ModelConfig, or a dict of ModelConfig fields (optionally with `preset` as the base)."""
+    if isinstance(name_or_config, ModelConfig):
+        return name_or_config
+    if isinstance(name_or_config, str):
+        if name_or_config not in PRESETS:
+            raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {name_or_config!r}")
+        return PRESETS[name_or_config]
+    if isinstance(name_or_config, dict):
+        fields = dict(name_or_config)
+        base = resolve_config(fields.pop("preset", "ltx2-19b"))
+        allowed = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise ValueError(f"model: unknown key(s) {unknown}; allowed: preset, {', '.join(sorted(allowed))}")
+        for key in ("rope_max_pos", "vae_scale_factors"):
+            if key in fields:
+                fields[key] = tuple(fields[key])
+        return dataclasses.replace(base, **fields)
+    raise TypeError(f"expected a preset name, ModelConfig or dict, got {type(name_or_config).__name__}")

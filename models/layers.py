@@ -1,0 +1,136 @@
+"""Layers of the LTX-2 DiT. Module names follow the official checkpoint layout, so a state dict
+needs no renaming to be written in it (diffusers' names are a rename in `models.checkpoint`)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backend import TorchBackend
+from .rope import Rope, apply_split_rope
+
+# Called by the V2A attention with its post-RoPE (B, H, N, D) queries and keys: the hook through
+# which the sampler records attention mass for region-wise reweighting.
+AttentionProbe = Callable[[Tensor, Tensor], None]
+
+
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    """Parameter-free RMSNorm (every pre-norm inside a block), statistics in float32."""
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def timestep_features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of `t` (any shape), cos first: (..., dim)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t.float()[..., None] * torch.exp(exponent)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, backend: TorchBackend, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = backend.linear(in_dim, dim)
+        self.linear_2 = backend.linear(dim, dim)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+class _Embedding(nn.Module):
+    """Holds `timestep_embedder` so parameter names match the checkpoint (`<adaln>.emb.timestep_embedder.*`)."""
+
+    def __init__(self, backend: TorchBackend, in_dim: int, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(backend, in_dim, dim)
+
+
+class AdaLNSingle(nn.Module):
+    """PixArt adaLN-single: one MLP maps the (per-token) timestep to `k` modulation rows of width
+    `dim`; each block adds its own learned table to them."""
+
+    def __init__(self, backend: TorchBackend, dim: int, k: int, features: int):
+        super().__init__()
+        self.k, self.features = k, features
+        self.emb = _Embedding(backend, features, dim)
+        self.linear = backend.linear(dim, k * dim)
+
+    def forward(self, timestep: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """timestep (B, T) -> modulation (B, T, k*dim) and the embedded timestep (B, T, dim)."""
+        embedded = self.emb.timestep_embedder(timestep_features(timestep, self.features).to(dtype))
+        return self.linear(F.silu(embedded)), embedded
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK RMSNorm across all heads and optional split RoPE on Q and K."""
+
+    def __init__(self, backend: TorchBackend, query_dim: int, context_dim: int, heads: int, head_dim: int,
+                 eps: float):
+        super().__init__()
+        inner = heads * head_dim
+        self.backend, self.heads = backend, heads
+        self.q_norm = nn.RMSNorm(inner, eps=eps)
+        self.k_norm = nn.RMSNorm(inner, eps=eps)
+        self.to_q = backend.linear(query_dim, inner, role="column")
+        self.to_k = backend.linear(context_dim, inner, role="column")
+        self.to_v = backend.linear(context_dim, inner, role="column")
+        self.to_out = nn.ModuleList([backend.linear(inner, query_dim, role="row")])
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, q_rope: Rope | None = None,
+                k_rope: Rope | None = None, key_mask: Tensor | None = None, kv_grad_scale: float = 1.0,
+                probe: AttentionProbe | None = None) -> Tensor:
+        context = x if context is None else context
+        q = self._heads(self.q_norm(self.to_q(x)))
+        k = self._heads(self.k_norm(self.to_k(context)))
+        v = self._heads(self.to_v(context))
+        if q_rope is not None:
+            q = apply_split_rope(q, q_rope)
+            k = apply_split_rope(k, q_rope if k_rope is None else k_rope)
+        if probe is not None:
+            probe(q.detach(), k.detach())
+        out = self.backend.attention(q, k, v, key_mask=key_mask, kv_grad_scale=kv_grad_scale)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class _Projection(nn.Module):
+    """`net.0` of the FFN: a linear followed by tanh-GELU (checkpoint name `net.0.proj`)."""
+
+    def __init__(self, backend: TorchBackend, dim: int, hidden: int):
+        super().__init__()
+        self.proj = backend.linear(dim, hidden, role="column")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """tanh-GELU MLP, 4x wide; `net` mirrors the checkpoint layout (net.0.proj, net.2)."""
+
+    def __init__(self, backend: TorchBackend, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([_Projection(backend, dim, 4 * dim), nn.Identity(),
+                                  backend.linear(4 * dim, dim, role="row")])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class CaptionProjection(nn.Module):
+    """Text features (caption_channels) to a stream's width: linear, tanh-GELU, linear."""
+
+    def __init__(self, backend: TorchBackend, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = backend.linear(in_dim, dim)
+        self.linear_2 = backend.linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))

@@ -1,0 +1,185 @@
+"""The LTX-2 audio-video transformer: one definition for every backend.
+
+Per block (ARCHITECTURE.md section 2): video and audio self-attention, text cross-attention, then
+the two cross-modal attentions on the pre-A2V snapshots of both streams (A2V: video queries, audio
+keys/values; V2A: audio queries, video keys/values, both in the audio head layout), then the FFNs.
+Every sub-layer is modulated by adaLN-single rows plus the block's own table.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .backend import TorchBackend
+from .config import ModelConfig
+from .layers import AdaLNSingle, Attention, AttentionProbe, CaptionProjection, FeedForward, rms_norm
+from .rope import Rope, audio_positions, split_rope, video_positions
+
+# Receives (block index, post-RoPE V2A queries, post-RoPE V2A keys); see `LTX2AVTransformer.forward`.
+V2AProbe = Callable[[int, Tensor, Tensor], None]
+
+
+def _rows(table: Tensor, mod: Tensor, start: int, stop: int) -> list[Tensor]:
+    """Modulation rows start..stop-1: the block's table plus the global (B, T, k*D) adaLN output."""
+    k = table.shape[0]
+    values = table[None, None] + mod.unflatten(-1, (k, -1))
+    return list(values[:, :, start:stop].unbind(dim=2))
+
+
+class AVBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: TorchBackend):
+        super().__init__()
+        dv, da, h, eps = cfg.video_dim, cfg.audio_dim, cfg.num_heads, cfg.norm_eps
+        self.eps = eps
+        self.attn1 = Attention(backend, dv, dv, h, cfg.video_head_dim, eps)
+        self.attn2 = Attention(backend, dv, dv, h, cfg.video_head_dim, eps)
+        self.audio_attn1 = Attention(backend, da, da, h, cfg.audio_head_dim, eps)
+        self.audio_attn2 = Attention(backend, da, da, h, cfg.audio_head_dim, eps)
+        self.audio_to_video_attn = Attention(backend, dv, da, h, cfg.audio_head_dim, eps)
+        self.video_to_audio_attn = Attention(backend, da, dv, h, cfg.audio_head_dim, eps)
+        self.ff = FeedForward(backend, dv)
+        self.audio_ff = FeedForward(backend, da)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dv) / dv**0.5)
+        self.audio_scale_shift_table = nn.Parameter(torch.randn(6, da) / da**0.5)
+        self.scale_shift_table_a2v_ca_video = nn.Parameter(torch.randn(5, dv) / dv**0.5)
+        self.scale_shift_table_a2v_ca_audio = nn.Parameter(torch.randn(5, da) / da**0.5)
+        # Layer-wise gradient surgery: dK, dV of the A2V audio keys/values are multiplied by this.
+        self.a2v_kv_grad_scale = 1.0
+
+    def forward(self, vx: Tensor, ax: Tensor, ctx: tuple[Tensor, Tensor], ctx_mask: tuple[Tensor | None, Tensor | None],
+                mod: dict[str, Tensor], rope: dict[str, Rope], v2a_probe: AttentionProbe | None) -> tuple[Tensor, Tensor]:
+        eps = self.eps
+        # Self-attention and text cross-attention (no AdaLN, no gate on the latter in the 19B release).
+        sh, sc, g = _rows(self.scale_shift_table, mod["video"], 0, 3)
+        vx = vx + self.attn1(rms_norm(vx, eps) * (1 + sc) + sh, q_rope=rope["video"]) * g
+        sh, sc, g = _rows(self.audio_scale_shift_table, mod["audio"], 0, 3)
+        ax = ax + self.audio_attn1(rms_norm(ax, eps) * (1 + sc) + sh, q_rope=rope["audio"]) * g
+        vx = vx + self.attn2(rms_norm(vx, eps), ctx[0], key_mask=ctx_mask[0])
+        ax = ax + self.audio_attn2(rms_norm(ax, eps), ctx[1], key_mask=ctx_mask[1])
+
+        # Cross-modal attentions, both reading the same pre-A2V snapshots. AV tables are scale-then-shift.
+        vn, an = rms_norm(vx, eps), rms_norm(ax, eps)
+        sc_v_a2v, sh_v_a2v, sc_v_v2a, sh_v_v2a = _rows(self.scale_shift_table_a2v_ca_video[:4], mod["video_ca"], 0, 4)
+        sc_a_a2v, sh_a_a2v, sc_a_v2a, sh_a_v2a = _rows(self.scale_shift_table_a2v_ca_audio[:4], mod["audio_ca"], 0, 4)
+        (g_a2v,) = _rows(self.scale_shift_table_a2v_ca_video[4:], mod["a2v_gate"], 0, 1)
+        (g_v2a,) = _rows(self.scale_shift_table_a2v_ca_audio[4:], mod["v2a_gate"], 0, 1)
+        a2v = self.audio_to_video_attn(vn * (1 + sc_v_a2v) + sh_v_a2v, an * (1 + sc_a_a2v) + sh_a_a2v,
+                                       q_rope=rope["video_ca"], k_rope=rope["audio_ca"],
+                                       kv_grad_scale=self.a2v_kv_grad_scale)
+        v2a = self.video_to_audio_attn(an * (1 + sc_a_v2a) + sh_a_v2a, vn * (1 + sc_v_v2a) + sh_v_v2a,
+                                       q_rope=rope["audio_ca"], k_rope=rope["video_ca"], probe=v2a_probe)
+        vx = vx + g_a2v * a2v
+        ax = ax + g_v2a * v2a
+
+        sh, sc, g = _rows(self.scale_shift_table, mod["video"], 3, 6)
+        vx = vx + self.ff(rms_norm(vx, eps) * (1 + sc) + sh) * g
+        sh, sc, g = _rows(self.audio_scale_shift_table, mod["audio"], 3, 6)
+        ax = ax + self.audio_ff(rms_norm(ax, eps) * (1 + sc) + sh) * g
+        return vx, ax
+
+
+def _check(name: str, x: Tensor, shape: tuple[int | None, ...]) -> None:
+    if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {want}")
+
+
+class LTX2AVTransformer(nn.Module):
+    """Joint audio-video DiT; returns the velocity v = eps - x0 for both streams."""
+
+    def __init__(self, cfg: ModelConfig, backend: TorchBackend | None = None):
+        super().__init__()
+        backend = backend or TorchBackend()
+        self.config, self.backend = cfg, backend
+        dv, da, f = cfg.video_dim, cfg.audio_dim, cfg.timestep_embed_dim
+        self.patchify_proj = backend.linear(cfg.in_channels, dv)
+        self.audio_patchify_proj = backend.linear(cfg.audio_in_channels, da)
+        self.caption_projection = CaptionProjection(backend, cfg.caption_channels, dv)
+        self.audio_caption_projection = CaptionProjection(backend, cfg.caption_channels, da)
+        self.adaln_single = AdaLNSingle(backend, dv, 6, f)
+        self.audio_adaln_single = AdaLNSingle(backend, da, 6, f)
+        self.av_ca_video_scale_shift_adaln_single = AdaLNSingle(backend, dv, 4, f)
+        self.av_ca_audio_scale_shift_adaln_single = AdaLNSingle(backend, da, 4, f)
+        self.av_ca_a2v_gate_adaln_single = AdaLNSingle(backend, dv, 1, f)
+        self.av_ca_v2a_gate_adaln_single = AdaLNSingle(backend, da, 1, f)
+        self.transformer_blocks = nn.ModuleList([AVBlock(cfg, backend) for _ in range(cfg.num_layers)])
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dv) / dv**0.5)
+        self.audio_scale_shift_table = nn.Parameter(torch.randn(2, da) / da**0.5)
+        self.proj_out = backend.linear(dv, cfg.in_channels)
+        self.audio_proj_out = backend.linear(da, cfg.audio_in_channels)
+
+    def set_a2v_grad_scales(self, scales: Sequence[float]) -> None:
+        """Per-block gradient scales on the A2V audio keys/values (layer-wise gradient surgery)."""
+        if len(scales) != len(self.transformer_blocks):
+            raise ValueError(f"a2v grad scales: need {len(self.transformer_blocks)} values, got {len(scales)}")
+        for block, g in zip(self.transformer_blocks, scales):
+            block.a2v_kv_grad_scale = float(g)
+
+    def rope(self, video_grid: tuple[int, int, int], num_audio: int, fps: float, device: torch.device) -> dict[str, Rope]:
+        cfg, h = self.config, self.config.num_heads
+        pv = video_positions(cfg, video_grid, fps, device)
+        pa = audio_positions(cfg, num_audio, device)
+        ca_max = (max(cfg.rope_max_pos[0], cfg.audio_rope_max_pos),)
+        return {
+            "video": split_rope(pv, cfg.rope_max_pos, cfg.video_dim, h, cfg.rope_theta),
+            "audio": split_rope(pa, (cfg.audio_rope_max_pos,), cfg.audio_dim, h, cfg.rope_theta),
+            "video_ca": split_rope(pv[:, :1], ca_max, cfg.audio_dim, h, cfg.rope_theta),
+            "audio_ca": split_rope(pa, ca_max, cfg.audio_dim, h, cfg.rope_theta),
+        }
+
+    def forward(self, video: Tensor, audio: Tensor, sigma: Tensor, video_context: Tensor, audio_context: Tensor,
+                video_grid: tuple[int, int, int], fps: float = 24.0, *, video_context_mask: Tensor | None = None,
+                audio_context_mask: Tensor | None = None, video_sigma: Tensor | None = None,
+                audio_sigma: Tensor | None = None, v2a_probe: V2AProbe | None = None) -> tuple[Tensor, Tensor]:
+        """video (B, F*H*W, C) f-major, audio (B, T_a, C), sigma (B,); contexts (B, T_ctx, caption_channels)
+        with optional bool masks (B, T_ctx) (True = real token). `video_sigma`/`audio_sigma` (B, T) give
+        per-token noise levels (conditioning tokens at 0); otherwise every token has `sigma`.
+        `v2a_probe(block, q, k)` sees the V2A queries/keys of every block, after RoPE."""
+        cfg = self.config
+        b = video.shape[0]
+        f, hh, ww = video_grid
+        _check("video", video, (b, f * hh * ww, cfg.in_channels))
+        _check("audio", audio, (b, None, cfg.audio_in_channels))
+        _check("sigma", sigma, (b,))
+        _check("video_context", video_context, (b, None, cfg.caption_channels))
+        _check("audio_context", audio_context, (b, None, cfg.caption_channels))
+        for name, mask, ctx in (("video_context_mask", video_context_mask, video_context),
+                                ("audio_context_mask", audio_context_mask, audio_context)):
+            if mask is not None:
+                _check(name, mask, (b, ctx.shape[1]))
+        # Shared sigma: one modulation row per sample, broadcast over tokens (identical to per-token, far cheaper).
+        t_video = (sigma[:, None] if video_sigma is None else video_sigma) * cfg.timestep_scale_multiplier
+        t_audio = (sigma[:, None] if audio_sigma is None else audio_sigma) * cfg.timestep_scale_multiplier
+        if video_sigma is not None:
+            _check("video_sigma", video_sigma, (b, video.shape[1]))
+        if audio_sigma is not None:
+            _check("audio_sigma", audio_sigma, (b, audio.shape[1]))
+        gate_scale = cfg.av_ca_timestep_scale_multiplier / cfg.timestep_scale_multiplier
+
+        vx = self.patchify_proj(video)
+        ax = self.audio_patchify_proj(audio)
+        dtype = vx.dtype
+        mod_video, emb_video = self.adaln_single(t_video, dtype)
+        mod_audio, emb_audio = self.audio_adaln_single(t_audio, dtype)
+        mod = {
+            "video": mod_video,
+            "audio": mod_audio,
+            "video_ca": self.av_ca_video_scale_shift_adaln_single(t_video, dtype)[0],
+            "audio_ca": self.av_ca_audio_scale_shift_adaln_single(t_audio, dtype)[0],
+            "a2v_gate": self.av_ca_a2v_gate_adaln_single(t_video * gate_scale, dtype)[0],
+            "v2a_gate": self.av_ca_v2a_gate_adaln_single(t_audio * gate_scale, dtype)[0],
+        }
+        rope = self.rope(video_grid, audio.shape[1], fps, video.device)
+        ctx = (self.caption_projection(video_context), self.audio_caption_projection(audio_context))
+        masks = (video_context_mask, audio_context_mask)
+        for i, block in enumerate(self.transformer_blocks):
+            probe = None if v2a_probe is None else (lambda q, k, i=i: v2a_probe(i, q, k))
+            vx, ax = block(vx, ax, ctx, masks, mod, rope, probe)
+
+        shift, scale = (self.scale_shift_table[None, None] + emb_video[:, :, None]).unbind(dim=2)
+        v_video = self.proj_out(nn.functional.layer_norm(vx, (cfg.video_dim,), eps=1e-6) * (1 + scale) + shift)
+        shift, scale = (self.audio_scale_shift_table[None, None] + emb_audio[:, :, None]).unbind(dim=2)
+        v_audio = self.audio_proj_out(nn.functional.layer_norm(ax, (cfg.audio_dim,), eps=1e-6) * (1 + scale) + shift)
+        return v_video, v_audio

@@ -1,0 +1,29 @@
+"""omninft: OmniNFT training engine for joint audio-video diffusion transformers (LTX-2)."""
+from setuptools import setup
+
+setup(
+    name="omninft",
+    version="0.1.0",
+    description="Modality-aware online diffusion RL (OmniNFT) for the LTX-2 audio-video DiT",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["engine", "kernels", "models"],
+    package_data={"engine": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
+        "nvtx>=0.2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "diffusers==0.42.1"],
+        "triton": ["triton==3.7.1"],
+        "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["omninft = engine.cli:main"]},
+)
