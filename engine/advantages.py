@@ -113,7 +113,7 @@ def route_advantages(
         return RoutedAdvantages(video=adv, audio=adv.clone(), per_reward=per_reward)
 
     video = sum((weights[k] * a for k, a in per_reward.items() if modalities[k] in ("video", "av")), zeros)
-    audio = sum((weights[k] * a for k, a in per_reward.items() if modalities[k] in ("audio",)), zeros)
+    audio = sum((weights[k] * a for k, a in per_reward.items() if modalities[k] in ("audio", "av")), zeros)
     return RoutedAdvantages(video=video, audio=audio, per_reward=per_reward)
 
 

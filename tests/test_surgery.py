@@ -34,7 +34,9 @@ def test_explicit_list_passes_through() -> None:
     assert a2v_grad_scales((0.25, 0.75), 2) == [0.25, 0.75]
 
 
-@pytest.mark.parametrize("schedule", [[1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.5, 1.0], [1.0, -0.1, 1.0], [float("nan")] * 3])
+@pytest.mark.parametrize(
+    "schedule", [[1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.5, 1.0], [1.0, -0.1, 1.0], [float("nan")] * 3]
+)
 def test_bad_explicit_list(schedule: list[float]) -> None:
     with pytest.raises(ValueError, match="surgery.schedule"):
         a2v_grad_scales(schedule, 3)
