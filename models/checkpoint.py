@@ -23,6 +23,8 @@ from .config import ModelConfig
 Layout = Literal["official", "diffusers"]
 LAYOUTS = ("official", "diffusers")
 OFFICIAL_PREFIX = "model.diffusion_model."
+# Text connectors live under the DiT prefix in official files but are not part of the DiT.
+_CONNECTOR_PREFIXES = tuple(OFFICIAL_PREFIX + n for n in ("video_embeddings_connector.", "audio_embeddings_connector."))
 
 # Official path component -> diffusers path component (scripts/convert_ltx2_to_diffusers.py in diffusers).
 _TO_DIFFUSERS = {
@@ -68,8 +70,7 @@ def from_layout(state: dict[str, Tensor], layout: Layout) -> dict[str, Tensor]:
     """Names in `layout` -> our names. Official keys outside the DiT (VAE, connectors) are dropped."""
     if layout == "official":
         return {k[len(OFFICIAL_PREFIX):]: v for k, v in state.items()
-                if k.startswith(OFFICIAL_PREFIX) and not k.startswith(OFFICIAL_PREFIX + ("video_embeddings_connector",
-                                                                                           "audio_embeddings_connector"))}
+                if k.startswith(OFFICIAL_PREFIX) and not k.startswith(_CONNECTOR_PREFIXES)}
     if layout == "diffusers":
         return {_rename(k, _FROM_DIFFUSERS): v for k, v in state.items()}
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

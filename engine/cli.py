@@ -1,0 +1,92 @@
+"""`omninft train | sample | convert`.
+
+    omninft train [--config FILE] [key=value ...]     e.g. omninft train iterations=2 seed=0 run_dir=out
+    omninft sample --checkpoint FILE [key=value ...]  rollouts from a checkpoint, scored, saved as safetensors
+    omninft convert SRC DST --to {official,diffusers}
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .trainer import Trainer
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    history = trainer.run()
+    if history:
+        first, last = history[0], history[-1]
+        print(f"\nreward means, iteration {first['iteration']} -> {last['iteration']}:")
+        for name in trainer.reward_names:
+            a, b = first[f"reward/{name}"], last[f"reward/{name}"]
+            print(f"  {name:18s} {a:+.4f} -> {b:+.4f}  ({b - a:+.4f})")
+        print(f"metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from models.checkpoint import atomic_save_file
+    from .rewards import score_rewards
+    from .trainer import Trainer
+    overrides = list(args.overrides)
+    if args.checkpoint:
+        overrides.append(f"model.init={args.checkpoint}")
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg)
+    trainer.old_model.load_state_dict(trainer.model.state_dict())
+    rollout, _, _, _ = trainer.rollout(args.iteration, trainer.prompts_for(args.iteration))
+    scores = score_rewards(trainer.rewards, rollout)
+    for name, value in scores.items():
+        print(f"{name:18s} mean {float(value.mean()):+.4f} std {float(value.std(unbiased=False)):.4f}")
+    out = Path(args.out)
+    atomic_save_file({"video": rollout.video, "audio": rollout.audio, **{f"reward/{k}": v for k, v in scores.items()}},
+                     out, metadata={"prompts": "\n".join(rollout.prompts), "video_grid": str(list(rollout.video_grid)),
+                                    "fps": str(rollout.fps)})
+    print(f"wrote {len(rollout.prompts)} samples to {out}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from models import convert_file
+    n = convert_file(args.src, args.dst, args.to)
+    print(f"wrote {n} tensors to {args.dst} ({args.to} layout)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omninft", description="OmniNFT training for the LTX-2 audio-video DiT")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run OmniNFT training (default: the embedded tiny CPU task)")
+    train.add_argument("--config", help="YAML config (e.g. configs/ltx2-19b.yaml); defaults are configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=2 train.group_size=4")
+    train.set_defaults(func=_train)
+    smp = sub.add_parser("sample", help="sample and score one iteration's prompts")
+    smp.add_argument("--config")
+    smp.add_argument("--checkpoint", help="model weights (safetensors, official or diffusers layout)")
+    smp.add_argument("--iteration", type=int, default=0, help="which iteration's prompts and noise to use")
+    smp.add_argument("--out", default="samples.safetensors")
+    smp.add_argument("overrides", nargs="*")
+    smp.set_defaults(func=_sample)
+    conv = sub.add_parser("convert", help="rewrite a DiT checkpoint in the official or diffusers layout")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--to", choices=("official", "diffusers"), required=True)
+    conv.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"omninft: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

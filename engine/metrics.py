@@ -1,0 +1,76 @@
+"""Per-iteration metrics: console line, `metrics.jsonl`, TensorBoard, and the reward-curve PNG."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    """Appends one JSON object per iteration; on resume, drops lines past the checkpoint so the file
+    reads as if the run had never stopped."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool, resume_after: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_after is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["iteration"] <= resume_after]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def log(self, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, metrics["iteration"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_line(m: dict, reward_names: list[str]) -> str:
+    rewards = " ".join(f"{n}={m[f'reward/{n}']:+.4f}±{m[f'reward_std/{n}']:.3f}" for n in reward_names)
+    return (f"iter {m['iteration']:4d} | loss {m['loss']:.4f} (v {m['loss/video']:.4f} a {m['loss/audio']:.4f}) "
+            f"| {rewards} | adv v {m['adv/video_mean']:+.2f}±{m['adv/video_std']:.2f} "
+            f"a {m['adv/audio_mean']:+.2f}±{m['adv/audio_std']:.2f} | gnorm {m['grad_norm']:.3f} "
+            f"| {m['time/iteration']:.2f}s")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_rewards(metrics_path: str | Path, png_path: str | Path, reward_names: list[str]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    its = [r["iteration"] for r in rows]
+    fig, axes = plt.subplots(1, len(reward_names), figsize=(4 * len(reward_names), 3), squeeze=False)
+    for ax, name in zip(axes[0], reward_names):
+        mean = [r[f"reward/{name}"] for r in rows]
+        std = [r[f"reward_std/{name}"] for r in rows]
+        ax.plot(its, mean)
+        ax.fill_between(its, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+        ax.set_title(name)
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def console(message: str) -> None:
+    """Prints without breaking an active progress bar."""
+    tqdm.write(message)

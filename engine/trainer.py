@@ -1,0 +1,233 @@
+"""The OmniNFT loop (SPEC section 6): sample from the old policy, score, route advantages, train, EMA.
+
+One `Trainer.iteration` is Algorithm 1 once; `Trainer.run` adds logging, checkpoints and resume.
+Where each idea lives: routing `engine.advantages`, loss `engine.loss`, surgery `engine.surgery`
+(applied via `model.set_a2v_grad_scales`), reweighting `engine.reweighting` (fed by the sampler's
+V2A attention mass).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+import models
+from models import LTX2AVTransformer
+
+from .advantages import optimality_probability, route_advantages
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, to_dict
+from .loss import nft_loss
+from .metrics import MetricsLogger, console, format_line, plot_rewards
+from .policy import build_optimizer, clip_and_step, ema_decay, ema_update, training_sigmas
+from .reweighting import reference_blocks, reference_steps, region_weights
+from .rewards import Rollout, build_rewards, score_rewards
+from .sampler import ltx2_sigmas, prompt_features, rollout_noise, sample, seeded_normal
+from .surgery import a2v_grad_scales
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+AUDIO_TOKENS_PER_SECOND = 25.0
+
+
+def audio_tokens_for(video_grid: tuple[int, int, int], fps: float) -> int:
+    """Audio latents covering the clip: (8(F-1)+1) pixel frames at `fps`, 25 audio tokens per second."""
+    frames = 8 * (video_grid[0] - 1) + 1
+    return max(2, round(frames / fps * AUDIO_TOKENS_PER_SECOND))
+
+
+def build_policy(cfg: Config) -> LTX2AVTransformer:
+    torch.manual_seed(cfg.model.init_seed)
+    model = models.build_model(cfg.model.preset, dtype=DTYPES[cfg.model.dtype], backend=cfg.model.backend)
+    if cfg.model.init is not None:
+        models.load_model_weights(model, cfg.model.init)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.model = build_policy(cfg)
+        self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
+        self.old_model = copy.deepcopy(self.model).requires_grad_(False)
+        self.ref_model = copy.deepcopy(self.model).requires_grad_(False) if cfg.loss.kl_weight > 0 else None
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+        self.rewards = build_rewards(cfg.rewards)
+        self.reward_names = [r.name for r in self.rewards]
+        self.grid = tuple(cfg.task.video_grid)
+        self.num_audio = audio_tokens_for(self.grid, cfg.task.fps)
+        mc = self.model.config
+        self.sigmas = ltx2_sigmas(cfg.sampler.steps, 2.05 if cfg.sampler.shift is None else cfg.sampler.shift,
+                                  cfg.sampler.terminal)
+        self.contexts = {p: prompt_features(p, cfg.task.context_tokens, mc.caption_channels)
+                         for p in [*cfg.task.prompts, ""]}
+        f, h, w = self.grid
+        self.frame_ids = torch.arange(f * h * w) // (h * w)
+        self.state = TrainState(iteration=-1, step=0)
+
+    # ---- one iteration, phase by phase -------------------------------------------------------------
+    def prompts_for(self, iteration: int) -> list[str]:
+        """Iteration i takes the next `prompts_per_iteration` prompts, cycling through the list."""
+        ps, k = self.cfg.task.prompts, self.cfg.train.prompts_per_iteration
+        return [ps[(iteration * k + j) % len(ps)] for j in range(k)]
+
+    def rollout(self, iteration: int, prompts: list[str]) -> tuple[Rollout, Tensor, Tensor | None, Tensor]:
+        """G samples per prompt from the old policy; returns the rollout, contexts, V2A scores, group ids."""
+        cfg, mc = self.cfg, self.model.config
+        g = cfg.train.group_size
+        f, h, w = self.grid
+        texts = [p for p in prompts for _ in range(g)]
+        noise = [rollout_noise(cfg.seed, iteration, p, i % g, (f * h * w, mc.in_channels),
+                               (self.num_audio, mc.audio_in_channels)) for i, p in enumerate(texts)]
+        ctx = torch.stack([self.contexts[p] for p in texts])
+        uncond = self.contexts[""].expand_as(ctx)
+        reweight = cfg.reweight.mode != "off"
+        dtype = next(self.model.parameters()).dtype
+        result = sample(
+            self.old_model, torch.stack([n[0] for n in noise]).to(dtype), torch.stack([n[1] for n in noise]).to(dtype),
+            ctx.to(dtype), ctx.to(dtype), self.grid, cfg.task.fps, self.sigmas, cfg.sampler.cfg_video,
+            cfg.sampler.cfg_audio, (uncond.to(dtype), uncond.to(dtype)),
+            record_steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step)
+            if reweight else (),
+            record_blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block) if reweight else ())
+        rollout = Rollout(video=result.video.float(), audio=result.audio.float(), video_grid=self.grid,
+                          fps=cfg.task.fps, prompts=tuple(texts))
+        group_ids = torch.arange(len(prompts)).repeat_interleave(g)
+        return rollout, ctx, result.v2a_score, group_ids
+
+    def train(self, iteration: int, rollout: Rollout, ctx: Tensor, r_video: Tensor, r_audio: Tensor,
+              token_weights: Tensor | None) -> dict[str, float]:
+        """Mini-batches over the samples; each accumulates the loss over the training sigmas, then clips,
+        steps AdamW and moves the old policy by EMA."""
+        cfg = self.cfg
+        dtype = next(self.model.parameters()).dtype
+        n = rollout.num_samples
+        sigmas = training_sigmas(self.sigmas, cfg.train.sigma_mode, cfg.train.sigma_fraction, cfg.train.num_sigmas,
+                                 cfg.seed, iteration)
+        g = cfg.train.group_size
+        totals = {"loss": 0.0, "loss/video": 0.0, "loss/audio": 0.0, "loss/kl": 0.0}
+        norms, t_ema = [], 0.0
+        batches = [range(s, min(s + cfg.train.batch_size, n)) for s in range(0, n, cfg.train.batch_size)]
+        for idx in batches:
+            idx = list(idx)
+            x0_v, x0_a = rollout.video[idx].to(dtype), rollout.audio[idx].to(dtype)
+            c = ctx[idx].to(dtype)
+            for j, s in enumerate(sigmas):
+                # Fresh forward-process noise per (sample, sigma), independent of batching and layout.
+                eps_v = torch.stack([seeded_normal(x0_v.shape[1:], cfg.seed, iteration, rollout.prompts[i], i % g,
+                                                   "train", j, "video") for i in idx]).to(dtype)
+                eps_a = torch.stack([seeded_normal(x0_a.shape[1:], cfg.seed, iteration, rollout.prompts[i], i % g,
+                                                   "train", j, "audio") for i in idx]).to(dtype)
+                sig = torch.full((len(idx),), s, dtype=dtype)
+                xt_v, xt_a = (1 - s) * x0_v + s * eps_v, (1 - s) * x0_a + s * eps_a
+                args = (xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps)
+                with torch.no_grad():
+                    v_old = self.old_model(*args)
+                    v_ref = self.ref_model(*args) if self.ref_model is not None else None
+                v_theta = self.model(*args)
+                out = nft_loss(
+                    {"x0": x0_v, "x_t": xt_v, "sigma": sig, "v_old": v_old[0], "v_theta": v_theta[0]},
+                    {"x0": x0_a, "x_t": xt_a, "sigma": sig, "v_old": v_old[1], "v_theta": v_theta[1]},
+                    r_video[idx], r_audio[idx], beta=cfg.loss.beta, adv_clip=cfg.advantage.adv_clip,
+                    video_token_weights=None if token_weights is None else token_weights[idx],
+                    kl_weight=cfg.loss.kl_weight, v_ref=v_ref)
+                (out.total / len(sigmas)).backward()
+                w = len(idx) / n / len(sigmas)
+                totals["loss"] += float(out.total.detach()) * w
+                totals["loss/video"] += float(out.video) * w
+                totals["loss/audio"] += float(out.audio) * w
+                totals["loss/kl"] += float(out.kl) * w
+            norms.append(clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip))
+            self.state.step += 1
+            t0 = time.perf_counter()
+            ema_update(self.old_model, self.model, ema_decay(self.state.step, cfg.ema.decay_rate, cfg.ema.max_decay))
+            t_ema += time.perf_counter() - t0
+        return {**totals, "grad_norm": sum(norms) / len(norms), "time/ema": t_ema,
+                "train_sigmas": len(sigmas)}
+
+    def iteration(self, iteration: int) -> dict:
+        cfg, times = self.cfg, {}
+        t0 = time.perf_counter()
+        prompts = self.prompts_for(iteration)
+        rollout, ctx, v2a_score, group_ids = self.rollout(iteration, prompts)
+        times["time/rollout"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        scores = score_rewards(self.rewards, rollout)
+        times["time/reward"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        routed = route_advantages(scores, {r.name: r.modality for r in self.rewards},
+                                  {r.name: r.weight for r in self.rewards}, group_ids, cfg.advantage.routing,
+                                  cfg.advantage.std, cfg.advantage.eps)
+        r_video = optimality_probability(routed.video, cfg.advantage.adv_clip)
+        r_audio = optimality_probability(routed.audio, cfg.advantage.adv_clip)
+        weights = None
+        if v2a_score is not None:
+            weights = region_weights(v2a_score, cfg.reweight.mode, cfg.reweight.lam, self.frame_ids,
+                                     step=self.state.step, warmup_steps=cfg.reweight.warmup_steps)
+        times["time/advantage"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.model.train()
+        train_metrics = self.train(iteration, rollout, ctx, r_video, r_audio, weights)
+        times["time/train"] = time.perf_counter() - t - train_metrics["time/ema"]
+        self.state.iteration = iteration
+
+        metrics = {"iteration": iteration, "step": self.state.step, **train_metrics, **times,
+                   "time/iteration": time.perf_counter() - t0}
+        for name, value in scores.items():
+            metrics[f"reward/{name}"] = float(value.mean())
+            metrics[f"reward_std/{name}"] = float(value.std(unbiased=False))
+        for branch, adv in (("video", routed.video), ("audio", routed.audio)):
+            metrics.update({f"adv/{branch}_mean": float(adv.mean()), f"adv/{branch}_std": float(adv.std(unbiased=False)),
+                            f"adv/{branch}_min": float(adv.min()), f"adv/{branch}_max": float(adv.max())})
+        for name, adv in routed.per_reward.items():
+            metrics[f"adv/{name}_abs_mean"] = float(adv.abs().mean())
+        if weights is not None:
+            metrics["region_weight/max"] = float(weights.max())
+            metrics["region_weight/mean"] = float(weights.mean())
+        return metrics
+
+    # ---- the run -----------------------------------------------------------------------------------
+    def resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"resume=true but {self.run_dir}/checkpoints holds no checkpoint")
+        self.state = load_checkpoint(path, self.model, self.old_model, self.optimizer)
+        console(f"resumed from {path} (iteration {self.state.iteration}, step {self.state.step})")
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.state, self.model, self.old_model, self.optimizer, to_dict(self.cfg))
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        if cfg.resume:
+            self.resume()
+        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, self.state.iteration if cfg.resume else None)
+        start = self.state.iteration + 1
+        history = []
+        bar = tqdm(range(start, cfg.iterations), desc="omninft", unit="it", disable=not cfg.log.progress,
+                   initial=start, total=cfg.iterations)
+        try:
+            for it in bar:
+                metrics = self.iteration(it)
+                logger.log(metrics)
+                history.append(metrics)
+                console(format_line(metrics, self.reward_names))
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+                    self.save()
+        finally:
+            bar.close()
+            logger.close()
+        if history:
+            console(f"checkpoint: {self.save()}")
+        if cfg.log.plot and logger.path.stat().st_size:
+            plot_rewards(logger.path, self.run_dir / "rewards.png", self.reward_names)
+        return history
