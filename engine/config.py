@@ -66,7 +66,7 @@ class TaskSection:
 
 @dataclass
 class SamplerSection:
-    steps: int = _range(1, None, default=10)
+    steps: int = _range(2, None, default=10)
     shift: float | None = None  # None: the LTX-2 pipelines' fixed 2.05
     terminal: float = _range(0.0, 0.99, default=0.1)
     cfg_video: float = _range(1.0, None, default=1.0)  # 1.0 = unguided (SPEC 1: rollouts are unguided)

@@ -25,7 +25,10 @@ def shift_for_tokens(num_tokens: int) -> float:
 
 def ltx2_sigmas(steps: int, shift: float = MAX_SHIFT, terminal: float = 0.1) -> Tensor:
     """(steps + 1,) float32 noise levels from 1 to 0: linear, shifted by e^s / (e^s + 1/sigma - 1),
-    then stretched so that the last non-zero level is `terminal` (pipelines call it with s = 2.05)."""
+    then stretched so that the last non-zero level is `terminal` (pipelines call it with s = 2.05).
+    The stretch divides by 1 - sigma of the last non-zero step, which is 0 for a single step."""
+    if steps < 2:
+        raise ValueError(f"sampler.steps must be >= 2 (the LTX-2 stretch is undefined for one step), got {steps}")
     sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     nonzero = sigmas != 0
     e = math.exp(shift)

@@ -150,6 +150,8 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, layout: Layout)
 
 def diffusers_config(cfg: ModelConfig) -> dict:
     """Keyword arguments for `diffusers.LTX2VideoTransformer3DModel` describing the same model."""
+    if cfg.timestep_embed_dim != 256:
+        raise ValueError(f"timestep_embed_dim={cfg.timestep_embed_dim} has no diffusers equivalent (fixed at 256)")
     return dict(
         in_channels=cfg.in_channels, out_channels=cfg.in_channels, num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.video_head_dim, cross_attention_dim=cfg.video_dim,

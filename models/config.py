@@ -61,7 +61,7 @@ PRESETS: dict[str, ModelConfig] = {
     "ltx2-19b": ModelConfig(),
     # CPU-sized: same topology (dual stream, shared heads, split RoPE on every axis), tiny widths.
     "tiny": ModelConfig(num_layers=4, num_heads=4, video_head_dim=16, audio_head_dim=8, in_channels=16,
-                        audio_in_channels=16, caption_channels=32, timestep_embed_dim=32),
+                        audio_in_channels=16, caption_channels=32),
 }
 
 

@@ -13,8 +13,7 @@ from models.checkpoint import OFFICIAL_PREFIX, config_from_diffusers, diffusers_
 
 diffusers = pytest.importorskip("diffusers")
 
-# A tiny model diffusers can describe exactly (diffusers hard-wires 256 sinusoidal timestep features).
-TINY_256 = dataclasses.replace(models.PRESETS["tiny"], timestep_embed_dim=256)
+TINY = models.PRESETS["tiny"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,7 +25,7 @@ def _single_thread():
     torch.set_num_threads(n)
 
 
-def _model(cfg=TINY_256, seed: int = 0):
+def _model(cfg=TINY, seed: int = 0):
     torch.manual_seed(seed)
     return models.build_model(cfg)
 
@@ -49,7 +48,7 @@ def _assert_differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> N
 
 # ---------------------------------------------------------------- official layout
 
-@pytest.mark.parametrize("cfg", [models.PRESETS["tiny"], TINY_256,
+@pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, timestep_embed_dim=32),
                                  models.resolve_config({"preset": "tiny", "num_layers": 2, "rope_theta": 5000.0,
                                                         "rope_max_pos": [10, 1024, 512], "norm_eps": 1e-5})])
 def test_official_round_trip(tmp_path, cfg) -> None:
@@ -85,18 +84,18 @@ def test_official_file_with_vae_and_connector_keys_loads(tmp_path) -> None:
 # ---------------------------------------------------------------- diffusers layout
 
 def test_diffusers_round_trip_and_strict_load_into_diffusers(tmp_path) -> None:
-    m = _model(TINY_256)
+    m = _model(TINY)
     path = tmp_path / "diffusers.safetensors"
     models.save_model(m, path, "diffusers")
     tensors, _ = _file_tensors(path)
     assert not any(k.startswith(OFFICIAL_PREFIX) for k in tensors)
     assert read_config(path) == m.config
 
-    m2 = _model(TINY_256, seed=1)
+    m2 = _model(TINY, seed=1)
     _assert_differs(m.state_dict(), m2.state_dict())
     models.load_model_weights(m2, path)  # layout detected
     _assert_same_state(m.state_dict(), m2.state_dict())
-    m3 = _model(TINY_256, seed=2)
+    m3 = _model(TINY, seed=2)
     models.load_model_weights(m3, path, layout="diffusers")
     _assert_same_state(m.state_dict(), m3.state_dict())
 
@@ -111,20 +110,20 @@ def test_diffusers_round_trip_and_strict_load_into_diffusers(tmp_path) -> None:
 
 def test_diffusers_state_dict_loads_into_ours() -> None:
     torch.manual_seed(3)
-    dm = diffusers.LTX2VideoTransformer3DModel(**diffusers_config(TINY_256))
-    ours = _model(TINY_256, seed=4)
+    dm = diffusers.LTX2VideoTransformer3DModel(**diffusers_config(TINY))
+    ours = _model(TINY, seed=4)
     models.load_state(ours, dm.state_dict())
     back = models.checkpoint.to_layout(ours.state_dict(), "diffusers")
     _assert_same_state(back, dm.state_dict())
-    assert config_from_diffusers(dm.config) == TINY_256
+    assert config_from_diffusers(dm.config) == TINY
 
 
 def test_diffusers_file_written_by_diffusers_loads(tmp_path) -> None:
     torch.manual_seed(5)
-    dm = diffusers.LTX2VideoTransformer3DModel(**diffusers_config(TINY_256))
+    dm = diffusers.LTX2VideoTransformer3DModel(**diffusers_config(TINY))
     path = tmp_path / "dm.safetensors"
     save_file({k: v.contiguous() for k, v in dm.state_dict().items()}, str(path))
-    ours = _model(TINY_256, seed=6)
+    ours = _model(TINY, seed=6)
     models.load_model_weights(ours, path)
     _assert_same_state(models.checkpoint.to_layout(ours.state_dict(), "diffusers"), dm.state_dict())
 
@@ -135,18 +134,18 @@ def test_diffusers_config_describes_the_preset(name) -> None:
 
     (diffusers has no timestep-feature width option; it always uses 256.)"""
     cfg = models.PRESETS[name]
-    try:
-        dcfg = diffusers_config(cfg)
-    except ValueError as e:
-        assert "timestep_embed_dim" in str(e)
-        return
-    assert config_from_diffusers(dcfg) == cfg
+    assert config_from_diffusers(diffusers_config(cfg)) == cfg
+
+
+def test_diffusers_config_refuses_what_diffusers_cannot_express() -> None:
+    with pytest.raises(ValueError, match="timestep_embed_dim"):
+        diffusers_config(dataclasses.replace(TINY, timestep_embed_dim=32))
 
 
 # ---------------------------------------------------------------- conversion
 
 def test_convert_file_round_trip(tmp_path) -> None:
-    m = _model(TINY_256)
+    m = _model(TINY)
     src = tmp_path / "a.safetensors"
     mid = tmp_path / "b.safetensors"
     dst = tmp_path / "sub" / "c.safetensors"
@@ -154,7 +153,7 @@ def test_convert_file_round_trip(tmp_path) -> None:
     n = models.convert_file(src, mid, "diffusers")
     assert n == len(m.state_dict())
     mid_tensors, _ = _file_tensors(mid)
-    assert set(mid_tensors) == set(diffusers.LTX2VideoTransformer3DModel(**diffusers_config(TINY_256)).state_dict())
+    assert set(mid_tensors) == set(diffusers.LTX2VideoTransformer3DModel(**diffusers_config(TINY)).state_dict())
     assert read_config(mid) == m.config
     assert models.convert_file(mid, dst, "official") == n
     orig, _ = _file_tensors(src)
@@ -164,7 +163,7 @@ def test_convert_file_round_trip(tmp_path) -> None:
 
 
 def test_convert_same_layout_is_identity(tmp_path) -> None:
-    m = _model(TINY_256)
+    m = _model(TINY)
     src, dst = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     models.save_model(m, src, "diffusers")
     models.convert_file(src, dst, "diffusers")
@@ -175,7 +174,7 @@ def test_convert_same_layout_is_identity(tmp_path) -> None:
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
 def test_bad_checkpoint_lists_every_problem(tmp_path, layout) -> None:
-    m = _model(TINY_256)
+    m = _model(TINY)
     good = tmp_path / "good.safetensors"
     models.save_model(m, good, layout)
     state, _ = _file_tensors(good)
@@ -190,7 +189,7 @@ def test_bad_checkpoint_lists_every_problem(tmp_path, layout) -> None:
     bad = tmp_path / "bad.safetensors"
     save_file(state, str(bad))
 
-    m2 = _model(TINY_256, seed=1)
+    m2 = _model(TINY, seed=1)
     before = {k: v.clone() for k, v in m2.state_dict().items()}
     with pytest.raises(models.CheckpointError) as info:
         models.load_model_weights(m2, bad)
@@ -207,7 +206,7 @@ def test_bad_checkpoint_lists_every_problem(tmp_path, layout) -> None:
 
 
 def test_shape_mismatch_against_other_config(tmp_path) -> None:
-    m = _model(TINY_256)
+    m = _model(TINY)
     path = tmp_path / "a.safetensors"
     models.save_model(m, path)
     other = _model(models.resolve_config({"preset": "tiny", "timestep_embed_dim": 256, "num_layers": 3}))
@@ -221,22 +220,22 @@ def test_shape_mismatch_against_other_config(tmp_path) -> None:
                                        ("rope_type", "interleaved"), ("patch_size", 2),
                                        ("use_keyframes_abs_pos_embedding", True)])
 def test_config_from_diffusers_rejects_unsupported_variants(key, value) -> None:
-    dcfg = {**diffusers_config(TINY_256), key: value}
+    dcfg = {**diffusers_config(TINY), key: value}
     with pytest.raises(ValueError, match=key):
         config_from_diffusers(dcfg)
 
 
 def test_config_from_diffusers_rejects_unequal_heads() -> None:
-    dcfg = {**diffusers_config(TINY_256), "audio_num_attention_heads": 2, "audio_cross_attention_dim": 16}
+    dcfg = {**diffusers_config(TINY), "audio_num_attention_heads": 2, "audio_cross_attention_dim": 16}
     with pytest.raises(ValueError, match="num_attention_heads"):
         config_from_diffusers(dcfg)
 
 
 def test_config_from_diffusers_model_config() -> None:
-    dm = diffusers.LTX2VideoTransformer3DModel(**diffusers_config(TINY_256))
-    assert config_from_diffusers(dm.config) == TINY_256
+    dm = diffusers.LTX2VideoTransformer3DModel(**diffusers_config(TINY))
+    assert config_from_diffusers(dm.config) == TINY
     # diffusers' own defaults are the legacy interleaved RoPE: refused by name.
     dm_default = diffusers.LTX2VideoTransformer3DModel(
-        **{**diffusers_config(TINY_256), "rope_type": "interleaved"})
+        **{**diffusers_config(TINY), "rope_type": "interleaved"})
     with pytest.raises(ValueError, match="rope_type"):
         config_from_diffusers(dm_default.config)

@@ -64,13 +64,10 @@ def test_ltx2_sigmas_40_step_values() -> None:
     assert s[-1].item() == 0.0
 
 
-def test_ltx2_sigmas_single_step_is_not_nan() -> None:
-    """sampler.steps=1 is a valid config value; it must give a usable schedule or a clear error, never NaN."""
-    try:
-        s = ltx2_sigmas(1)
-    except ValueError:
-        return
-    assert not torch.isnan(s).any(), f"ltx2_sigmas(1) = {s}"
+def test_ltx2_sigmas_single_step_is_an_error_not_nan() -> None:
+    """The stretch divides by 0 for one step; the schedule refuses it instead of returning NaN."""
+    with pytest.raises(ValueError, match="steps"):
+        ltx2_sigmas(1)
 
 
 def test_shift_for_tokens() -> None:
