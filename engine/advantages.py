@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .rewards import MODALITIES
+
 ROUTING_MODES = ("omninft", "global", "gdpo")
 STD_MODES = ("global", "group")
-MODALITIES = ("video", "audio", "av")
 
 
 def group_advantages(
