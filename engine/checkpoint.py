@@ -1,7 +1,10 @@
 """Training checkpoints: model, old (sampling) model, optimizer, RNG and counters, written atomically.
 
 Each checkpoint is a directory built under a temporary name and renamed into place; the `latest`
-pointer is replaced the same way. A crash at any moment leaves the previous checkpoint intact.
+pointer is replaced the same way, so a crash at any moment leaves the previous checkpoint intact.
+The two models are stored whole, in the official LTX-2 layout (rank 0 writes what all ranks
+gathered), so they load into any parallel layout. Optimizer state is stored per rank and resumes in
+the layout that wrote it.
 """
 from __future__ import annotations
 
@@ -15,10 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor
 
-from models.checkpoint import OFFICIAL_PREFIX, config_metadata, load_state, to_layout
+from models.checkpoint import OFFICIAL_PREFIX, config_metadata, from_layout, to_layout
+from models.config import ModelConfig
+
+MODEL_FILES = ("model.safetensors", "old_model.safetensors")
 
 
 @dataclass
@@ -31,6 +38,11 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -40,30 +52,39 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: str | Path, state: TrainState, model: nn.Module, old_model: nn.Module,
-                    optimizer: torch.optim.Optimizer, config: dict) -> Path:
+def save_checkpoint(run_dir: str | Path, state: TrainState, models_state: tuple[dict[str, Tensor], dict[str, Tensor]],
+                    model_config: ModelConfig, optimizer: torch.optim.Optimizer, config: dict, rank: int,
+                    layout: dict) -> Path:
+    """Collective: every rank calls it with the gathered (full) model and old-model state dicts."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter_{state.iteration:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    try:
-        meta = config_metadata(model.config)
-        save_file({k: v.detach().contiguous().cpu() for k, v in to_layout(model.state_dict(), "official").items()},
-                  tmp / "model.safetensors", metadata=meta)
-        save_file({k: v.detach().contiguous().cpu() for k, v in to_layout(old_model.state_dict(), "official").items()},
-                  tmp / "old_model.safetensors", metadata=meta)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {"iteration": state.iteration, "step": state.step, "config": config}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
+    tmp = root / f".{final.name}.tmp"
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{rank}.pt")
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                   tmp / f"rng.rank{rank}.pt")
+        if rank == 0:
+            meta = config_metadata(model_config)
+            for name, sd in zip(MODEL_FILES, models_state):
+                save_file({k: v.detach().contiguous().cpu() for k, v in to_layout(sd, "official").items()},
+                          tmp / name, metadata=meta)
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"iteration": state.iteration, "step": state.step, "layout": layout, "config": config}, indent=1))
+        _barrier()
+        if rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_text_atomic(root / "latest", final.name)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(root / "latest", final.name)
+    _barrier()
     return final
 
 
@@ -75,19 +96,24 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, old_model: nn.Module,
-                    optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restores everything `save_checkpoint` wrote; weight files are checked whole before loading."""
+def read_checkpoint(path: str | Path, optimizer: torch.optim.Optimizer, rank: int,
+                    layout: dict) -> tuple[TrainState, dict[str, Tensor], dict[str, Tensor]]:
+    """Restores optimizer and RNG of this rank; returns the counters and the two full state dicts
+    (our names), for the caller to load into its (possibly parallel) models."""
     path = Path(path)
-    for name, module in (("model.safetensors", model), ("old_model.safetensors", old_model)):
-        state = load_file(path / name)
-        if not all(k.startswith(OFFICIAL_PREFIX) for k in state):
+    meta = json.loads((path / "trainer_state.json").read_text())
+    if meta["layout"] != layout:
+        raise ValueError(f"{path} was written with layout {meta['layout']}, this run is {layout}: the optimizer "
+                         f"state only resumes in the layout that wrote it")
+    states = []
+    for name in MODEL_FILES:
+        raw = load_file(path / name)
+        if not all(k.startswith(OFFICIAL_PREFIX) for k in raw):
             raise ValueError(f"{path / name} is not in the official layout")
-        load_state(module, state, "official", source=str(path / name))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)
+        states.append(from_layout(raw, "official"))
+    optimizer.load_state_dict(torch.load(path / f"optimizer.rank{rank}.pt", weights_only=True))
+    rng = torch.load(path / f"rng.rank{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    meta = json.loads((path / "trainer_state.json").read_text())
-    return TrainState(iteration=meta["iteration"], step=meta["step"])
+    return TrainState(iteration=meta["iteration"], step=meta["step"]), states[0], states[1]

@@ -38,7 +38,8 @@ def _sample(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg)
     trainer.old_model.load_state_dict(trainer.model.state_dict())
-    rollout, _, _, _ = trainer.rollout(args.iteration, trainer.prompts_for(args.iteration))
+    prompts = trainer.prompts_for(args.iteration)
+    rollout, _, _ = trainer.rollout(args.iteration, prompts, list(range(len(prompts) * cfg.train.group_size)))
     scores = score_rewards(trainer.rewards, rollout)
     for name, value in scores.items():
         print(f"{name:18s} mean {float(value.mean()):+.4f} std {float(value.std(unbiased=False)):.4f}")

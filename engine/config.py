@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from models.backend import BACKENDS
 from models.config import PRESETS as MODEL_PRESETS
 
 from .advantages import ROUTING_MODES, STD_MODES
@@ -49,7 +50,7 @@ def _range(lo: float | None = None, hi: float | None = None, **kw) -> Any:
 @dataclass
 class ModelSection:
     preset: str = _choice(*MODEL_PRESETS, default="tiny")
-    backend: str = _choice("torch", default="torch")
+    backend: str = _choice(*BACKENDS, default="torch")  # layer flavour; tp > 1 needs megatron
     dtype: str = _choice(*DTYPES, default="float32")
     init: str | None = None  # safetensors file (official or diffusers layout) to start from
     init_seed: int = 0        # random weights when `init` is None
@@ -129,6 +130,20 @@ class EMASection:
 
 
 @dataclass
+class ParallelSection:
+    """Process layout under torchrun: world = tp x dp (dp is what remains)."""
+    tp: int = _range(1, None, default=1)
+    sequence_parallel: bool = False
+
+
+@dataclass
+class ProfileSection:
+    """Iterations between which torch.cuda.profiler is on (for nsys --capture-range=cudaProfilerApi)."""
+    start_step: int | None = None
+    end_step: int | None = None
+
+
+@dataclass
 class LogSection:
     tensorboard: bool = True
     progress: bool = True
@@ -153,6 +168,8 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
     ema: EMASection = field(default_factory=EMASection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    profile: ProfileSection = field(default_factory=ProfileSection)
     log: LogSection = field(default_factory=LogSection)
 
 
@@ -263,6 +280,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("task.video_grid needs at least 3 latent frames (av_sync correlates motion over time)")
     if not cfg.task.prompts:
         raise ConfigError("task.prompts must hold at least one prompt")
+    if cfg.parallel.tp > 1 and cfg.model.backend != "megatron":
+        raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs model.backend=megatron; got {cfg.model.backend!r}")
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+    p = cfg.profile
+    if (p.start_step is None) != (p.end_step is None) or p.start_step is not None and not 0 <= p.start_step <= p.end_step:
+        raise ConfigError("profile.start_step and profile.end_step must be set together with 0 <= start_step <= end_step")
     if cfg.reweight.last_step < cfg.reweight.first_step:
         raise ConfigError("reweight.last_step must be >= reweight.first_step")
     if isinstance(cfg.surgery.schedule, str) and cfg.surgery.schedule not in SURGERY_PRESETS:

@@ -16,9 +16,22 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
 
 
 def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
-    """Clips the global gradient norm (0 = no clipping) and steps; returns the norm before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    """Clips the global gradient norm (0 = no clipping) and steps; returns the norm before clipping.
+
+    Under tensor parallelism a split parameter's squares are summed over the group and a replicated
+    one is counted once, so the norm (and the clipping) equals the single-process one."""
+    backend = getattr(model, "backend", None)
+    grads = [p for p in model.parameters() if p.grad is not None]
+    split = [p.grad.float().pow(2).sum() for p in grads if getattr(p, "tensor_model_parallel", False)]
+    whole = [p.grad.float().pow(2).sum() for p in grads if not getattr(p, "tensor_model_parallel", False)]
+    split_sq = torch.stack(split).sum() if split else torch.zeros(())
+    if backend is not None and backend.tp_size > 1:
+        torch.distributed.all_reduce(split_sq, group=backend.group)
+    norm = torch.sqrt(split_sq + (torch.stack(whole).sum() if whole else 0.0))
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in grads:
+            p.grad.mul_(coef.to(p.grad.dtype))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)

@@ -133,4 +133,5 @@ def sample(model: LTX2AVTransformer, video_noise: Tensor, audio_noise: Tensor, v
             v_video, v_audio = vu + cfg_video * (vc - vu), au + cfg_audio * (ac - au)
         dt = (sigmas[i + 1] - sigmas[i]).to(x)
         x, a = x + dt * v_video, a + dt * v_audio
-    return RolloutResult(x, a, sigmas, None if recorder is None else recorder.score())
+    score = None if recorder is None else recorder.score()
+    return RolloutResult(x, a, sigmas, None if score is None else model.backend.tp_average(score))

@@ -3,11 +3,10 @@
 One `Trainer.iteration` is Algorithm 1 once; `Trainer.run` adds logging, checkpoints and resume.
 Where each idea lives: routing `engine.advantages`, loss `engine.loss`, surgery `engine.surgery`
 (applied via `model.set_a2v_grad_scales`), reweighting `engine.reweighting` (fed by the sampler's
-V2A attention mass).
+V2A attention mass). Under torchrun, `engine.distributed` decides which samples this rank handles.
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -17,10 +16,13 @@ from tqdm import tqdm
 
 import models
 from models import LTX2AVTransformer
+from models.checkpoint import gather_full_state, load_full_state
 
+from . import profiling
 from .advantages import optimality_probability, route_advantages
-from .checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, latest_checkpoint, read_checkpoint, save_checkpoint
 from .config import Config, to_dict
+from .distributed import ParallelContext, init_parallel
 from .loss import nft_loss
 from .metrics import MetricsLogger, console, format_line, plot_rewards
 from .policy import build_optimizer, clip_and_step, ema_decay, ema_update, training_sigmas
@@ -39,36 +41,47 @@ def audio_tokens_for(video_grid: tuple[int, int, int], fps: float) -> int:
     return max(2, round(frames / fps * AUDIO_TOKENS_PER_SECOND))
 
 
-def build_policy(cfg: Config) -> LTX2AVTransformer:
+def initial_weights(cfg: Config) -> dict[str, Tensor]:
+    """The starting weights as one process would hold them: a file, or a seeded random init."""
     torch.manual_seed(cfg.model.init_seed)
-    model = models.build_model(cfg.model.preset, dtype=DTYPES[cfg.model.dtype], backend=cfg.model.backend)
+    model = models.build_model(cfg.model.preset)
     if cfg.model.init is not None:
         models.load_model_weights(model, cfg.model.init)
-    return model
+    return model.state_dict()
+
+
+def build_policy(cfg: Config, weights: dict[str, Tensor]) -> LTX2AVTransformer:
+    """The model in this run's backend and layout, holding (its share of) `weights`."""
+    kwargs = {"sequence_parallel": cfg.parallel.sequence_parallel} if cfg.model.backend == "megatron" else {}
+    model = models.build_model(cfg.model.preset, backend=models.backend.resolve_backend(cfg.model.backend, **kwargs))
+    load_full_state(model, weights)
+    return model.to(DTYPES[cfg.model.dtype])
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, parallel: ParallelContext | None = None):
         self.cfg = cfg
+        self.parallel = parallel or init_parallel(cfg)
         self.run_dir = Path(cfg.run_dir)
-        self.model = build_policy(cfg)
+        weights = initial_weights(cfg)
+        self.model = build_policy(cfg, weights)
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
-        self.old_model = copy.deepcopy(self.model).requires_grad_(False)
-        self.ref_model = copy.deepcopy(self.model).requires_grad_(False) if cfg.loss.kl_weight > 0 else None
+        self.old_model = build_policy(cfg, weights).requires_grad_(False)
+        self.ref_model = build_policy(cfg, weights).requires_grad_(False) if cfg.loss.kl_weight > 0 else None
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.rewards = build_rewards(cfg.rewards)
         self.reward_names = [r.name for r in self.rewards]
         self.grid = tuple(cfg.task.video_grid)
         self.num_audio = audio_tokens_for(self.grid, cfg.task.fps)
-        mc = self.model.config
         self.sigmas = ltx2_sigmas(cfg.sampler.steps, 2.05 if cfg.sampler.shift is None else cfg.sampler.shift,
                                   cfg.sampler.terminal)
-        self.contexts = {p: prompt_features(p, cfg.task.context_tokens, mc.caption_channels)
+        self.contexts = {p: prompt_features(p, cfg.task.context_tokens, self.model.config.caption_channels)
                          for p in [*cfg.task.prompts, ""]}
         f, h, w = self.grid
         self.frame_ids = torch.arange(f * h * w) // (h * w)
         self.state = TrainState(iteration=-1, step=0)
+        self.layout = {"tp": self.parallel.tp, "dp": self.parallel.dp}
 
     # ---- one iteration, phase by phase -------------------------------------------------------------
     def prompts_for(self, iteration: int) -> list[str]:
@@ -76,14 +89,15 @@ class Trainer:
         ps, k = self.cfg.task.prompts, self.cfg.train.prompts_per_iteration
         return [ps[(iteration * k + j) % len(ps)] for j in range(k)]
 
-    def rollout(self, iteration: int, prompts: list[str]) -> tuple[Rollout, Tensor, Tensor | None, Tensor]:
-        """G samples per prompt from the old policy; returns the rollout, contexts, V2A scores, group ids."""
+    def rollout(self, iteration: int, prompts: list[str], indices: list[int]) -> tuple[Rollout, Tensor, Tensor | None]:
+        """Samples `indices` of the iteration (sample i is number i % G of prompt i // G) from the old
+        policy; returns them as a Rollout, their text contexts and their V2A scores."""
         cfg, mc = self.cfg, self.model.config
         g = cfg.train.group_size
         f, h, w = self.grid
-        texts = [p for p in prompts for _ in range(g)]
-        noise = [rollout_noise(cfg.seed, iteration, p, i % g, (f * h * w, mc.in_channels),
-                               (self.num_audio, mc.audio_in_channels)) for i, p in enumerate(texts)]
+        texts = [prompts[i // g] for i in indices]
+        noise = [rollout_noise(cfg.seed, iteration, prompts[i // g], i % g, (f * h * w, mc.in_channels),
+                               (self.num_audio, mc.audio_in_channels)) for i in indices]
         ctx = torch.stack([self.contexts[p] for p in texts])
         uncond = self.contexts[""].expand_as(ctx)
         reweight = cfg.reweight.mode != "off"
@@ -97,85 +111,96 @@ class Trainer:
             record_blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block) if reweight else ())
         rollout = Rollout(video=result.video.float(), audio=result.audio.float(), video_grid=self.grid,
                           fps=cfg.task.fps, prompts=tuple(texts))
-        group_ids = torch.arange(len(prompts)).repeat_interleave(g)
-        return rollout, ctx, result.v2a_score, group_ids
+        return rollout, ctx, result.v2a_score
 
-    def train(self, iteration: int, rollout: Rollout, ctx: Tensor, r_video: Tensor, r_audio: Tensor,
-              token_weights: Tensor | None) -> dict[str, float]:
-        """Mini-batches over the samples; each accumulates the loss over the training sigmas, then clips,
-        steps AdamW and moves the old policy by EMA."""
-        cfg = self.cfg
+    def train(self, iteration: int, batches: list[list[int]], rollout: Rollout, ctx: Tensor, r_video: Tensor,
+              r_audio: Tensor, token_weights: Tensor | None) -> dict[str, float]:
+        """One optimizer step per global mini-batch: the loss is accumulated over the training sigmas on
+        this rank's share of the batch, gradients are reduced over ranks, clipped, AdamW steps, and the
+        old policy moves by EMA. Tensors are indexed by position in this rank's rollout."""
+        cfg, par = self.cfg, self.parallel
         dtype = next(self.model.parameters()).dtype
-        n = rollout.num_samples
         sigmas = training_sigmas(self.sigmas, cfg.train.sigma_mode, cfg.train.sigma_fraction, cfg.train.num_sigmas,
                                  cfg.seed, iteration)
         g = cfg.train.group_size
         totals = {"loss": 0.0, "loss/video": 0.0, "loss/audio": 0.0, "loss/kl": 0.0}
-        norms, t_ema = [], 0.0
-        batches = [range(s, min(s + cfg.train.batch_size, n)) for s in range(0, n, cfg.train.batch_size)]
-        for idx in batches:
-            idx = list(idx)
-            x0_v, x0_a = rollout.video[idx].to(dtype), rollout.audio[idx].to(dtype)
-            c = ctx[idx].to(dtype)
+        norms, t_ema, start = [], 0.0, 0
+        for batch in batches:
+            pos = list(range(start, start + len(batch)))
+            start += len(batch)
+            x0_v, x0_a = rollout.video[pos].to(dtype), rollout.audio[pos].to(dtype)
+            c = ctx[pos].to(dtype)
             for j, s in enumerate(sigmas):
                 # Fresh forward-process noise per (sample, sigma), independent of batching and layout.
-                eps_v = torch.stack([seeded_normal(x0_v.shape[1:], cfg.seed, iteration, rollout.prompts[i], i % g,
-                                                   "train", j, "video") for i in idx]).to(dtype)
-                eps_a = torch.stack([seeded_normal(x0_a.shape[1:], cfg.seed, iteration, rollout.prompts[i], i % g,
-                                                   "train", j, "audio") for i in idx]).to(dtype)
-                sig = torch.full((len(idx),), s, dtype=dtype)
+                eps_v = torch.stack([seeded_normal(x0_v.shape[1:], cfg.seed, iteration, rollout.prompts[p], i % g,
+                                                   "train", j, "video") for p, i in zip(pos, batch)]).to(dtype)
+                eps_a = torch.stack([seeded_normal(x0_a.shape[1:], cfg.seed, iteration, rollout.prompts[p], i % g,
+                                                   "train", j, "audio") for p, i in zip(pos, batch)]).to(dtype)
+                sig = torch.full((len(pos),), s, dtype=dtype)
                 xt_v, xt_a = (1 - s) * x0_v + s * eps_v, (1 - s) * x0_a + s * eps_a
                 args = (xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps)
-                with torch.no_grad():
-                    v_old = self.old_model(*args)
-                    v_ref = self.ref_model(*args) if self.ref_model is not None else None
-                v_theta = self.model(*args)
-                out = nft_loss(
-                    {"x0": x0_v, "x_t": xt_v, "sigma": sig, "v_old": v_old[0], "v_theta": v_theta[0]},
-                    {"x0": x0_a, "x_t": xt_a, "sigma": sig, "v_old": v_old[1], "v_theta": v_theta[1]},
-                    r_video[idx], r_audio[idx], beta=cfg.loss.beta, adv_clip=cfg.advantage.adv_clip,
-                    video_token_weights=None if token_weights is None else token_weights[idx],
-                    kl_weight=cfg.loss.kl_weight, v_ref=v_ref)
-                (out.total / len(sigmas)).backward()
-                w = len(idx) / n / len(sigmas)
-                totals["loss"] += float(out.total.detach()) * w
-                totals["loss/video"] += float(out.video) * w
-                totals["loss/audio"] += float(out.audio) * w
-                totals["loss/kl"] += float(out.kl) * w
-            norms.append(clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip))
+                with profiling.nvtx_range(profiling.TRAIN_FWD):
+                    with torch.no_grad():
+                        v_old = self.old_model(*args)
+                        v_ref = self.ref_model(*args) if self.ref_model is not None else None
+                    v_theta = self.model(*args)
+                    out = nft_loss(
+                        {"x0": x0_v, "x_t": xt_v, "sigma": sig, "v_old": v_old[0], "v_theta": v_theta[0]},
+                        {"x0": x0_a, "x_t": xt_a, "sigma": sig, "v_old": v_old[1], "v_theta": v_theta[1]},
+                        r_video[pos], r_audio[pos], beta=cfg.loss.beta, adv_clip=cfg.advantage.adv_clip,
+                        video_token_weights=None if token_weights is None else token_weights[pos],
+                        kl_weight=cfg.loss.kl_weight, v_ref=v_ref)
+                with profiling.nvtx_range(profiling.TRAIN_BWD):
+                    (out.total / len(sigmas)).backward()
+                w = 1.0 / len(batches) / len(sigmas)
+                for key, value in (("loss", out.total), ("loss/video", out.video), ("loss/audio", out.audio),
+                                   ("loss/kl", out.kl)):
+                    totals[key] += float(value.detach()) * w
+            with profiling.nvtx_range(profiling.OPTIMIZER):
+                self.model.backend.finalize_grads(self.model)
+                par.average_grads(self.model)
+                norms.append(clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip))
             self.state.step += 1
             t0 = time.perf_counter()
-            ema_update(self.old_model, self.model, ema_decay(self.state.step, cfg.ema.decay_rate, cfg.ema.max_decay))
+            with profiling.nvtx_range(profiling.EMA):
+                ema_update(self.old_model, self.model, ema_decay(self.state.step, cfg.ema.decay_rate, cfg.ema.max_decay))
             t_ema += time.perf_counter() - t0
-        return {**totals, "grad_norm": sum(norms) / len(norms), "time/ema": t_ema,
-                "train_sigmas": len(sigmas)}
+        totals = {k: par.mean(v) for k, v in totals.items()}
+        return {**totals, "grad_norm": sum(norms) / len(norms), "time/ema": t_ema, "train_sigmas": len(sigmas)}
 
     def iteration(self, iteration: int) -> dict:
-        cfg, times = self.cfg, {}
+        cfg, par, times = self.cfg, self.parallel, {}
         t0 = time.perf_counter()
         prompts = self.prompts_for(iteration)
-        rollout, ctx, v2a_score, group_ids = self.rollout(iteration, prompts)
+        n = len(prompts) * cfg.train.group_size
+        batches = par.local_indices(n, cfg.train.batch_size)
+        local = [i for b in batches for i in b]
+        with profiling.nvtx_range(profiling.ROLLOUT):
+            rollout, ctx, v2a_score = self.rollout(iteration, prompts, local)
         times["time/rollout"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        scores = score_rewards(self.rewards, rollout)
+        with profiling.nvtx_range(profiling.REWARD):
+            scores = {k: par.gather_samples(v, local, n) for k, v in score_rewards(self.rewards, rollout).items()}
         times["time/reward"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        routed = route_advantages(scores, {r.name: r.modality for r in self.rewards},
-                                  {r.name: r.weight for r in self.rewards}, group_ids, cfg.advantage.routing,
-                                  cfg.advantage.std, cfg.advantage.eps)
-        r_video = optimality_probability(routed.video, cfg.advantage.adv_clip)
-        r_audio = optimality_probability(routed.audio, cfg.advantage.adv_clip)
-        weights = None
-        if v2a_score is not None:
-            weights = region_weights(v2a_score, cfg.reweight.mode, cfg.reweight.lam, self.frame_ids,
-                                     step=self.state.step, warmup_steps=cfg.reweight.warmup_steps)
+        with profiling.nvtx_range(profiling.ADVANTAGE):
+            group_ids = torch.arange(len(prompts)).repeat_interleave(cfg.train.group_size)
+            routed = route_advantages(scores, {r.name: r.modality for r in self.rewards},
+                                      {r.name: r.weight for r in self.rewards}, group_ids, cfg.advantage.routing,
+                                      cfg.advantage.std, cfg.advantage.eps)
+            r_video = optimality_probability(routed.video, cfg.advantage.adv_clip)[local]
+            r_audio = optimality_probability(routed.audio, cfg.advantage.adv_clip)[local]
+            weights = None
+            if v2a_score is not None:
+                weights = region_weights(v2a_score, cfg.reweight.mode, cfg.reweight.lam, self.frame_ids,
+                                         step=self.state.step, warmup_steps=cfg.reweight.warmup_steps)
         times["time/advantage"] = time.perf_counter() - t
 
         t = time.perf_counter()
         self.model.train()
-        train_metrics = self.train(iteration, rollout, ctx, r_video, r_audio, weights)
+        train_metrics = self.train(iteration, batches, rollout, ctx, r_video, r_audio, weights)
         times["time/train"] = time.perf_counter() - t - train_metrics["time/ema"]
         self.state.iteration = iteration
 
@@ -199,35 +224,48 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise FileNotFoundError(f"resume=true but {self.run_dir}/checkpoints holds no checkpoint")
-        self.state = load_checkpoint(path, self.model, self.old_model, self.optimizer)
-        console(f"resumed from {path} (iteration {self.state.iteration}, step {self.state.step})")
+        self.state, model_sd, old_sd = read_checkpoint(path, self.optimizer, self.parallel.rank, self.layout)
+        load_full_state(self.model, model_sd)
+        load_full_state(self.old_model, old_sd)
+        if self.parallel.is_main:
+            console(f"resumed from {path} (iteration {self.state.iteration}, step {self.state.step})")
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.state, self.model, self.old_model, self.optimizer, to_dict(self.cfg))
+        full = (gather_full_state(self.model), gather_full_state(self.old_model))
+        return save_checkpoint(self.run_dir, self.state, full, self.model.config, self.optimizer, to_dict(self.cfg),
+                               self.parallel.rank, self.layout)
 
     def run(self) -> list[dict]:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.parallel.is_main
         if cfg.resume:
             self.resume()
-        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, self.state.iteration if cfg.resume else None)
+        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, self.state.iteration if cfg.resume else None) \
+            if main else None
+        window = profiling.ProfilerWindow(cfg.profile.start_step, cfg.profile.end_step)
         start = self.state.iteration + 1
         history = []
-        bar = tqdm(range(start, cfg.iterations), desc="omninft", unit="it", disable=not cfg.log.progress,
+        bar = tqdm(range(start, cfg.iterations), desc="omninft", unit="it", disable=not (cfg.log.progress and main),
                    initial=start, total=cfg.iterations)
         try:
             for it in bar:
+                window.step(it)
                 metrics = self.iteration(it)
-                logger.log(metrics)
                 history.append(metrics)
-                console(format_line(metrics, self.reward_names))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if main:
+                    logger.log(metrics)
+                    console(format_line(metrics, self.reward_names))
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
                     self.save()
         finally:
+            window.close()
             bar.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
         if history:
-            console(f"checkpoint: {self.save()}")
-        if cfg.log.plot and logger.path.stat().st_size:
+            path = self.save()
+            if main:
+                console(f"checkpoint: {path}")
+        if main and cfg.log.plot and logger.path.stat().st_size:
             plot_rewards(logger.path, self.run_dir / "rewards.png", self.reward_names)
         return history

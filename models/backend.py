@@ -1,11 +1,13 @@
 """Layer backends: where the one model definition gets its linear layers and attention core.
 
-Like megatron-core's ModuleSpec, the model never constructs `nn.Linear` or calls an attention
-function itself; it asks its backend, naming each layer's parallel role. A tensor-parallel or FP8
-backend overrides these two methods and the model definition stays as it is.
+Like megatron-core's ModuleSpec, the model never constructs `nn.Linear`, a QK norm or an attention
+call itself; it asks its backend, naming each linear layer's parallel role. A tensor-parallel or FP8
+backend overrides these methods and the model definition stays as it is. The defaults describe one
+process holding every head and every token.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Literal
 
 from torch import Tensor, nn
@@ -19,6 +21,8 @@ class TorchBackend:
     """Plain torch layers; the attention core is `kernels.cross_attention` (Triton on CUDA once available)."""
 
     name = "torch"
+    tp_size = 1  # tensor-parallel ranks sharing each layer; the model keeps heads // tp_size heads
+    tp_rank = 0
 
     def linear(self, in_features: int, out_features: int, *, bias: bool = True,
                role: ParallelRole = "replicated") -> nn.Module:
@@ -31,16 +35,45 @@ class TorchBackend:
         """(B, H, N, D) attention; `kv_grad_scale` is the A2V partial stop-gradient on K and V."""
         return kernels.cross_attention(q, k, v, kv_grad_scale=kv_grad_scale, key_mask=key_mask)
 
+    def qk_norm(self, dim: int, eps: float) -> nn.Module:
+        """RMSNorm over all `dim` = heads x head_dim channels of Q or K (LTX-2 normalises across heads)."""
+        return nn.RMSNorm(dim, eps=eps)
 
-BACKENDS: dict[str, type[TorchBackend]] = {"torch": TorchBackend}
+    def scatter_sequence(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> this rank's share of the tokens (sequence parallelism); here all of them."""
+        return x
+
+    def gather_sequence(self, x: Tensor) -> Tensor:
+        """Inverse of `scatter_sequence`: the full (B, T, D)."""
+        return x
+
+    def tp_average(self, x: Tensor) -> Tensor:
+        """Mean over tensor-parallel ranks of a per-rank statistic (e.g. attention mass over local heads)."""
+        return x
+
+    def finalize_grads(self, model: nn.Module) -> None:
+        """Called after backward, before clipping: reductions a parallel layout owes the gradients."""
 
 
-def resolve_backend(backend: str | TorchBackend | None) -> TorchBackend:
+# name -> "module:class", imported on first use so that optional packages (megatron-core) stay optional.
+BACKENDS: dict[str, str] = {
+    "torch": "models.backend:TorchBackend",
+    "fp8": "models.fp8:Fp8Backend",
+    "megatron": "models.megatron:MegatronBackend",
+}
+
+
+def backend_class(name: str) -> type[TorchBackend]:
+    if name not in BACKENDS:
+        raise ValueError(f"model.backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def resolve_backend(backend: str | TorchBackend | None, **kwargs) -> TorchBackend:
+    """A backend instance from a name (constructed with `kwargs`), an instance, or None (torch)."""
     if backend is None:
         return TorchBackend()
     if isinstance(backend, str):
-        if backend not in BACKENDS:
-            raise ValueError(f"model.backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-        return BACKENDS[backend]()
+        return backend_class(backend)(**kwargs)
     return backend
-

@@ -204,3 +204,35 @@ def config_from_diffusers(dcfg) -> ModelConfig:
         if dcfg.get(key) not in (None, ours):
             raise ValueError(f"diffusers config {key}={dcfg[key]} must equal the input channels {ours}")
     return cfg
+
+
+def _shard(t: Tensor, param: Tensor, rank: int, world: int) -> Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return t
+    return t.chunk(world, dim=param.partition_dim)[rank]
+
+
+def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Loads a single-process state dict (our names) into a model of any layout: under tensor
+    parallelism each rank keeps its slice of every split parameter (megatron marks them with
+    `tensor_model_parallel` and `partition_dim`). Makes initialisation independent of the layout."""
+    backend = model.backend
+    params = dict(model.named_parameters())
+    local = {k: _shard(v, params[k], backend.tp_rank, backend.tp_size) if k in params else v for k, v in state.items()}
+    check_state(model, local, "full state dict")
+    model.load_state_dict(local, strict=True)
+
+
+def gather_full_state(model: nn.Module) -> dict[str, Tensor]:
+    """The single-process state dict of a model of any layout (collective: every rank gets all of it)."""
+    backend = model.backend
+    params = dict(model.named_parameters())
+    out = {}
+    for name, t in model.state_dict().items():
+        p = params.get(name)
+        if p is not None and getattr(p, "tensor_model_parallel", False) and backend.tp_size > 1:
+            parts = [torch.empty_like(t) for _ in range(backend.tp_size)]
+            torch.distributed.all_gather(parts, t.contiguous(), group=backend.group)
+            t = torch.cat(parts, dim=p.partition_dim)
+        out[name] = t
+    return out

@@ -72,9 +72,11 @@ class Attention(nn.Module):
                  eps: float):
         super().__init__()
         inner = heads * head_dim
-        self.backend, self.heads = backend, heads
-        self.q_norm = nn.RMSNorm(inner, eps=eps)
-        self.k_norm = nn.RMSNorm(inner, eps=eps)
+        if heads % backend.tp_size:
+            raise ValueError(f"{heads} attention heads cannot be split over {backend.tp_size} tensor-parallel ranks")
+        self.backend, self.heads = backend, heads // backend.tp_size  # this rank's heads
+        self.q_norm = backend.qk_norm(inner, eps)
+        self.k_norm = backend.qk_norm(inner, eps)
         self.to_q = backend.linear(query_dim, inner, role="column")
         self.to_k = backend.linear(context_dim, inner, role="column")
         self.to_v = backend.linear(context_dim, inner, role="column")

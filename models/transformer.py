@@ -118,16 +118,20 @@ class LTX2AVTransformer(nn.Module):
             block.a2v_kv_grad_scale = float(g)
 
     def rope(self, video_grid: tuple[int, int, int], num_audio: int, fps: float, device: torch.device) -> dict[str, Rope]:
-        cfg, h = self.config, self.config.num_heads
+        """cos/sin tables of the four RoPE uses, cut to this rank's heads (each head has its own frequencies)."""
+        cfg, h, backend = self.config, self.config.num_heads, self.backend
         pv = video_positions(cfg, video_grid, fps, device)
         pa = audio_positions(cfg, num_audio, device)
         ca_max = (max(cfg.rope_max_pos[0], cfg.audio_rope_max_pos),)
-        return {
+        tables = {
             "video": split_rope(pv, cfg.rope_max_pos, cfg.video_dim, h, cfg.rope_theta),
             "audio": split_rope(pa, (cfg.audio_rope_max_pos,), cfg.audio_dim, h, cfg.rope_theta),
             "video_ca": split_rope(pv[:, :1], ca_max, cfg.audio_dim, h, cfg.rope_theta),
             "audio_ca": split_rope(pa, ca_max, cfg.audio_dim, h, cfg.rope_theta),
         }
+        local = h // backend.tp_size
+        heads = slice(backend.tp_rank * local, (backend.tp_rank + 1) * local)
+        return {name: (cos[:, heads], sin[:, heads]) for name, (cos, sin) in tables.items()}
 
     def forward(self, video: Tensor, audio: Tensor, sigma: Tensor, video_context: Tensor, audio_context: Tensor,
                 video_grid: tuple[int, int, int], fps: float = 24.0, *, video_context_mask: Tensor | None = None,
@@ -136,7 +140,7 @@ class LTX2AVTransformer(nn.Module):
         """video (B, F*H*W, C) f-major, audio (B, T_a, C), sigma (B,); contexts (B, T_ctx, caption_channels)
         with optional bool masks (B, T_ctx) (True = real token). `video_sigma`/`audio_sigma` (B, T) give
         per-token noise levels (conditioning tokens at 0); otherwise every token has `sigma`.
-        `v2a_probe(block, q, k)` sees the V2A queries/keys of every block, after RoPE."""
+        `v2a_probe(block, q, k)` sees the V2A queries/keys of every block, after RoPE (this rank's heads)."""
         cfg = self.config
         b = video.shape[0]
         f, hh, ww = video_grid
@@ -158,8 +162,14 @@ class LTX2AVTransformer(nn.Module):
             _check("audio_sigma", audio_sigma, (b, audio.shape[1]))
         gate_scale = cfg.av_ca_timestep_scale_multiplier / cfg.timestep_scale_multiplier
 
-        vx = self.patchify_proj(video)
-        ax = self.audio_patchify_proj(audio)
+        # Sequence parallelism: each rank carries a share of the tokens between the parallel linears.
+        split = self.backend.scatter_sequence
+        if video_sigma is not None:
+            t_video = split(t_video[..., None])[..., 0]
+        if audio_sigma is not None:
+            t_audio = split(t_audio[..., None])[..., 0]
+        vx = self.patchify_proj(split(video))
+        ax = self.audio_patchify_proj(split(audio))
         dtype = vx.dtype
         mod_video, emb_video = self.adaln_single(t_video, dtype)
         mod_audio, emb_audio = self.audio_adaln_single(t_audio, dtype)
@@ -172,7 +182,7 @@ class LTX2AVTransformer(nn.Module):
             "v2a_gate": self.av_ca_v2a_gate_adaln_single(t_audio * gate_scale, dtype)[0],
         }
         rope = self.rope(video_grid, audio.shape[1], fps, video.device)
-        ctx = (self.caption_projection(video_context), self.audio_caption_projection(audio_context))
+        ctx = (self.caption_projection(split(video_context)), self.audio_caption_projection(split(audio_context)))
         masks = (video_context_mask, audio_context_mask)
         for i, block in enumerate(self.transformer_blocks):
             probe = None if v2a_probe is None else (lambda q, k, i=i: v2a_probe(i, q, k))
@@ -180,6 +190,7 @@ class LTX2AVTransformer(nn.Module):
 
         shift, scale = (self.scale_shift_table[None, None] + emb_video[:, :, None]).unbind(dim=2)
         v_video = self.proj_out(nn.functional.layer_norm(vx, (cfg.video_dim,), eps=1e-6) * (1 + scale) + shift)
+        v_video = self.backend.gather_sequence(v_video)
         shift, scale = (self.audio_scale_shift_table[None, None] + emb_audio[:, :, None]).unbind(dim=2)
         v_audio = self.audio_proj_out(nn.functional.layer_norm(ax, (cfg.audio_dim,), eps=1e-6) * (1 + scale) + shift)
-        return v_video, v_audio
+        return v_video, self.backend.gather_sequence(v_audio)

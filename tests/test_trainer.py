@@ -67,16 +67,17 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         Trainer(_cfg(tmp_path, "iterations=1", "resume=true")).run()
 
 
-def test_rollouts_do_not_depend_on_prompt_batching(tmp_path):
-    """Noise is keyed by (seed, iteration, prompt, sample): a prompt's samples are the same whether
-    it is rolled out alone or beside others."""
+def test_rollouts_do_not_depend_on_which_samples_a_process_takes(tmp_path):
+    """Noise is keyed by (seed, iteration, prompt, sample): a sample is the same whether rolled out
+    with all others or in a data-parallel rank's share."""
     trainer = Trainer(_cfg(tmp_path, "iterations=1"))
     prompts = trainer.prompts_for(0)
-    together, *_ = trainer.rollout(0, prompts)
-    alone, *_ = trainer.rollout(0, prompts[1:])
     g = trainer.cfg.train.group_size
-    torch.testing.assert_close(together.video[g:], alone.video, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(together.audio[g:], alone.audio, rtol=1e-5, atol=1e-5)
+    together, *_ = trainer.rollout(0, prompts, list(range(2 * g)))
+    share, *_ = trainer.rollout(0, prompts, [1, g + 2])
+    torch.testing.assert_close(together.video[[1, g + 2]], share.video, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together.audio[[1, g + 2]], share.audio, rtol=1e-5, atol=1e-5)
+    assert share.prompts == (prompts[0], prompts[1])
 
 
 class _Broken(Reward):

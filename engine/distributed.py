@@ -1,0 +1,98 @@
+"""The process layout of a run and the collectives that make its result independent of it.
+
+Under torchrun the world is tp x dp. Tensor-parallel ranks share each layer (models.megatron);
+data-parallel ranks split every global mini-batch of samples, so the optimizer takes the same steps
+on the same samples as one process would. Rollout and training noise are keyed by (seed, iteration,
+prompt, sample), rewards are gathered before the group advantages, gradients are averaged: the
+same seed gives the same iteration for any layout.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .config import Config, ConfigError
+
+
+@dataclass
+class ParallelContext:
+    """One process holding everything unless built by `init_parallel`."""
+    tp: int = 1
+    dp: int = 1
+    dp_rank: int = 0
+    rank: int = 0
+    dp_group: object | None = field(default=None, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def local_indices(self, n: int, batch_size: int) -> list[list[int]]:
+        """This rank's samples, one list per global mini-batch (the optimizer step they feed)."""
+        if self.dp > 1 and (batch_size % self.dp or n % batch_size):
+            raise ConfigError(f"with {self.dp} data-parallel ranks, train.batch_size ({batch_size}) must be a "
+                              f"multiple of {self.dp} and divide the {n} samples of an iteration")
+        per = batch_size // self.dp if self.dp > 1 else batch_size
+        batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        return [b[self.dp_rank * per:(self.dp_rank + 1) * per] if self.dp > 1 else b for b in batches]
+
+    def gather_samples(self, local: Tensor, indices: list[int], n: int) -> Tensor:
+        """Per-sample values of this rank's samples -> the values of all n samples, on every rank."""
+        if self.dp == 1:
+            return local
+        idx = torch.tensor(indices, device=local.device)
+        parts_v = [torch.empty_like(local) for _ in range(self.dp)]
+        parts_i = [torch.empty_like(idx) for _ in range(self.dp)]
+        dist.all_gather(parts_v, local.contiguous(), group=self.dp_group)
+        dist.all_gather(parts_i, idx, group=self.dp_group)
+        out = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        out[torch.cat(parts_i)] = torch.cat(parts_v)
+        return out
+
+    def average_grads(self, model: nn.Module) -> None:
+        """Mean gradient over data-parallel ranks (equal shares of each mini-batch: the global mean)."""
+        if self.dp == 1:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= self.dp
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    def mean(self, value: float) -> float:
+        """Mean of a per-rank scalar over data-parallel ranks (for logging)."""
+        if self.dp == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.dp_group)
+        return float(t) / self.dp
+
+
+def init_parallel(cfg: Config) -> ParallelContext:
+    """Process groups from the torchrun environment (gloo on CPU, NCCL on GPU) and megatron's
+    parallel state; a plain `python` run with tp=1 stays single-process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = cfg.parallel.tp
+    if world == 1 and tp == 1:
+        return ParallelContext()
+    if world % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide the {world} torchrun processes")
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from megatron.core import parallel_state
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    return ParallelContext(tp=tp, dp=parallel_state.get_data_parallel_world_size(),
+                           dp_rank=parallel_state.get_data_parallel_rank(), rank=dist.get_rank(),
+                           dp_group=parallel_state.get_data_parallel_group())

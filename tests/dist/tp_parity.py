@@ -1,0 +1,102 @@
+"""torchrun worker: a tensor(-and-sequence)-parallel model against the single-process model.
+
+Every rank builds the same single-process model (same seed), loads its shard into the megatron
+model, runs forward and backward on the same inputs and writes the largest differences of the
+outputs, the loss and the gathered gradients to <out>/rank<r>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.dist.megatron_cpu_shim import install  # noqa: E402
+
+install()
+
+from megatron.core import parallel_state  # noqa: E402
+
+import models  # noqa: E402
+from models.checkpoint import load_full_state  # noqa: E402
+from models.megatron import MegatronBackend  # noqa: E402
+
+
+def gathered_grads(model) -> dict[str, torch.Tensor]:
+    backend, out = model.backend, {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if getattr(p, "tensor_model_parallel", False) and backend.tp_size > 1:
+            parts = [torch.empty_like(g) for _ in range(backend.tp_size)]
+            dist.all_gather(parts, g.contiguous(), group=backend.group)
+            g = torch.cat(parts, dim=p.partition_dim)
+        out[name] = g
+    return out
+
+
+def run(model, inputs, weights):
+    v, a = model(*inputs["args"], **inputs["kwargs"])
+    loss = ((v - weights[0]) ** 2).mean() + ((a - weights[1]) ** 2).mean()
+    loss.backward()
+    return v, a, loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+
+    cfg = models.PRESETS["tiny"]
+    torch.manual_seed(0)
+    ref = models.build_model(cfg)
+    with torch.no_grad():  # non-trivial QK norm weights so their sharding matters
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    ref.set_a2v_grad_scales([0.5, 1.0, 0.9, 1.0])
+    par = models.build_model(cfg, backend=MegatronBackend(sequence_parallel=args.sp))
+    load_full_state(par, ref.state_dict())
+    par.set_a2v_grad_scales([0.5, 1.0, 0.9, 1.0])
+
+    g = torch.Generator().manual_seed(1)
+    b, grid, ta, tc = 2, (3, 2, 2), 14, 8
+    mask = torch.ones(b, tc, dtype=torch.bool)
+    mask[1, 6:] = False
+    inputs = {
+        "args": (torch.randn(b, 12, cfg.in_channels, generator=g), torch.randn(b, ta, cfg.audio_in_channels, generator=g),
+                 torch.rand(b, generator=g), torch.randn(b, tc, cfg.caption_channels, generator=g),
+                 torch.randn(b, tc, cfg.caption_channels, generator=g), grid, 24.0),
+        "kwargs": {"video_context_mask": mask, "audio_context_mask": mask},
+    }
+    weights = (torch.randn(b, 12, cfg.in_channels, generator=g), torch.randn(b, ta, cfg.audio_in_channels, generator=g))
+
+    rv, ra, rloss = run(ref, inputs, weights)
+    pv, pa, ploss = run(par, inputs, weights)
+    par.backend.finalize_grads(par)
+    ref_grads, par_grads = dict((n, p.grad) for n, p in ref.named_parameters()), gathered_grads(par)
+    # Error of each gradient relative to the largest entry of that parameter's gradient.
+    grad_err = {n: float((par_grads[n] - ref_grads[n]).abs().max() / (ref_grads[n].abs().max() + 1e-30))
+                for n in ref_grads}
+    worst = max(grad_err, key=grad_err.get)
+    result = {
+        "rank": dist.get_rank(), "tp": args.tp, "sp": args.sp,
+        "video_err": float((pv - rv).abs().max()), "audio_err": float((pa - ra).abs().max()),
+        "loss_rel_err": float((ploss - rloss).abs() / rloss.abs()),
+        "grad_rel_err": grad_err[worst], "worst_grad": worst,
+        "missing_grads": sorted(set(ref_grads) ^ set(par_grads)),
+    }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
