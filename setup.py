@@ -9,7 +9,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["engine", "kernels", "models"],
-    package_data={"engine": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",
@@ -21,8 +20,10 @@ setup(
         "nvtx>=0.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "diffusers==0.42.1"],
-        "triton": ["triton==3.7.1"],
+        # megatron-core 0.19.2 declares Python >= 3.12 but runs on 3.11: install it with
+        # `pip install --no-deps --ignore-requires-python megatron-core==0.19.2` (README); psutil is its
+        # undeclared need. triton 3.7.1 runs the kernels under TRITON_INTERPRET=1 with numpy 2.4.
+        "test": ["pytest>=8", "diffusers==0.42.1", "psutil", "triton==3.7.1"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["omninft = engine.cli:main"]},

@@ -41,21 +41,29 @@ def audio_tokens_for(video_grid: tuple[int, int, int], fps: float) -> int:
     return max(2, round(frames / fps * AUDIO_TOKENS_PER_SECOND))
 
 
-def initial_weights(cfg: Config) -> dict[str, Tensor]:
-    """The starting weights as one process would hold them: a file, or a seeded random init."""
-    torch.manual_seed(cfg.model.init_seed)
-    model = models.build_model(cfg.model.preset)
+def layer_backend(cfg: Config) -> models.TorchBackend:
+    kwargs = {"sequence_parallel": cfg.parallel.sequence_parallel} if cfg.model.backend == "megatron" else {}
+    return models.backend.resolve_backend(cfg.model.backend, **kwargs)
+
+
+def build_policy(cfg: Config) -> LTX2AVTransformer:
+    """The model in this run's backend and layout with its starting weights: `model.init` (each rank
+    reads only its slices), or a seeded random init made as one process would make it (so the run
+    does not depend on the layout; it builds the whole model on every rank, fine for `tiny`)."""
+    model = models.build_model(cfg.model.preset, backend=layer_backend(cfg))
     if cfg.model.init is not None:
         models.load_model_weights(model, cfg.model.init)
-    return model.state_dict()
-
-
-def build_policy(cfg: Config, weights: dict[str, Tensor]) -> LTX2AVTransformer:
-    """The model in this run's backend and layout, holding (its share of) `weights`."""
-    kwargs = {"sequence_parallel": cfg.parallel.sequence_parallel} if cfg.model.backend == "megatron" else {}
-    model = models.build_model(cfg.model.preset, backend=models.backend.resolve_backend(cfg.model.backend, **kwargs))
-    load_full_state(model, weights)
+    else:
+        torch.manual_seed(cfg.model.init_seed)
+        load_full_state(model, models.build_model(cfg.model.preset).state_dict())
     return model.to(DTYPES[cfg.model.dtype])
+
+
+def frozen_copy(cfg: Config, model: LTX2AVTransformer) -> LTX2AVTransformer:
+    """Same backend, layout and weights, no gradients (the old policy and the KL reference)."""
+    copy = models.build_model(cfg.model.preset, dtype=DTYPES[cfg.model.dtype], backend=layer_backend(cfg))
+    copy.load_state_dict(model.state_dict())
+    return copy.requires_grad_(False)
 
 
 class Trainer:
@@ -63,11 +71,10 @@ class Trainer:
         self.cfg = cfg
         self.parallel = parallel or init_parallel(cfg)
         self.run_dir = Path(cfg.run_dir)
-        weights = initial_weights(cfg)
-        self.model = build_policy(cfg, weights)
+        self.model = build_policy(cfg)
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
-        self.old_model = build_policy(cfg, weights).requires_grad_(False)
-        self.ref_model = build_policy(cfg, weights).requires_grad_(False) if cfg.loss.kl_weight > 0 else None
+        self.old_model = frozen_copy(cfg, self.model)
+        self.ref_model = frozen_copy(cfg, self.model) if cfg.loss.kl_weight > 0 else None
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.rewards = build_rewards(cfg.rewards)

@@ -66,25 +66,50 @@ def detect_layout(keys) -> Layout:
     return "official" if any(k.startswith(OFFICIAL_PREFIX) for k in keys) else "diffusers"
 
 
+def our_name(key: str, layout: Layout) -> str | None:
+    """A file key in `layout` -> our parameter name; None for official keys outside the DiT (VAE, connectors)."""
+    if layout == "official":
+        if not key.startswith(OFFICIAL_PREFIX) or key.startswith(_CONNECTOR_PREFIXES):
+            return None
+        return key[len(OFFICIAL_PREFIX):]
+    if layout == "diffusers":
+        return _rename(key, _FROM_DIFFUSERS)
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
 def from_layout(state: dict[str, Tensor], layout: Layout) -> dict[str, Tensor]:
     """Names in `layout` -> our names. Official keys outside the DiT (VAE, connectors) are dropped."""
-    if layout == "official":
-        return {k[len(OFFICIAL_PREFIX):]: v for k, v in state.items()
-                if k.startswith(OFFICIAL_PREFIX) and not k.startswith(_CONNECTOR_PREFIXES)}
-    if layout == "diffusers":
-        return {_rename(k, _FROM_DIFFUSERS): v for k, v in state.items()}
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    renamed = {our_name(k, layout): v for k, v in state.items()}
+    renamed.pop(None, None)
+    return renamed
+
+
+def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
+    problems = [f"missing: {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
+    problems += [f"unexpected: {k} {found[k]}" for k in sorted(set(found) - set(expected))]
+    problems += [f"shape: {k} is {found[k]}, model has {expected[k]}"
+                 for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
 
 
 def check_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Raises one CheckpointError naming every missing, unexpected and mis-shaped key."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"missing: {k} {expected[k]}" for k in sorted(set(expected) - set(state))]
-    problems += [f"unexpected: {k} {tuple(state[k].shape)}" for k in sorted(set(state) - set(expected))]
-    problems += [f"shape: {k} is {tuple(state[k].shape)}, model has {expected[k]}"
-                 for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != expected[k]]
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+    _check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                  {k: tuple(v.shape) for k, v in state.items()}, source)
+
+
+def full_shapes(model: nn.Module) -> dict[str, tuple]:
+    """Each tensor's shape as one process holds it (a tensor-parallel shard times the group size)."""
+    params, world = dict(model.named_parameters()), model.backend.tp_size
+    shapes = {}
+    for name, t in model.state_dict().items():
+        shape = list(t.shape)
+        p = params.get(name)
+        if p is not None and getattr(p, "tensor_model_parallel", False):
+            shape[p.partition_dim] *= world
+        shapes[name] = tuple(shape)
+    return shapes
 
 
 def load_state(model: nn.Module, state: dict[str, Tensor], layout: Layout | None = None, source: str = "state dict") -> None:
@@ -130,9 +155,27 @@ def save_model(model: nn.Module, path: str | os.PathLike, layout: Layout = "offi
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike, layout: Layout | None = None) -> None:
+    """Loads a safetensors file (layout detected when None) after checking every key and shape.
+
+    Reads only this rank's slice of each tensor-parallel tensor (safetensors slices), so a rank
+    never holds more of the model than its share."""
+    params, backend = dict(model.named_parameters()), model.backend
     with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    load_state(model, state, layout, source=str(path))
+        keys = list(f.keys())
+        layout = layout or detect_layout(keys)
+        names = {n: k for k in keys if (n := our_name(k, layout)) is not None}
+        _check_shapes(full_shapes(model), {n: tuple(f.get_slice(k).get_shape()) for n, k in names.items()}, str(path))
+        local = {}
+        for name, key in names.items():
+            p = params.get(name)
+            if p is not None and getattr(p, "tensor_model_parallel", False) and backend.tp_size > 1:
+                index = [slice(None)] * p.dim()
+                n = p.shape[p.partition_dim]
+                index[p.partition_dim] = slice(backend.tp_rank * n, (backend.tp_rank + 1) * n)
+                local[name] = f.get_slice(key)[tuple(index)]
+            else:
+                local[name] = f.get_tensor(key)
+    model.load_state_dict(local, strict=True)
 
 
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike, layout: Layout) -> int:

@@ -45,6 +45,7 @@ def test_tensor_parallel_matches_single_process(tmp_path, sp):
         assert r["loss_rel_err"] < 1e-5, r
         assert r["grad_rel_err"] < 1e-5, r
         assert r["missing_grads"] == [], r
+        assert r["file_load_equal"], r
 
 
 @pytest.mark.parametrize("nproc, args", [(4, ["--tp", "2"]), (4, ["--tp", "2", "--sp"]), (2, ["--tp", "1"])],

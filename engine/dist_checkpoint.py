@@ -1,0 +1,165 @@
+"""Distributed training checkpoints that reshard: megatron-core dist_checkpointing, torch_dist format.
+
+Every tensor (model, old model, AdamW moments and step) is a megatron `ShardedTensor` keyed by its
+name in the single-process model, with this rank's slice placed by tensor-parallel offsets. Each rank
+writes only the shards it owns (replica ids elect one writer per shard) and on load reads only the
+slice its own layout needs, so a checkpoint written at one tp x dp resumes at any other, exactly:
+the next iteration equals the one the saving run would have taken. Noise in the engine comes from
+seeded generators keyed by (seed, iteration, ...), so no per-rank RNG state is stored.
+
+The directory is built under a temporary name beside the target and renamed once every rank has
+written, so a crash leaves either no checkpoint or a whole one at `path`.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch import Tensor, nn
+
+import models
+from models.checkpoint import atomic_save_file, check_state, config_metadata, to_layout
+from models.config import ModelConfig
+
+from .checkpoint import TrainState
+
+MODELS = ("model", "old_model")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors, shaped and split like the parameter
+
+
+def _sharded(key: str, tensor: Tensor, param: Tensor | None, tp_rank: int, tp_size: int,
+             dp_rank: int) -> ShardedTensor:
+    """A split parameter's slice sits at offset tp_rank along its partition dim and is written by
+    dp rank 0; a replicated tensor is written by tp rank 0 of dp rank 0."""
+    if param is not None and getattr(param, "tensor_model_parallel", False):
+        return ShardedTensor.from_rank_offsets(key, tensor, (param.partition_dim, tp_rank, tp_size),
+                                               replica_id=(0, 0, dp_rank))
+    return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(0, tp_rank, dp_rank))
+
+
+def _model_state(prefix: str, model: nn.Module, dp_rank: int) -> dict[str, ShardedTensor]:
+    params, b = dict(model.named_parameters()), model.backend
+    return {name: _sharded(f"{prefix}.{name}", t.detach(), params.get(name), b.tp_rank, b.tp_size, dp_rank)
+            for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int) -> dict:
+    """AdamW state keyed by parameter name. A parameter not stepped yet gets zero moments and step 0,
+    which is exactly what AdamW would initialise on its first step."""
+    names, b = {id(p): n for n, p in model.named_parameters()}, model.backend
+    out: dict = {k: {} for k in (*MOMENTS, "step")}
+    groups = []
+    for group in optimizer.param_groups:
+        if group.get("amsgrad"):
+            raise ValueError("distributed checkpoints store AdamW without amsgrad (no max_exp_avg_sq)")
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [names[id(p)] for p in group["params"]]})
+        for p in group["params"]:
+            name, state = names[id(p)], optimizer.state.get(p, {})
+            for k in MOMENTS:
+                out[k][name] = _sharded(f"optimizer.{k}.{name}", state.get(k, torch.zeros_like(p)).detach(), p,
+                                        b.tp_rank, b.tp_size, dp_rank)
+            step = state.get("step", torch.tensor(0.0))
+            out["step"][name] = _sharded(f"optimizer.step.{name}", step.reshape(1), None, b.tp_rank, b.tp_size,
+                                         dp_rank)
+    out["param_groups"] = groups
+    return out
+
+
+def sharded_state(model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int) -> dict:
+    """This rank's megatron ShardedStateDict of both models and the AdamW state (tensors and the
+    hyper-parameters of each param group, by parameter name)."""
+    return {"model": _model_state("model", model, dp_rank), "old_model": _model_state("old_model", old_model, dp_rank),
+            "optimizer": _optimizer_state(model, optimizer, dp_rank)}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer,
+         state: TrainState, config: dict, dp_rank: int) -> Path:
+    """Collective (every rank of the world calls it): writes the checkpoint directory `path`."""
+    final = Path(path)
+    tmp = final.parent / f".{final.name}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        sd = sharded_state(model, old_model, optimizer, dp_rank)
+        sd.update(iteration=state.iteration, step=state.step, config=config)
+        dist_checkpointing.save(sd, str(tmp))
+        _barrier()
+        if rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.replace(final)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    return final
+
+
+def _check_is_checkpoint(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no distributed checkpoint there")
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(path)):
+        raise CheckpointingException(f"{path} is not a complete distributed checkpoint (no metadata.json)")
+
+
+def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer,
+         dp_rank: int) -> tuple[TrainState, dict]:
+    """Collective: restores this rank's share of both models and of the AdamW state (any saving
+    layout); returns the counters and the run config stored with them."""
+    path = Path(path)
+    _check_is_checkpoint(path)
+    try:
+        loaded = dist_checkpointing.load(sharded_state(model, old_model, optimizer, dp_rank), str(path))
+    except Exception as e:
+        raise CheckpointingException(f"{path}: cannot load the distributed checkpoint: {e}") from e
+    with torch.no_grad():
+        for key, m in zip(MODELS, (model, old_model)):
+            m.load_state_dict(loaded[key], strict=True)
+    opt, params = loaded["optimizer"], dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    if [g["params"] for g in opt["param_groups"]] != [[names[id(p)] for p in g["params"]]
+                                                      for g in optimizer.param_groups]:
+        raise CheckpointingException(f"{path}: the optimizer's parameter groups differ from the checkpoint's")
+    for group, saved in zip(optimizer.param_groups, opt["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+        for name in saved["params"]:
+            optimizer.state[params[name]] = {"step": opt["step"][name].reshape(()).clone(),
+                                             **{k: opt[k][name].clone() for k in MOMENTS}}
+    return TrainState(iteration=loaded["iteration"], step=loaded["step"]), loaded["config"]
+
+
+def export_official(path: str | Path, out_file: str | Path, model_config: ModelConfig) -> Path:
+    """Writes the checkpoint's model weights as one safetensors file in the official LTX-2 layout.
+
+    Runs in a plain process: megatron's own full-tensor loader needs a process group, so the
+    torch_dist files (torch DCP underneath) are read whole with `dcp.load(no_dist=True)`."""
+    path = Path(path)
+    _check_is_checkpoint(path)
+    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    prefix = "model."
+    state = {k[len(prefix):]: torch.empty(t.global_shape, dtype=t.dtype)
+             for k, t in meta.items() if k.startswith(prefix)}
+    check_state(models.build_model(model_config, device="meta"), state, str(path))
+    try:
+        dcp.load({prefix + k: v for k, v in state.items()}, storage_reader=dcp.FileSystemReader(str(path)),
+                 no_dist=True)
+    except Exception as e:
+        raise CheckpointingException(f"{path}: cannot read the model weights: {e}") from e
+    atomic_save_file(to_layout(state, "official"), out_file, metadata=config_metadata(model_config))
+    return Path(out_file)

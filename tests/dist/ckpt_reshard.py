@@ -1,0 +1,169 @@
+"""torchrun worker: distributed checkpoints saved in one tensor-parallel layout, loaded in another.
+
+`--phase save`: every rank loads the same seeded single-process weights into its layout, takes one
+AdamW step (and an EMA step of the old model), writes the gathered full states to <out>/saved.pt and
+the distributed checkpoint to --ckpt, then takes the next step and writes those weights to
+<out>/next.pt. `--phase load`: fresh models with other weights and an optimizer with another lr load
+the checkpoint; each rank compares its shards with the slices of saved.pt (exactly), takes the next
+step and compares it with next.pt. With one process, the errors of missing and corrupt checkpoints
+are recorded too. Each rank writes <out>/<phase>/rank<r>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.dist.megatron_cpu_shim import install  # noqa: E402
+
+install()
+
+from megatron.core import parallel_state  # noqa: E402
+
+import models  # noqa: E402
+from engine import dist_checkpoint  # noqa: E402
+from engine.checkpoint import TrainState  # noqa: E402
+from engine.policy import build_optimizer, clip_and_step, ema_update  # noqa: E402
+from models.checkpoint import gather_full_state, load_full_state  # noqa: E402
+from models.megatron import MegatronBackend  # noqa: E402
+
+SAVED_LR, SAVED_STATE, SAVED_CONFIG = 1e-3, TrainState(iteration=3, step=1), {"seed": 7, "run_dir": "runs/x"}
+
+
+def build(tp: int, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Model and old model in this layout (megatron backend only when split) from seeded weights."""
+    torch.manual_seed(seed)
+    ref = models.build_model("tiny")
+    pair = []
+    for _ in range(2):
+        m = models.build_model("tiny", backend=MegatronBackend() if tp > 1 else None)
+        load_full_state(m, ref.state_dict())
+        pair.append(m)
+    return pair[0], pair[1].requires_grad_(False)
+
+
+def train_step(model, old_model, optimizer) -> None:
+    """One AdamW step on a fixed regression loss, then the old model's EMA step."""
+    cfg, g = model.config, torch.Generator().manual_seed(1)
+    b, ta, tc = 2, 14, 8
+    args = (torch.randn(b, 12, cfg.in_channels, generator=g), torch.randn(b, ta, cfg.audio_in_channels, generator=g),
+            torch.rand(b, generator=g), torch.randn(b, tc, cfg.caption_channels, generator=g),
+            torch.randn(b, tc, cfg.caption_channels, generator=g), (3, 2, 2), 24.0)
+    v, a = model(*args)
+    loss = ((v - torch.randn(v.shape, generator=g)) ** 2).mean() + ((a - torch.randn(a.shape, generator=g)) ** 2).mean()
+    loss.backward()
+    model.backend.finalize_grads(model)
+    clip_and_step(model, optimizer, 1.0)
+    ema_update(old_model, model, 0.5)
+
+
+def local_slice(full: torch.Tensor, param: torch.Tensor, backend) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    return full.chunk(backend.tp_size, dim=param.partition_dim)[backend.tp_rank]
+
+
+def full_optimizer_state(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    backend, out = model.backend, {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+    for name, p in model.named_parameters():
+        state = optimizer.state[p]
+        out["step"][name] = state["step"].clone()
+        for k in ("exp_avg", "exp_avg_sq"):
+            t = state[k]
+            if getattr(p, "tensor_model_parallel", False) and backend.tp_size > 1:
+                parts = [torch.empty_like(t) for _ in range(backend.tp_size)]
+                dist.all_gather(parts, t.contiguous(), group=backend.group)
+                t = torch.cat(parts, dim=p.partition_dim)
+            out[k][name] = t.clone()
+    return out
+
+
+def save_phase(tp: int, ckpt: Path, out: Path) -> dict:
+    model, old_model = build(tp, seed=0)
+    optimizer = build_optimizer(model, SAVED_LR, 0.01, (0.9, 0.999), 1e-6)
+    train_step(model, old_model, optimizer)
+    saved = {"model": gather_full_state(model), "old_model": gather_full_state(old_model),
+             "optimizer": full_optimizer_state(model, optimizer)}
+    if dist.get_rank() == 0:
+        torch.save(saved, out / "saved.pt")
+    dist_checkpoint.save(ckpt, model, old_model, optimizer, SAVED_STATE, SAVED_CONFIG, dp_rank=0)
+    train_step(model, old_model, optimizer)
+    after = gather_full_state(model)
+    if dist.get_rank() == 0:
+        torch.save(after, out / "next.pt")
+    leftovers = [p.name for p in ckpt.parent.iterdir() if p.name.startswith(".")]
+    return {"saved": ckpt.is_dir(), "leftovers": leftovers}
+
+
+def expect_error(fn, *args) -> str:
+    try:
+        fn(*args)
+    except Exception as e:  # the test checks the type and the message
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def corrupt_checkpoints(ckpt: Path, work: Path, model, old_model, optimizer) -> dict[str, str]:
+    """The errors `load` gives for a missing path, a directory without megatron's metadata and one
+    whose data files are truncated."""
+    no_meta, truncated = work / "no_metadata", work / "truncated"
+    for d in (no_meta, truncated):
+        shutil.copytree(ckpt, d)
+    (no_meta / "metadata.json").unlink()
+    for f in truncated.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return {name: expect_error(dist_checkpoint.load, path, model, old_model, optimizer, 0)
+            for name, path in (("missing", work / "absent"), ("no_metadata", no_meta), ("truncated", truncated))}
+
+
+def load_phase(tp: int, ckpt: Path, out: Path) -> dict:
+    model, old_model = build(tp, seed=1)
+    optimizer = build_optimizer(model, 0.5, 0.0, (0.5, 0.5), 1e-3)
+    errors = corrupt_checkpoints(ckpt, out / "corrupt", model, old_model, optimizer) \
+        if dist.get_world_size() == 1 else {}
+    state, config = dist_checkpoint.load(ckpt, model, old_model, optimizer, dp_rank=0)
+    saved = torch.load(out / "saved.pt", weights_only=True)
+    params, backend = dict(model.named_parameters()), model.backend
+    mismatches = [f"{key}.{name}" for key, m in (("model", model), ("old_model", old_model))
+                  for name, t in m.state_dict().items()
+                  if not torch.equal(t, local_slice(saved[key][name], params[name], backend))]
+    for name, p in params.items():
+        state_p, full = optimizer.state[p], saved["optimizer"]
+        mismatches += [f"optimizer.{k}.{name}" for k in ("exp_avg", "exp_avg_sq")
+                       if not torch.equal(state_p[k], local_slice(full[k][name], p, backend))]
+        if not torch.equal(state_p["step"], full["step"][name]):
+            mismatches.append(f"optimizer.step.{name}")
+    group = optimizer.param_groups[0]
+    train_step(model, old_model, optimizer)
+    after, expected = gather_full_state(model), torch.load(out / "next.pt", weights_only=True)
+    return {"mismatches": mismatches, "state": [state.iteration, state.step], "config": config,
+            "hyper": [group["lr"], list(group["betas"]), group["eps"], group["weight_decay"]],
+            "next_err": max(float((after[k] - expected[k]).abs().max()) for k in expected), "errors": errors,
+            "local_shapes": {k: list(t.shape) for k, t in model.state_dict().items() if k.endswith("to_q.weight")}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", choices=("save", "load"), required=True)
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+    out, ckpt = Path(args.out), Path(args.ckpt)
+    result = (save_phase if args.phase == "save" else load_phase)(args.tp, ckpt, out)
+    report = out / args.phase
+    report.mkdir(parents=True, exist_ok=True)
+    (report / f"rank{dist.get_rank()}.json").write_text(json.dumps({"rank": dist.get_rank(), **result}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
