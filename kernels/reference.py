@@ -49,6 +49,41 @@ def _check_key_mask(key_mask: Tensor, k: Tensor) -> None:
         raise ValueError("key_mask must have at least one True per row")
 
 
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float, key_mask: Tensor | None) -> None:
+    """Every backend's input checks for `cross_attention`, so they reject bad inputs alike."""
+    _check_qk(q, k)
+    _check_4d("v", v)
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    if not (k.dtype == v.dtype == q.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not 0.0 <= kv_grad_scale <= 1.0:
+        raise ValueError(f"kv_grad_scale must be in [0, 1], got {kv_grad_scale}")
+    if key_mask is not None:
+        _check_key_mask(key_mask, k)
+
+
+def check_mass_inputs(q: Tensor, k: Tensor, key_mask: Tensor | None, lse: Tensor | None, out: Tensor | None,
+                      chunk_size: int) -> None:
+    """Every backend's input checks for `attention_mass`."""
+    _check_qk(q, k)
+    if k.dtype != q.dtype:
+        raise ValueError(f"q and k must share a dtype, got {q.dtype}, {k.dtype}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch, heads, n_q, _ = q.shape
+    n_k = k.shape[2]
+    if key_mask is not None:
+        _check_key_mask(key_mask, k)
+    if lse is not None and tuple(lse.shape) != (batch, heads, n_q):
+        raise ValueError(f"lse must have shape (B, H, Nq) = {(batch, heads, n_q)}, got {tuple(lse.shape)}")
+    if out is not None:
+        if tuple(out.shape) != (batch, n_k) or out.dtype != torch.float32:
+            raise ValueError(
+                f"out must be float32 with shape (B, Nk) = {(batch, n_k)}, got {out.dtype} {tuple(out.shape)}"
+            )
+
+
 def cross_attention(
     q: Tensor,
     k: Tensor,
@@ -62,18 +97,8 @@ def cross_attention(
     Forward is ordinary attention. Backward multiplies dK and dV by kv_grad_scale (dQ unchanged): this is the
     'partial stop-gradient' K~ = a*sg(K) + (1-a)*K with kv_grad_scale = 1 - a.
     """
-    _check_qk(q, k)
-    _check_4d("v", v)
-    if v.shape != k.shape:
-        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
-    if not (k.dtype == v.dtype == q.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not 0.0 <= kv_grad_scale <= 1.0:
-        raise ValueError(f"kv_grad_scale must be in [0, 1], got {kv_grad_scale}")
-    attn_mask = None
-    if key_mask is not None:
-        _check_key_mask(key_mask, k)
-        attn_mask = key_mask[:, None, None, :]
+    check_attention_inputs(q, k, v, kv_grad_scale, key_mask)
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
     if kv_grad_scale != 1.0:
         k = _ScaleGrad.apply(k, kv_grad_scale)
         v = _ScaleGrad.apply(v, kv_grad_scale)
@@ -98,22 +123,9 @@ def attention_mass(
     chunk first. out: optional float32 (B,Nk) buffer the result is ADDED into (accumulating across blocks
     and steps), and then returned. Runs without grad because it is a statistic, not a loss term.
     """
-    _check_qk(q, k)
-    if k.dtype != q.dtype:
-        raise ValueError(f"q and k must share a dtype, got {q.dtype}, {k.dtype}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_mass_inputs(q, k, key_mask, lse, out, chunk_size)
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
-    if key_mask is not None:
-        _check_key_mask(key_mask, k)
-    if lse is not None and tuple(lse.shape) != (batch, heads, n_q):
-        raise ValueError(f"lse must have shape (B, H, Nq) = {(batch, heads, n_q)}, got {tuple(lse.shape)}")
-    if out is not None:
-        if tuple(out.shape) != (batch, n_k) or out.dtype != torch.float32:
-            raise ValueError(
-                f"out must be float32 with shape (B, Nk) = {(batch, n_k)}, got {out.dtype} {tuple(out.shape)}"
-            )
 
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     kt = k.to(compute_dtype).transpose(-1, -2)

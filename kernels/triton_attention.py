@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import TRITON_DTYPES, TRITON_HEAD_DIMS
-from kernels.reference import _check_4d, _check_key_mask, _check_qk
+from kernels.reference import check_attention_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _UPCAST_DOTS = tl.constexpr(INTERPRET)
@@ -308,17 +308,7 @@ def check_supported(q: Tensor) -> None:
 
 
 def _check_attention(q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float, key_mask: Tensor | None) -> None:
-    """The reference's checks in its order and words, so both backends reject bad inputs alike."""
-    _check_qk(q, k)
-    _check_4d("v", v)
-    if v.shape != k.shape:
-        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
-    if not (k.dtype == v.dtype == q.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not 0.0 <= kv_grad_scale <= 1.0:
-        raise ValueError(f"kv_grad_scale must be in [0, 1], got {kv_grad_scale}")
-    if key_mask is not None:
-        _check_key_mask(key_mask, k)
+    check_attention_inputs(q, k, v, kv_grad_scale, key_mask)
     check_supported(q)
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.reference import _check_key_mask, _check_qk
+from kernels.reference import check_mass_inputs
 from kernels.triton_attention import (
     LOG2E,
     attention_forward,
@@ -79,23 +79,7 @@ def _attention_mass_kernel(
 
 def _check_mass(q: Tensor, k: Tensor, key_mask: Tensor | None, lse: Tensor | None, out: Tensor | None,
                 chunk_size: int) -> None:
-    """The reference's checks in its order and words, so both backends reject bad inputs alike."""
-    _check_qk(q, k)
-    if k.dtype != q.dtype:
-        raise ValueError(f"q and k must share a dtype, got {q.dtype}, {k.dtype}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    batch, heads, n_q, _ = q.shape
-    n_k = k.shape[2]
-    if key_mask is not None:
-        _check_key_mask(key_mask, k)
-    if lse is not None and tuple(lse.shape) != (batch, heads, n_q):
-        raise ValueError(f"lse must have shape (B, H, Nq) = {(batch, heads, n_q)}, got {tuple(lse.shape)}")
-    if out is not None:
-        if tuple(out.shape) != (batch, n_k) or out.dtype != torch.float32:
-            raise ValueError(
-                f"out must be float32 with shape (B, Nk) = {(batch, n_k)}, got {out.dtype} {tuple(out.shape)}"
-            )
+    check_mass_inputs(q, k, key_mask, lse, out, chunk_size)
     check_supported(q)
 
 
