@@ -79,13 +79,23 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, models_state: tuple[
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_text_atomic(root / "latest", final.name)
+            point_latest(final)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     _barrier()
     return final
+
+
+def point_latest(path: Path) -> None:
+    """Makes `path` the checkpoint that `resume` continues from."""
+    _write_text_atomic(path.parent / "latest", path.name)
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    """megatron dist_checkpointing directories carry its metadata.json."""
+    return (path / "metadata.json").is_file()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

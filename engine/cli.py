@@ -53,6 +53,18 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from models import convert_file
+    from .checkpoint import is_distributed_checkpoint
+    src = Path(args.src)
+    if src.is_dir() and is_distributed_checkpoint(src):
+        if args.to != "official":
+            raise ConfigError("a distributed checkpoint exports to --to official only")
+        from megatron.core import dist_checkpointing
+        from models.config import resolve_config
+        from .dist_checkpoint import export_official
+        run_cfg = dist_checkpointing.load_common_state_dict(str(src))["config"]
+        export_official(src, args.dst, resolve_config(run_cfg["model"]["preset"]))
+        print(f"wrote the model weights of {src} to {args.dst} (official layout)")
+        return 0
     n = convert_file(args.src, args.dst, args.to)
     print(f"wrote {n} tensors to {args.dst} ({args.to} layout)")
     return 0
@@ -72,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", default="samples.safetensors")
     smp.add_argument("overrides", nargs="*")
     smp.set_defaults(func=_sample)
-    conv = sub.add_parser("convert", help="rewrite a DiT checkpoint in the official or diffusers layout")
-    conv.add_argument("src")
+    conv = sub.add_parser("convert", help="rewrite a DiT checkpoint in the official or diffusers layout, or export "
+                                          "a distributed training checkpoint directory to one official file")
+    conv.add_argument("src", help="safetensors file, or a checkpoints/iter_NNNNNN directory")
     conv.add_argument("dst")
     conv.add_argument("--to", choices=("official", "diffusers"), required=True)
     conv.set_defaults(func=_convert)

@@ -157,6 +157,9 @@ class Config:
     run_dir: str = "runs/omninft"
     resume: bool = False
     checkpoint_every: int = _range(0, None, default=20)  # iterations; 0 = only at the end
+    # full: both models whole (official layout) + per-rank optimizer; dist: megatron dist_checkpointing,
+    # every rank writes its shards, reshards on load; auto: dist when distributed on CUDA, else full.
+    checkpoint_format: str = _choice("auto", "full", "dist", default="auto")
     model: ModelSection = field(default_factory=ModelSection)
     task: TaskSection = field(default_factory=TaskSection)
     sampler: SamplerSection = field(default_factory=SamplerSection)

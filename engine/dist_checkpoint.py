@@ -9,6 +9,10 @@ seeded generators keyed by (seed, iteration, ...), so no per-rank RNG state is s
 
 The directory is built under a temporary name beside the target and renamed once every rank has
 written, so a crash leaves either no checkpoint or a whole one at `path`.
+
+Saving and loading are collectives over torch.distributed (megatron exchanges shard metadata), so
+even a one-process run needs a process group. On hosts without CUDA, megatron's save calls
+`torch.cuda.synchronize()` (tests/dist/megatron_cpu_shim.py maps it to a no-op); loading does not.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from .checkpoint import TrainState
 
 MODELS = ("model", "old_model")
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors, shaped and split like the parameter
+# torch DCP reports read failures as a BaseException subclass, which `except Exception` would miss.
+READ_ERRORS = (Exception, dcp.CheckpointException)
 
 
 def _sharded(key: str, tensor: Tensor, param: Tensor | None, tp_rank: int, tp_size: int,
@@ -79,26 +85,28 @@ def sharded_state(model: nn.Module, old_model: nn.Module, optimizer: torch.optim
             "optimizer": _optimizer_state(model, optimizer, dp_rank)}
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def _require_process_group() -> None:
+    if not dist.is_initialized():
+        raise RuntimeError("distributed checkpoints need torch.distributed initialised (run under torchrun, "
+                           "also with one process)")
 
 
 def save(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer,
          state: TrainState, config: dict, dp_rank: int) -> Path:
-    """Collective (every rank of the world calls it): writes the checkpoint directory `path`."""
+    """Collective (every rank calls it, with the same `state` and `config`): writes the directory `path`."""
+    _require_process_group()
     final = Path(path)
     tmp = final.parent / f".{final.name}.tmp"
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    dist.barrier()
     try:
         sd = sharded_state(model, old_model, optimizer, dp_rank)
         sd.update(iteration=state.iteration, step=state.step, config=config)
         dist_checkpointing.save(sd, str(tmp))
-        _barrier()
+        dist.barrier()
         if rank == 0:
             if final.exists():
                 shutil.rmtree(final)
@@ -107,7 +115,7 @@ def save(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
+    dist.barrier()
     return final
 
 
@@ -121,12 +129,14 @@ def _check_is_checkpoint(path: Path) -> None:
 def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer,
          dp_rank: int) -> tuple[TrainState, dict]:
     """Collective: restores this rank's share of both models and of the AdamW state (any saving
-    layout); returns the counters and the run config stored with them."""
+    layout); returns the counters and the run config stored with them. Tensors are read in place,
+    so after a failed load the models are partly overwritten."""
+    _require_process_group()
     path = Path(path)
     _check_is_checkpoint(path)
     try:
         loaded = dist_checkpointing.load(sharded_state(model, old_model, optimizer, dp_rank), str(path))
-    except Exception as e:
+    except READ_ERRORS as e:
         raise CheckpointingException(f"{path}: cannot load the distributed checkpoint: {e}") from e
     with torch.no_grad():
         for key, m in zip(MODELS, (model, old_model)):
@@ -139,8 +149,8 @@ def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
     for group, saved in zip(optimizer.param_groups, opt["param_groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})
         for name in saved["params"]:
-            optimizer.state[params[name]] = {"step": opt["step"][name].reshape(()).clone(),
-                                             **{k: opt[k][name].clone() for k in MOMENTS}}
+            optimizer.state[params[name]] = {"step": opt["step"][name].reshape(()),
+                                             **{k: opt[k][name] for k in MOMENTS}}
     return TrainState(iteration=loaded["iteration"], step=loaded["step"]), loaded["config"]
 
 
@@ -159,7 +169,7 @@ def export_official(path: str | Path, out_file: str | Path, model_config: ModelC
     try:
         dcp.load({prefix + k: v for k, v in state.items()}, storage_reader=dcp.FileSystemReader(str(path)),
                  no_dist=True)
-    except Exception as e:
+    except READ_ERRORS as e:
         raise CheckpointingException(f"{path}: cannot read the model weights: {e}") from e
     atomic_save_file(to_layout(state, "official"), out_file, metadata=config_metadata(model_config))
     return Path(out_file)

@@ -79,11 +79,13 @@ class ParallelContext:
 
 def init_parallel(cfg: Config) -> ParallelContext:
     """Process groups from the torchrun environment (gloo on CPU, NCCL on GPU) and megatron's
-    parallel state; a plain `python` run with tp=1 stays single-process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel state; a plain `python` run (no WORLD_SIZE) stays single-process."""
     tp = cfg.parallel.tp
-    if world == 1 and tp == 1:
+    if "WORLD_SIZE" not in os.environ:
+        if tp > 1:
+            raise ConfigError(f"parallel.tp={tp} needs torchrun (e.g. torchrun --nproc-per-node {tp} -m engine.train)")
         return ParallelContext()
+    world = int(os.environ["WORLD_SIZE"])
     if world % tp:
         raise ConfigError(f"parallel.tp={tp} does not divide the {world} torchrun processes")
     if not dist.is_initialized():

@@ -20,7 +20,8 @@ from models.checkpoint import gather_full_state, load_full_state
 
 from . import profiling
 from .advantages import optimality_probability, route_advantages
-from .checkpoint import TrainState, latest_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import (TrainState, checkpoint_root, is_distributed_checkpoint, latest_checkpoint, point_latest,
+                         read_checkpoint, save_checkpoint)
 from .config import Config, to_dict
 from .distributed import ParallelContext, init_parallel
 from .loss import nft_loss
@@ -231,13 +232,33 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise FileNotFoundError(f"resume=true but {self.run_dir}/checkpoints holds no checkpoint")
-        self.state, model_sd, old_sd = read_checkpoint(path, self.optimizer, self.parallel.rank, self.layout)
-        load_full_state(self.model, model_sd)
-        load_full_state(self.old_model, old_sd)
+        if is_distributed_checkpoint(path):
+            if not self.parallel.distributed:
+                raise RuntimeError(f"{path} is a distributed checkpoint: resume under torchrun (one process will do)")
+            from . import dist_checkpoint
+            self.state, _ = dist_checkpoint.load(path, self.model, self.old_model, self.optimizer, self.parallel.dp_rank)
+        else:
+            self.state, model_sd, old_sd = read_checkpoint(path, self.optimizer, self.parallel.rank, self.layout)
+            load_full_state(self.model, model_sd)
+            load_full_state(self.old_model, old_sd)
         if self.parallel.is_main:
             console(f"resumed from {path} (iteration {self.state.iteration}, step {self.state.step})")
 
+    def checkpoint_format(self) -> str:
+        fmt = self.cfg.checkpoint_format
+        if fmt == "auto":
+            return "dist" if self.parallel.distributed and torch.cuda.is_available() else "full"
+        return fmt
+
     def save(self) -> Path:
+        if self.checkpoint_format() == "dist":
+            from . import dist_checkpoint
+            path = checkpoint_root(self.run_dir) / f"iter_{self.state.iteration:06d}"
+            dist_checkpoint.save(path, self.model, self.old_model, self.optimizer, self.state, to_dict(self.cfg),
+                                 self.parallel.dp_rank)
+            if self.parallel.is_main:
+                point_latest(path)
+            return path
         full = (gather_full_state(self.model), gather_full_state(self.old_model))
         return save_checkpoint(self.run_dir, self.state, full, self.model.config, self.optimizer, to_dict(self.cfg),
                                self.parallel.rank, self.layout)

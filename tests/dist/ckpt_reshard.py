@@ -1,12 +1,14 @@
 """torchrun worker: distributed checkpoints saved in one tensor-parallel layout, loaded in another.
 
-`--phase save`: every rank loads the same seeded single-process weights into its layout, takes one
-AdamW step (and an EMA step of the old model), writes the gathered full states to <out>/saved.pt and
-the distributed checkpoint to --ckpt, then takes the next step and writes those weights to
-<out>/next.pt. `--phase load`: fresh models with other weights and an optimizer with another lr load
-the checkpoint; each rank compares its shards with the slices of saved.pt (exactly), takes the next
-step and compares it with next.pt. With one process, the errors of missing and corrupt checkpoints
-are recorded too. Each rank writes <out>/<phase>/rank<r>.json.
+`--load CKPT`: fresh models with other weights and an AdamW with other hyper-parameters load CKPT;
+each rank compares its shards with the slices of the full states the saving run recorded (exactly),
+takes the next step and compares both models with the saving run's next step. With one process
+the errors of a missing and of corrupt checkpoints are recorded too.
+`--save CKPT` (after any load): every rank loads the same seeded single-process weights into its
+layout, takes one AdamW step (and an EMA step of the old model), saves CKPT, takes the next step;
+rank 0 writes the gathered full states of both moments to CKPT.reference.pt beside it. Then fresh
+models resume from CKPT in the same layout and take that next step again.
+Each rank writes <out>/rank<r>.json.
 """
 from __future__ import annotations
 
@@ -69,6 +71,11 @@ def local_slice(full: torch.Tensor, param: torch.Tensor, backend) -> torch.Tenso
     return full.chunk(backend.tp_size, dim=param.partition_dim)[backend.tp_rank]
 
 
+def full_state(model) -> dict[str, torch.Tensor]:
+    """A copy: with one rank `gather_full_state` returns the live tensors, which the next step changes."""
+    return {k: v.clone() for k, v in gather_full_state(model).items()}
+
+
 def full_optimizer_state(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
     backend, out = model.backend, {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
     for name, p in model.named_parameters():
@@ -84,21 +91,40 @@ def full_optimizer_state(model, optimizer) -> dict[str, dict[str, torch.Tensor]]
     return out
 
 
-def save_phase(tp: int, ckpt: Path, out: Path) -> dict:
+def reference_file(ckpt: Path) -> Path:
+    return ckpt.parent / f"{ckpt.name}.reference.pt"
+
+
+def fresh(tp: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """Models with other weights and an AdamW with other hyper-parameters, for a checkpoint to overwrite."""
+    model, old_model = build(tp, seed=1)
+    return model, old_model, build_optimizer(model, 0.5, 0.0, (0.5, 0.5), 1e-3)
+
+
+def next_step_err(model, old_model, optimizer, expected: dict[str, dict[str, torch.Tensor]]) -> float:
+    """Takes the next step; its largest difference from the saving run's next step (both models)."""
+    train_step(model, old_model, optimizer)
+    fulls = {"model": gather_full_state(model), "old_model": gather_full_state(old_model)}
+    return max(float((full[k] - expected[key][k]).abs().max()) for key, full in fulls.items() for k in full)
+
+
+def save_phase(tp: int, ckpt: Path) -> dict:
+    """Writes the checkpoint and, beside it, the full states it holds and both models one step later;
+    then resumes from it in this same layout, where the next step must be bitwise the same."""
     model, old_model = build(tp, seed=0)
     optimizer = build_optimizer(model, SAVED_LR, 0.01, (0.9, 0.999), 1e-6)
     train_step(model, old_model, optimizer)
-    saved = {"model": gather_full_state(model), "old_model": gather_full_state(old_model),
+    saved = {"model": full_state(model), "old_model": full_state(old_model),
              "optimizer": full_optimizer_state(model, optimizer)}
-    if dist.get_rank() == 0:
-        torch.save(saved, out / "saved.pt")
     dist_checkpoint.save(ckpt, model, old_model, optimizer, SAVED_STATE, SAVED_CONFIG, dp_rank=0)
     train_step(model, old_model, optimizer)
-    after = gather_full_state(model)
+    saved["next"] = {"model": full_state(model), "old_model": full_state(old_model)}
     if dist.get_rank() == 0:
-        torch.save(after, out / "next.pt")
-    leftovers = [p.name for p in ckpt.parent.iterdir() if p.name.startswith(".")]
-    return {"saved": ckpt.is_dir(), "leftovers": leftovers}
+        torch.save(saved, reference_file(ckpt))
+    model, old_model, optimizer = fresh(tp)
+    dist_checkpoint.load(ckpt, model, old_model, optimizer, dp_rank=0)
+    return {"saved": ckpt.is_dir(), "leftovers": [p.name for p in ckpt.parent.iterdir() if p.name.startswith(".")],
+            "resume_err": next_step_err(model, old_model, optimizer, saved["next"])}
 
 
 def expect_error(fn, *args) -> str:
@@ -117,18 +143,17 @@ def corrupt_checkpoints(ckpt: Path, work: Path, model, old_model, optimizer) -> 
         shutil.copytree(ckpt, d)
     (no_meta / "metadata.json").unlink()
     for f in truncated.glob("*.distcp"):
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        f.write_bytes(f.read_bytes()[:64])
     return {name: expect_error(dist_checkpoint.load, path, model, old_model, optimizer, 0)
             for name, path in (("missing", work / "absent"), ("no_metadata", no_meta), ("truncated", truncated))}
 
 
-def load_phase(tp: int, ckpt: Path, out: Path) -> dict:
-    model, old_model = build(tp, seed=1)
-    optimizer = build_optimizer(model, 0.5, 0.0, (0.5, 0.5), 1e-3)
-    errors = corrupt_checkpoints(ckpt, out / "corrupt", model, old_model, optimizer) \
-        if dist.get_world_size() == 1 else {}
+def load_phase(tp: int, ckpt: Path, work: Path) -> dict:
+    """Loads into fresh models and optimizer, compares with the saved full states, steps once."""
+    model, old_model, optimizer = fresh(tp)
+    errors = corrupt_checkpoints(ckpt, work, model, old_model, optimizer) if dist.get_world_size() == 1 else {}
     state, config = dist_checkpoint.load(ckpt, model, old_model, optimizer, dp_rank=0)
-    saved = torch.load(out / "saved.pt", weights_only=True)
+    saved = torch.load(reference_file(ckpt), weights_only=True)
     params, backend = dict(model.named_parameters()), model.backend
     mismatches = [f"{key}.{name}" for key, m in (("model", model), ("old_model", old_model))
                   for name, t in m.state_dict().items()
@@ -140,28 +165,28 @@ def load_phase(tp: int, ckpt: Path, out: Path) -> dict:
         if not torch.equal(state_p["step"], full["step"][name]):
             mismatches.append(f"optimizer.step.{name}")
     group = optimizer.param_groups[0]
-    train_step(model, old_model, optimizer)
-    after, expected = gather_full_state(model), torch.load(out / "next.pt", weights_only=True)
     return {"mismatches": mismatches, "state": [state.iteration, state.step], "config": config,
             "hyper": [group["lr"], list(group["betas"]), group["eps"], group["weight_decay"]],
-            "next_err": max(float((after[k] - expected[k]).abs().max()) for k in expected), "errors": errors,
-            "local_shapes": {k: list(t.shape) for k, t in model.state_dict().items() if k.endswith("to_q.weight")}}
+            "q_shape": list(model.state_dict()["transformer_blocks.0.attn1.to_q.weight"].shape),
+            "next_err": next_step_err(model, old_model, optimizer, saved["next"]), "errors": errors}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=("save", "load"), required=True)
     parser.add_argument("--tp", type=int, required=True)
-    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--load", help="checkpoint to load (before saving, when both are given)")
+    parser.add_argument("--save", help="checkpoint to write")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
-    out, ckpt = Path(args.out), Path(args.ckpt)
-    result = (save_phase if args.phase == "save" else load_phase)(args.tp, ckpt, out)
-    report = out / args.phase
-    report.mkdir(parents=True, exist_ok=True)
-    (report / f"rank{dist.get_rank()}.json").write_text(json.dumps({"rank": dist.get_rank(), **result}))
+    out, result = Path(args.out), {"rank": dist.get_rank()}
+    if args.load:
+        result["load"] = load_phase(args.tp, Path(args.load), out / "corrupt")
+    if args.save:
+        result["save"] = save_phase(args.tp, Path(args.save))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 

@@ -1,0 +1,47 @@
+"""torchrun worker: the trainer's distributed checkpoints across layouts.
+
+`--phase save` trains 2 iterations at the given layout and leaves a megatron distributed checkpoint;
+`--phase resume` resumes from it (any layout) and runs iteration 2. Rank 0 writes the metrics of the
+iterations it ran to <out>/<phase>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.dist.megatron_cpu_shim import install  # noqa: E402
+
+install()
+
+from engine.config import load_config  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
+from tests.dist.train_parity import TASK  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", choices=("save", "resume"), required=True)
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    layout = [f"parallel.tp={args.tp}", f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
+              "checkpoint_format=dist", f"run_dir={args.run_dir}"]
+    steps = ["iterations=2"] if args.phase == "save" else ["iterations=3", "resume=true"]
+    trainer = Trainer(load_config(None, [*TASK, *layout, *steps, "checkpoint_every=0"]))
+    history = trainer.run()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.get_rank() == 0:
+        (out / f"{args.phase}.json").write_text(json.dumps(history))
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps({"phase": args.phase, "ran": len(history)}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
