@@ -1,6 +1,6 @@
 """`omninft train | sample | convert`.
 
-    omninft train [--config FILE] [key=value ...]     e.g. omninft train iterations=2 seed=0 run_dir=out
+    omninft train [--config FILE] [--resume] [key=value ...]   e.g. omninft train iterations=2 seed=0 run_dir=out
     omninft sample --checkpoint FILE [key=value ...]  rollouts from a checkpoint, scored, saved as safetensors
     omninft convert SRC DST --to {official,diffusers}
 """
@@ -15,7 +15,7 @@ from .config import ConfigError, load_config
 
 def _train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *(["resume=true"] if args.resume else [])])
     trainer = Trainer(cfg)
     history = trainer.run()
     if history:
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run OmniNFT training (default: the embedded tiny CPU task)")
     train.add_argument("--config", help="YAML config (e.g. configs/ltx2-19b.yaml); defaults are configs/tiny.yaml")
+    train.add_argument("--resume", action="store_true", help="continue from run_dir's latest checkpoint (= resume=true)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=2 train.group_size=4")
     train.set_defaults(func=_train)
     smp = sub.add_parser("sample", help="sample and score one iteration's prompts")
