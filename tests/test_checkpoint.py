@@ -16,13 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 TINY = models.PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add sync overhead, and stall badly on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _model(cfg=TINY, seed: int = 0):

@@ -14,17 +14,11 @@ from models.checkpoint import OFFICIAL_PREFIX, diffusers_config, to_layout
 
 diffusers = pytest.importorskip("diffusers")
 
-KEYS_FILE = Path("/work/shared/ltx2/keys-ltx2-19b.txt")
+KEYS_FILE = Path(__file__).parent / "data" / "keys-ltx2-19b.txt"  # copy of ../shared/ltx2/keys-ltx2-19b.txt
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add sync overhead, and stall badly on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- helpers
