@@ -51,7 +51,10 @@ def _range(lo: float | None = None, hi: float | None = None, **kw) -> Any:
 class ModelSection:
     preset: str = _choice(*MODEL_PRESETS, default="tiny")
     backend: str = _choice(*BACKENDS, default="torch")  # layer flavour; tp > 1 needs megatron
-    dtype: str = _choice(*DTYPES, default="float32")
+    dtype: str = _choice(*DTYPES, default="float32")  # parameters (and AdamW state)
+    # Mixed precision: matmuls under torch.autocast in this dtype while parameters stay in `dtype`
+    # (keep fp32 parameters for bf16 compute: AdamW updates on bf16 weights round away).
+    autocast: str = _choice("off", "bfloat16", "float16", default="off")
     init: str | None = None  # safetensors file (official or diffusers layout) to start from
     init_seed: int = 0        # random weights when `init` is None
 

@@ -26,6 +26,7 @@ class ParallelContext:
     dp_rank: int = 0
     rank: int = 0
     dp_group: object | None = field(default=None, repr=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives' tensors live
 
     @property
     def is_main(self) -> bool:
@@ -72,7 +73,7 @@ class ParallelContext:
         """Mean of a per-rank scalar over data-parallel ranks (for logging)."""
         if self.dp == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, group=self.dp_group)
         return float(t) / self.dp
 
@@ -81,20 +82,24 @@ def init_parallel(cfg: Config) -> ParallelContext:
     """Process groups from the torchrun environment (gloo on CPU, NCCL on GPU) and megatron's
     parallel state; a plain `python` run (no WORLD_SIZE) stays single-process."""
     tp = cfg.parallel.tp
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
     if "WORLD_SIZE" not in os.environ:
         if tp > 1:
             raise ConfigError(f"parallel.tp={tp} needs torchrun (e.g. torchrun --nproc-per-node {tp} -m engine.train)")
-        return ParallelContext()
+        return ParallelContext(device=device)
     world = int(os.environ["WORLD_SIZE"])
     if world % tp:
         raise ConfigError(f"parallel.tp={tp} does not divide the {world} torchrun processes")
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    from megatron.core import parallel_state
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from megatron.core import parallel_state, tensor_parallel
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        if device.type == "cuda":  # megatron initialises GPU weight shards under its own RNG tracker
+            tensor_parallel.model_parallel_cuda_manual_seed(cfg.model.init_seed)
     return ParallelContext(tp=tp, dp=parallel_state.get_data_parallel_world_size(),
                            dp_rank=parallel_state.get_data_parallel_rank(), rank=dist.get_rank(),
-                           dp_group=parallel_state.get_data_parallel_group())
+                           dp_group=parallel_state.get_data_parallel_group(), device=device)

@@ -7,6 +7,7 @@ V2A attention mass). Under torchrun, `engine.distributed` decides which samples 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .rewards import Rollout, build_rewards, score_rewards
 from .sampler import ltx2_sigmas, prompt_features, rollout_noise, sample, seeded_normal
 from .surgery import a2v_grad_scales
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 AUDIO_TOKENS_PER_SECOND = 25.0
 
 
@@ -47,11 +48,11 @@ def layer_backend(cfg: Config) -> models.TorchBackend:
     return models.backend.resolve_backend(cfg.model.backend, **kwargs)
 
 
-def build_policy(cfg: Config) -> LTX2AVTransformer:
+def build_policy(cfg: Config, device: torch.device) -> LTX2AVTransformer:
     """The model in this run's backend and layout with its starting weights: `model.init` (each rank
     reads only its slices), or a seeded random init made as one process would make it (so the run
     does not depend on the layout; it builds the whole model on every rank, fine for `tiny`)."""
-    model = models.build_model(cfg.model.preset, backend=layer_backend(cfg))
+    model = models.build_model(cfg.model.preset, device=device, backend=layer_backend(cfg))
     if cfg.model.init is not None:
         models.load_model_weights(model, cfg.model.init)
     else:
@@ -62,7 +63,8 @@ def build_policy(cfg: Config) -> LTX2AVTransformer:
 
 def frozen_copy(cfg: Config, model: LTX2AVTransformer) -> LTX2AVTransformer:
     """Same backend, layout and weights, no gradients (the old policy and the KL reference)."""
-    copy = models.build_model(cfg.model.preset, dtype=DTYPES[cfg.model.dtype], backend=layer_backend(cfg))
+    copy = models.build_model(cfg.model.preset, device=next(model.parameters()).device,
+                              dtype=DTYPES[cfg.model.dtype], backend=layer_backend(cfg))
     copy.load_state_dict(model.state_dict())
     return copy.requires_grad_(False)
 
@@ -72,7 +74,8 @@ class Trainer:
         self.cfg = cfg
         self.parallel = parallel or init_parallel(cfg)
         self.run_dir = Path(cfg.run_dir)
-        self.model = build_policy(cfg)
+        self.device = self.parallel.device
+        self.model = build_policy(cfg, self.device)
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
         self.old_model = frozen_copy(cfg, self.model)
         self.ref_model = frozen_copy(cfg, self.model) if cfg.loss.kl_weight > 0 else None
@@ -87,9 +90,15 @@ class Trainer:
         self.contexts = {p: prompt_features(p, cfg.task.context_tokens, self.model.config.caption_channels)
                          for p in [*cfg.task.prompts, ""]}
         f, h, w = self.grid
-        self.frame_ids = torch.arange(f * h * w) // (h * w)
+        self.frame_ids = torch.arange(f * h * w, device=self.device) // (h * w)
         self.state = TrainState(iteration=-1, step=0)
         self.layout = {"tp": self.parallel.tp, "dp": self.parallel.dp}
+        self.dtype = DTYPES[cfg.model.dtype]
+
+    def autocast(self):
+        """Mixed precision for every model forward (`model.autocast`); a no-op when off."""
+        mode = self.cfg.model.autocast
+        return contextlib.nullcontext() if mode == "off" else torch.autocast(self.device.type, dtype=DTYPES[mode])
 
     # ---- one iteration, phase by phase -------------------------------------------------------------
     def prompts_for(self, iteration: int) -> list[str]:
@@ -99,25 +108,27 @@ class Trainer:
 
     def rollout(self, iteration: int, prompts: list[str], indices: list[int]) -> tuple[Rollout, Tensor, Tensor | None]:
         """Samples `indices` of the iteration (sample i is number i % G of prompt i // G) from the old
-        policy; returns them as a Rollout, their text contexts and their V2A scores."""
+        policy; returns them as a Rollout (on the CPU, where rewards score them), their text contexts
+        and their V2A scores (on the device)."""
         cfg, mc = self.cfg, self.model.config
         g = cfg.train.group_size
         f, h, w = self.grid
         texts = [prompts[i // g] for i in indices]
         noise = [rollout_noise(cfg.seed, iteration, prompts[i // g], i % g, (f * h * w, mc.in_channels),
                                (self.num_audio, mc.audio_in_channels)) for i in indices]
-        ctx = torch.stack([self.contexts[p] for p in texts])
-        uncond = self.contexts[""].expand_as(ctx)
+        on = {"device": self.device, "dtype": self.dtype}
+        ctx = torch.stack([self.contexts[p] for p in texts]).to(**on)
+        uncond = self.contexts[""].to(**on).expand_as(ctx)
         reweight = cfg.reweight.mode != "off"
-        dtype = next(self.model.parameters()).dtype
-        result = sample(
-            self.old_model, torch.stack([n[0] for n in noise]).to(dtype), torch.stack([n[1] for n in noise]).to(dtype),
-            ctx.to(dtype), ctx.to(dtype), self.grid, cfg.task.fps, self.sigmas, cfg.sampler.cfg_video,
-            cfg.sampler.cfg_audio, (uncond.to(dtype), uncond.to(dtype)),
-            record_steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step)
-            if reweight else (),
-            record_blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block) if reweight else ())
-        rollout = Rollout(video=result.video.float(), audio=result.audio.float(), video_grid=self.grid,
+        with self.autocast():
+            result = sample(
+                self.old_model, torch.stack([n[0] for n in noise]).to(**on), torch.stack([n[1] for n in noise]).to(**on),
+                ctx, ctx, self.grid, cfg.task.fps, self.sigmas, cfg.sampler.cfg_video, cfg.sampler.cfg_audio,
+                (uncond, uncond),
+                record_steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step)
+                if reweight else (),
+                record_blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block) if reweight else ())
+        rollout = Rollout(video=result.video.float().cpu(), audio=result.audio.float().cpu(), video_grid=self.grid,
                           fps=cfg.task.fps, prompts=tuple(texts))
         return rollout, ctx, result.v2a_score
 
@@ -127,7 +138,7 @@ class Trainer:
         this rank's share of the batch, gradients are reduced over ranks, clipped, AdamW steps, and the
         old policy moves by EMA. Tensors are indexed by position in this rank's rollout."""
         cfg, par = self.cfg, self.parallel
-        dtype = next(self.model.parameters()).dtype
+        on = {"device": self.device, "dtype": self.dtype}
         sigmas = training_sigmas(self.sigmas, cfg.train.sigma_mode, cfg.train.sigma_fraction, cfg.train.num_sigmas,
                                  cfg.seed, iteration)
         g = cfg.train.group_size
@@ -136,18 +147,18 @@ class Trainer:
         for batch in batches:
             pos = list(range(start, start + len(batch)))
             start += len(batch)
-            x0_v, x0_a = rollout.video[pos].to(dtype), rollout.audio[pos].to(dtype)
-            c = ctx[pos].to(dtype)
+            x0_v, x0_a = rollout.video[pos].to(**on), rollout.audio[pos].to(**on)
+            c = ctx[pos]
             for j, s in enumerate(sigmas):
                 # Fresh forward-process noise per (sample, sigma), independent of batching and layout.
                 eps_v = torch.stack([seeded_normal(x0_v.shape[1:], cfg.seed, iteration, rollout.prompts[p], i % g,
-                                                   "train", j, "video") for p, i in zip(pos, batch)]).to(dtype)
+                                                   "train", j, "video") for p, i in zip(pos, batch)]).to(**on)
                 eps_a = torch.stack([seeded_normal(x0_a.shape[1:], cfg.seed, iteration, rollout.prompts[p], i % g,
-                                                   "train", j, "audio") for p, i in zip(pos, batch)]).to(dtype)
-                sig = torch.full((len(pos),), s, dtype=dtype)
+                                                   "train", j, "audio") for p, i in zip(pos, batch)]).to(**on)
+                sig = torch.full((len(pos),), s, **on)
                 xt_v, xt_a = (1 - s) * x0_v + s * eps_v, (1 - s) * x0_a + s * eps_a
                 args = (xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps)
-                with profiling.nvtx_range(profiling.TRAIN_FWD):
+                with profiling.nvtx_range(profiling.TRAIN_FWD), self.autocast():
                     with torch.no_grad():
                         v_old = self.old_model(*args)
                         v_ref = self.ref_model(*args) if self.ref_model is not None else None
@@ -189,12 +200,13 @@ class Trainer:
 
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.REWARD):
-            scores = {k: par.gather_samples(v, local, n) for k, v in score_rewards(self.rewards, rollout).items()}
+            scores = {k: par.gather_samples(v.to(self.device), local, n)
+                      for k, v in score_rewards(self.rewards, rollout).items()}
         times["time/reward"] = time.perf_counter() - t
 
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.ADVANTAGE):
-            group_ids = torch.arange(len(prompts)).repeat_interleave(cfg.train.group_size)
+            group_ids = torch.arange(len(prompts), device=self.device).repeat_interleave(cfg.train.group_size)
             routed = route_advantages(scores, {r.name: r.modality for r in self.rewards},
                                       {r.name: r.weight for r in self.rewards}, group_ids, cfg.advantage.routing,
                                       cfg.advantage.std, cfg.advantage.eps)

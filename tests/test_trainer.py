@@ -124,3 +124,16 @@ def test_trainer_state_json_holds_config(tmp_path):
     meta = json.loads((tmp_path / "checkpoints" / "iter_000000" / "trainer_state.json").read_text())
     assert meta["iteration"] == 0 and meta["step"] >= 1
     assert meta["config"]["train"]["group_size"] == 3
+
+
+def test_autocast_computes_in_bf16_and_keeps_fp32_parameters(tmp_path):
+    plain = Trainer(_cfg(tmp_path / "fp32", "iterations=1"))
+    mixed = Trainer(_cfg(tmp_path / "bf16", "iterations=1", "model.autocast=bfloat16"))
+    prompts = plain.prompts_for(0)
+    a, *_ = plain.rollout(0, prompts, [0, 1])
+    b, *_ = mixed.rollout(0, prompts, [0, 1])
+    assert not torch.equal(a.video, b.video)  # the matmuls really ran in bf16 ...
+    torch.testing.assert_close(b.video, a.video, rtol=0.1, atol=0.1)  # ... and computed the same thing
+    m = mixed.iteration(0)
+    assert torch.isfinite(torch.tensor(m["loss"]))
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
