@@ -18,7 +18,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, *(["resume=true"] if args.resume else [])])
     trainer = Trainer(cfg)
     history = trainer.run()
-    if history:
+    if history and trainer.parallel.is_main:
         first, last = history[0], history[-1]
         print(f"\nreward means, iteration {first['iteration']} -> {last['iteration']}:")
         for name in trainer.reward_names:

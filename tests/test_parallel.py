@@ -86,3 +86,18 @@ def test_trainer_resumes_a_tp2_distributed_checkpoint_at_tp1(tmp_path):
     assert main(["convert", str(run_dir / "checkpoints" / "iter_000001"), str(exported), "--to", "official"]) == 0
     model = models.build_model("tiny")
     models.load_model_weights(model, exported)  # every key and shape checked
+
+
+def test_torchrun_launch_of_the_cli(tmp_path):
+    """The documented launch, end to end, without any test shim: TP=2 on 2 CPU processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "engine.train", "model.backend=megatron", "parallel.tp=2",
+           "iterations=2", f"run_dir={tmp_path}", "log.progress=false", *TASK]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("reward means, iteration 0 -> 1") == 1  # printed by rank 0 only
+    assert [json.loads(line)["iteration"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "iter_000001"
+    model = models.build_model("tiny")
+    models.load_model_weights(model, tmp_path / "checkpoints" / "iter_000001" / "model.safetensors")
