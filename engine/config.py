@@ -114,6 +114,7 @@ class TrainSection:
     sigma_mode: str = _choice(*SIGMA_MODES, default="highest")
     sigma_fraction: float = _range(1e-6, 1.0, default=0.4)  # 'highest': share of the schedule's steps
     num_sigmas: int = _range(1, None, default=4)             # 'uniform'/'logit_normal': draws per iteration
+    activation_checkpointing: bool = False  # recompute each block in backward (LTX-2 trainer does, for 19B)
 
 
 @dataclass

@@ -77,6 +77,7 @@ class Trainer:
         self.device = self.parallel.device
         self.model = build_policy(cfg, self.device)
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.old_model = frozen_copy(cfg, self.model)
         self.ref_model = frozen_copy(cfg, self.model) if cfg.loss.kl_weight > 0 else None
         o = cfg.optim

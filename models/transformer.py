@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .backend import TorchBackend
 from .config import ModelConfig
@@ -109,6 +110,8 @@ class LTX2AVTransformer(nn.Module):
         self.audio_scale_shift_table = nn.Parameter(torch.randn(2, da) / da**0.5)
         self.proj_out = backend.linear(dv, cfg.in_channels)
         self.audio_proj_out = backend.linear(da, cfg.audio_in_channels)
+        # Recompute each block in backward instead of keeping its activations (memory for time).
+        self.activation_checkpointing = False
 
     def set_a2v_grad_scales(self, scales: Sequence[float]) -> None:
         """Per-block gradient scales on the A2V audio keys/values (layer-wise gradient surgery)."""
@@ -184,9 +187,13 @@ class LTX2AVTransformer(nn.Module):
         rope = self.rope(video_grid, audio.shape[1], fps, video.device)
         ctx = (self.caption_projection(split(video_context)), self.audio_caption_projection(split(audio_context)))
         masks = (video_context_mask, audio_context_mask)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer_blocks):
             probe = None if v2a_probe is None else (lambda q, k, i=i: v2a_probe(i, q, k))
-            vx, ax = block(vx, ax, ctx, masks, mod, rope, probe)
+            if recompute:
+                vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, use_reentrant=False)
+            else:
+                vx, ax = block(vx, ax, ctx, masks, mod, rope, probe)
 
         shift, scale = (self.scale_shift_table[None, None] + emb_video[:, :, None]).unbind(dim=2)
         v_video = self.proj_out(nn.functional.layer_norm(vx, (cfg.video_dim,), eps=1e-6) * (1 + scale) + shift)

@@ -423,3 +423,23 @@ def test_v2a_probe_sees_every_block(tiny) -> None:
     # Each block's queries/keys differ (they are that block's own), and probing changes nothing.
     assert not torch.allclose(seen[0][1], seen[1][1])
     assert torch.equal(v, v0) and torch.equal(a, a0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = models.build_model("tiny")
+    model.set_a2v_grad_scales([0.5, 1.0, 1.0, 1.0])
+    g = torch.Generator().manual_seed(3)
+    cfg = model.config
+    args = (torch.randn(2, 12, cfg.in_channels, generator=g), torch.randn(2, 9, cfg.audio_in_channels, generator=g),
+            torch.rand(2, generator=g), torch.randn(2, 5, cfg.caption_channels, generator=g),
+            torch.randn(2, 5, cfg.caption_channels, generator=g), (3, 2, 2))
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = recompute
+        v, a = model(*args)
+        (v.square().mean() + a.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)

@@ -55,8 +55,9 @@ def test_tensor_parallel_matches_single_process(tmp_path, sp):
         assert r["file_load_equal"], r
 
 
-@pytest.mark.parametrize("nproc, args", [(4, ["--tp", "2"]), (4, ["--tp", "2", "--sp"]), (2, ["--tp", "1"])],
-                         ids=["tp2xdp2", "tp2xdp2-sp", "dp2"])
+@pytest.mark.parametrize("nproc, args", [(4, ["--tp", "2"]), (4, ["--tp", "2", "--sp", "--recompute"]),
+                                         (2, ["--tp", "1"])],
+                         ids=["tp2xdp2", "tp2xdp2-sp-recompute", "dp2"])
 def test_one_iteration_matches_single_process(tmp_path, nproc, args):
     """Rollouts, rewards, routed advantages, loss, gradient norm and the updated weights (model and
     EMA old policy) of a parallel iteration equal the single-process iteration."""
