@@ -185,6 +185,15 @@ def device_label(device: torch.device) -> str:
     return "cpu"
 
 
+def package_versions(*modules: str) -> dict[str, str]:
+    """torch's version and those of the named optional packages that are installed, for the JSON."""
+    versions = {"torch": torch.__version__}
+    for module in modules:
+        if importlib.util.find_spec(module) is not None:
+            versions[module] = __import__(module).__version__
+    return versions
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on CUDA, 5 on CPU)")
@@ -224,10 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out or f"bench/results/{label}-{date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    versions = {"torch": torch.__version__}
-    for module in ("triton", "flash_attn"):
-        if importlib.util.find_spec(module) is not None:
-            versions[module] = __import__(module).__version__
+    versions = package_versions("triton", "flash_attn")
     out.write_text(json.dumps({"device": label, "figures": what, "date": date.today().isoformat(), "reps": reps,
                                "versions": versions, "dtype": dtype_name, "copy_gbps": copy_gbps,
                                "matmul_tflops": matmul_tflops, "rows": rows}, indent=1))

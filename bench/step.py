@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 import models
-from bench.kernels import CUDA, DTYPE, device_label, device_peaks, timer
+from bench.kernels import CUDA, DTYPE, device_label, device_peaks, package_versions, timer
 from engine.loss import nft_loss
 from engine.policy import build_optimizer, clip_and_step
 from models import LTX2AVTransformer, ModelConfig
@@ -258,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out or f"bench/results/{label}-{date.today().isoformat()}-step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    versions = {"torch": torch.__version__}
-    for module in ("triton", "transformer_engine"):
-        if importlib.util.find_spec(module) is not None:
-            versions[module] = __import__(module).__version__
+    versions = package_versions("triton", "transformer_engine")
     out.write_text(json.dumps({
         "device": label, "figures": what, "date": date.today().isoformat(), "steps": steps, "versions": versions,
         "transformer_engine": te, "dtype": dtype_name, "model": dataclasses.asdict(cfg),
