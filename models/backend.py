@@ -39,12 +39,16 @@ class TorchBackend:
         """RMSNorm over all `dim` = heads x head_dim channels of Q or K (LTX-2 normalises across heads)."""
         return nn.RMSNorm(dim, eps=eps)
 
+    def padded_length(self, n: int) -> int:
+        """Tokens a sequence of n carries after `scatter_sequence` pads it to split evenly; here n."""
+        return n
+
     def scatter_sequence(self, x: Tensor) -> Tensor:
-        """(B, T, D) -> this rank's share of the tokens (sequence parallelism); here all of them."""
+        """(B, T, D) -> this rank's share of the (padded) tokens (sequence parallelism); here all of them."""
         return x
 
-    def gather_sequence(self, x: Tensor) -> Tensor:
-        """Inverse of `scatter_sequence`: the full (B, T, D)."""
+    def gather_sequence(self, x: Tensor, length: int) -> Tensor:
+        """Inverse of `scatter_sequence`: the full (B, length, D), padding dropped."""
         return x
 
     def tp_average(self, x: Tensor) -> Tensor:

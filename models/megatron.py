@@ -109,23 +109,22 @@ class MegatronBackend(TorchBackend):
             raise ValueError(f"QK norm width {dim} cannot be split over {self.tp_size} tensor-parallel ranks")
         return TPRMSNorm(dim, eps, self.group, self.tp_size)
 
-    def _check_divisible(self, x: Tensor) -> None:
-        if x.shape[1] % self.tp_size:
-            raise ValueError(f"sequence parallelism needs token counts divisible by tp={self.tp_size}; "
-                             f"got a sequence of {x.shape[1]}")
+    def padded_length(self, n: int) -> int:
+        return -(-n // self.tp_size) * self.tp_size if self.sequence_parallel else n
 
     def scatter_sequence(self, x: Tensor) -> Tensor:
+        """Zero-pads the tokens to a multiple of tp (the model masks padded keys), then keeps this rank's share."""
         if not self.sequence_parallel:
             return x
-        self._check_divisible(x)
+        x = nn.functional.pad(x, (0, 0, 0, self.padded_length(x.shape[1]) - x.shape[1]))
         return tensor_parallel.scatter_to_sequence_parallel_region(x.transpose(0, 1).contiguous()).transpose(0, 1)
 
-    def gather_sequence(self, x: Tensor) -> Tensor:
+    def gather_sequence(self, x: Tensor, length: int) -> Tensor:
         if not self.sequence_parallel:
             return x
         full = tensor_parallel.gather_from_sequence_parallel_region(x.transpose(0, 1).contiguous(),
                                                                      tensor_parallel_output_grad=False)
-        return full.transpose(0, 1)
+        return full.transpose(0, 1)[:, :length]
 
     def tp_average(self, x: Tensor) -> Tensor:
         if self.tp_size == 1:

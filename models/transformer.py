@@ -49,16 +49,17 @@ class AVBlock(nn.Module):
         # Layer-wise gradient surgery: dK, dV of the A2V audio keys/values are multiplied by this.
         self.a2v_kv_grad_scale = 1.0
 
-    def forward(self, vx: Tensor, ax: Tensor, ctx: tuple[Tensor, Tensor], ctx_mask: tuple[Tensor | None, Tensor | None],
+    def forward(self, vx: Tensor, ax: Tensor, ctx: tuple[Tensor, Tensor], masks: dict[str, Tensor | None],
                 mod: dict[str, Tensor], rope: dict[str, Rope], v2a_probe: AttentionProbe | None) -> tuple[Tensor, Tensor]:
+        """`masks`: key masks (B, T) by key sequence ('video', 'audio', 'video_ctx', 'audio_ctx'); None = all real."""
         eps = self.eps
         # Self-attention and text cross-attention (no AdaLN, no gate on the latter in the 19B release).
         sh, sc, g = _rows(self.scale_shift_table, mod["video"], 0, 3)
-        vx = vx + self.attn1(rms_norm(vx, eps) * (1 + sc) + sh, q_rope=rope["video"]) * g
+        vx = vx + self.attn1(rms_norm(vx, eps) * (1 + sc) + sh, q_rope=rope["video"], key_mask=masks["video"]) * g
         sh, sc, g = _rows(self.audio_scale_shift_table, mod["audio"], 0, 3)
-        ax = ax + self.audio_attn1(rms_norm(ax, eps) * (1 + sc) + sh, q_rope=rope["audio"]) * g
-        vx = vx + self.attn2(rms_norm(vx, eps), ctx[0], key_mask=ctx_mask[0])
-        ax = ax + self.audio_attn2(rms_norm(ax, eps), ctx[1], key_mask=ctx_mask[1])
+        ax = ax + self.audio_attn1(rms_norm(ax, eps) * (1 + sc) + sh, q_rope=rope["audio"], key_mask=masks["audio"]) * g
+        vx = vx + self.attn2(rms_norm(vx, eps), ctx[0], key_mask=masks["video_ctx"])
+        ax = ax + self.audio_attn2(rms_norm(ax, eps), ctx[1], key_mask=masks["audio_ctx"])
 
         # Cross-modal attentions, both reading the same pre-A2V snapshots. AV tables are scale-then-shift.
         vn, an = rms_norm(vx, eps), rms_norm(ax, eps)
@@ -67,10 +68,11 @@ class AVBlock(nn.Module):
         (g_a2v,) = _rows(self.scale_shift_table_a2v_ca_video[4:], mod["a2v_gate"], 0, 1)
         (g_v2a,) = _rows(self.scale_shift_table_a2v_ca_audio[4:], mod["v2a_gate"], 0, 1)
         a2v = self.audio_to_video_attn(vn * (1 + sc_v_a2v) + sh_v_a2v, an * (1 + sc_a_a2v) + sh_a_a2v,
-                                       q_rope=rope["video_ca"], k_rope=rope["audio_ca"],
+                                       q_rope=rope["video_ca"], k_rope=rope["audio_ca"], key_mask=masks["audio"],
                                        kv_grad_scale=self.a2v_kv_grad_scale)
         v2a = self.video_to_audio_attn(an * (1 + sc_a_v2a) + sh_a_v2a, vn * (1 + sc_v_v2a) + sh_v_v2a,
-                                       q_rope=rope["audio_ca"], k_rope=rope["video_ca"], probe=v2a_probe)
+                                       q_rope=rope["audio_ca"], k_rope=rope["video_ca"], key_mask=masks["video"],
+                                       probe=v2a_probe)
         vx = vx + g_a2v * a2v
         ax = ax + g_v2a * v2a
 
@@ -184,12 +186,19 @@ class LTX2AVTransformer(nn.Module):
             "a2v_gate": self.av_ca_a2v_gate_adaln_single(t_video * gate_scale, dtype)[0],
             "v2a_gate": self.av_ca_v2a_gate_adaln_single(t_audio * gate_scale, dtype)[0],
         }
-        rope = self.rope(video_grid, audio.shape[1], fps, video.device)
+        n_video, n_audio = video.shape[1], audio.shape[1]
+        rope = {name: self._pad_rope(table, n_audio if name.startswith("audio") else n_video)
+                for name, table in self.rope(video_grid, n_audio, fps, video.device).items()}
         ctx = (self.caption_projection(split(video_context)), self.audio_caption_projection(split(audio_context)))
-        masks = (video_context_mask, audio_context_mask)
+        masks = {"video": self._key_mask(None, b, n_video, video.device),
+                 "audio": self._key_mask(None, b, n_audio, video.device),
+                 "video_ctx": self._key_mask(video_context_mask, b, video_context.shape[1], video.device),
+                 "audio_ctx": self._key_mask(audio_context_mask, b, audio_context.shape[1], video.device)}
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer_blocks):
-            probe = None if v2a_probe is None else (lambda q, k, i=i: v2a_probe(i, q, k))
+            # The probe sees real tokens only (sequence-parallel padding is masked out of the attention).
+            probe = None if v2a_probe is None else \
+                (lambda q, k, i=i: v2a_probe(i, q[:, :, :n_audio], k[:, :, :n_video]))
             if recompute:
                 vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, use_reentrant=False)
             else:
@@ -197,7 +206,24 @@ class LTX2AVTransformer(nn.Module):
 
         shift, scale = (self.scale_shift_table[None, None] + emb_video[:, :, None]).unbind(dim=2)
         v_video = self.proj_out(nn.functional.layer_norm(vx, (cfg.video_dim,), eps=1e-6) * (1 + scale) + shift)
-        v_video = self.backend.gather_sequence(v_video)
+        v_video = self.backend.gather_sequence(v_video, n_video)
         shift, scale = (self.audio_scale_shift_table[None, None] + emb_audio[:, :, None]).unbind(dim=2)
         v_audio = self.audio_proj_out(nn.functional.layer_norm(ax, (cfg.audio_dim,), eps=1e-6) * (1 + scale) + shift)
-        return v_video, self.backend.gather_sequence(v_audio)
+        return v_video, self.backend.gather_sequence(v_audio, n_audio)
+
+    def _key_mask(self, mask: Tensor | None, b: int, n: int, device: torch.device) -> Tensor | None:
+        """A key mask over the padded sequence: `mask` (or all True) for the n real tokens, False for
+        the padding sequence parallelism adds; None when there is neither."""
+        padded = self.backend.padded_length(n)
+        if padded == n:
+            return mask
+        valid = (torch.arange(padded, device=device) < n).expand(b, padded)
+        return valid if mask is None else valid & nn.functional.pad(mask, (0, padded - n), value=False)
+
+    def _pad_rope(self, table: Rope, n: int) -> Rope:
+        """Identity rotations for padded tokens (their keys are masked, their outputs dropped)."""
+        extra = self.backend.padded_length(n) - n
+        if not extra:
+            return table
+        cos, sin = table
+        return (nn.functional.pad(cos, (0, 0, 0, extra), value=1.0), nn.functional.pad(sin, (0, 0, 0, extra)))

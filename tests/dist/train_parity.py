@@ -37,14 +37,16 @@ def main() -> None:
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--recompute", action="store_true", help="activation checkpointing in the parallel run")
     parser.add_argument("--out", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value applied to both runs")
     args = parser.parse_args()
     out = Path(args.out)
 
     layout = [f"parallel.tp={args.tp}", f"parallel.sequence_parallel={str(args.sp).lower()}",
               f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
               f"train.activation_checkpointing={str(args.recompute).lower()}"]
-    parallel = Trainer(load_config(None, [*TASK, *layout, f"run_dir={out}/par"]))
-    single = Trainer(load_config(None, [*TASK, f"run_dir={out}/single{dist.get_rank()}"]), parallel=ParallelContext())
+    parallel = Trainer(load_config(None, [*TASK, *args.overrides, *layout, f"run_dir={out}/par"]))
+    single = Trainer(load_config(None, [*TASK, *args.overrides, f"run_dir={out}/single{dist.get_rank()}"]),
+                     parallel=ParallelContext())
     start = {k: v.clone() for k, v in single.model.state_dict().items()}
     mp, ms = parallel.iteration(0), single.iteration(0)
 
