@@ -287,6 +287,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("task.video_grid needs at least 3 latent frames (av_sync correlates motion over time)")
     if not cfg.task.prompts:
         raise ConfigError("task.prompts must hold at least one prompt")
+    if cfg.model.init is not None and not Path(cfg.model.init).is_file():
+        raise ConfigError(f"model.init: {cfg.model.init} is not a file (expected a safetensors checkpoint)")
     if cfg.parallel.tp > 1 and cfg.model.backend != "megatron":
         raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs model.backend=megatron; got {cfg.model.backend!r}")
     if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:

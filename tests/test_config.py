@@ -44,6 +44,8 @@ def test_overrides_are_typed_and_nested():
     ("log.progress=maybe", ["log.progress", "true or false"]),
     ("rewards=[{name: aesthetics}]", ["aesthetics", "video_sharpness"]),
     ("iterations", ["key=value"]),
+    ("model.init=/no/such/file.safetensors", ["model.init", "/no/such/file.safetensors"]),
+    ("parallel.tp=2", ["parallel.tp", "megatron"]),
 ])
 def test_bad_values_name_the_key_and_the_allowed_values(override, words):
     with pytest.raises(ConfigError) as err:
