@@ -96,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from models import CheckpointError
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"omninft: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, CheckpointError) as e:  # user input, not a bug: no traceback
+        print(f"omninft: error: {e}", file=sys.stderr)
         return 2
 
 

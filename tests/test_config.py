@@ -62,3 +62,11 @@ def test_missing_config_file(tmp_path):
 def test_cli_reports_config_errors_with_exit_code_2(capsys):
     assert main(["train", "advantage.routing=vanilla"]) == 2
     assert "advantage.routing" in capsys.readouterr().err
+
+
+def test_cli_reports_missing_files_without_a_traceback(tmp_path, capsys):
+    assert main(["train", "--resume", f"run_dir={tmp_path}"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "nope.safetensors"), str(tmp_path / "out.safetensors"),
+                 "--to", "diffusers"]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
