@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from models.backend import BACKENDS
@@ -25,7 +26,7 @@ from .rewards import BUILTIN_REWARDS
 from .surgery import SURGERY_PRESETS
 
 SIGMA_MODES = ("highest", "uniform", "logit_normal")
-DTYPES = ("float32", "bfloat16", "float64")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 DEFAULT_PROMPTS = (
     "a dog barks twice in a quiet park",
@@ -51,7 +52,7 @@ def _range(lo: float | None = None, hi: float | None = None, **kw) -> Any:
 class ModelSection:
     preset: str = _choice(*MODEL_PRESETS, default="tiny")
     backend: str = _choice(*BACKENDS, default="torch")  # layer flavour; tp > 1 needs megatron
-    dtype: str = _choice(*DTYPES, default="float32")  # parameters (and AdamW state)
+    dtype: str = _choice("float32", "bfloat16", "float64", default="float32")  # parameters (and AdamW state)
     # Mixed precision: matmuls under torch.autocast in this dtype while parameters stay in `dtype`
     # (keep fp32 parameters for bf16 compute: AdamW updates on bf16 weights round away).
     autocast: str = _choice("off", "bfloat16", "float16", default="off")

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from models.backend import all_reduce_coalesced
+
 from .config import Config, ConfigError
 
 
@@ -62,12 +64,7 @@ class ParallelContext:
         """Mean gradient over data-parallel ranks (equal shares of each mini-batch: the global mean)."""
         if self.dp == 1:
             return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.dp_group)
-        flat /= self.dp
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+        all_reduce_coalesced([p.grad for p in model.parameters() if p.grad is not None], self.dp_group, self.dp)
 
     def mean(self, value: float) -> float:
         """Mean of a per-rank scalar over data-parallel ranks (for logging)."""

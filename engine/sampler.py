@@ -69,6 +69,14 @@ def rollout_noise(seed: int, iteration: int, prompt: str, sample: int, video_sha
             seeded_normal(audio_shape, seed, iteration, prompt, sample, "audio"))
 
 
+def training_noise(seed: int, iteration: int, prompt: str, sample: int, sigma_index: int,
+                   video_shape: tuple[int, int], audio_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Forward-process noise of one sample at the iteration's `sigma_index`-th training sigma, keyed
+    like `rollout_noise` so training does not depend on batching or layout either."""
+    return (seeded_normal(video_shape, seed, iteration, prompt, sample, "train", sigma_index, "video"),
+            seeded_normal(audio_shape, seed, iteration, prompt, sample, "train", sigma_index, "audio"))
+
+
 class V2AMassRecorder:
     """Accumulates, per video token, the V2A attention mass summed over audio queries, averaged over
     heads, then over the recorded (block, step) pairs. Only the first `rows` batch rows count (the

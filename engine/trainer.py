@@ -23,17 +23,16 @@ from . import profiling
 from .advantages import optimality_probability, route_advantages
 from .checkpoint import (TrainState, checkpoint_root, is_distributed_checkpoint, latest_checkpoint, point_latest,
                          read_checkpoint, save_checkpoint)
-from .config import Config, to_dict
+from .config import DTYPES, Config, to_dict
 from .distributed import ParallelContext, init_parallel
 from .loss import nft_loss
 from .metrics import MetricsLogger, console, format_line, plot_rewards
 from .policy import build_optimizer, clip_and_step, ema_decay, ema_update, training_sigmas
 from .reweighting import reference_blocks, reference_steps, region_weights
 from .rewards import Rollout, build_rewards, score_rewards
-from .sampler import ltx2_sigmas, prompt_features, rollout_noise, sample, seeded_normal
+from .sampler import ltx2_sigmas, prompt_features, rollout_noise, sample, training_noise
 from .surgery import a2v_grad_scales
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 AUDIO_TOKENS_PER_SECOND = 25.0
 
 
@@ -151,11 +150,9 @@ class Trainer:
             x0_v, x0_a = rollout.video[pos].to(**on), rollout.audio[pos].to(**on)
             c = ctx[pos]
             for j, s in enumerate(sigmas):
-                # Fresh forward-process noise per (sample, sigma), independent of batching and layout.
-                eps_v = torch.stack([seeded_normal(x0_v.shape[1:], cfg.seed, iteration, rollout.prompts[p], i % g,
-                                                   "train", j, "video") for p, i in zip(pos, batch)]).to(**on)
-                eps_a = torch.stack([seeded_normal(x0_a.shape[1:], cfg.seed, iteration, rollout.prompts[p], i % g,
-                                                   "train", j, "audio") for p, i in zip(pos, batch)]).to(**on)
+                noise = [training_noise(cfg.seed, iteration, rollout.prompts[p], i % g, j, x0_v.shape[1:],
+                                        x0_a.shape[1:]) for p, i in zip(pos, batch)]
+                eps_v, eps_a = (torch.stack([n[k] for n in noise]).to(**on) for k in (0, 1))
                 sig = torch.full((len(pos),), s, **on)
                 xt_v, xt_a = (1 - s) * x0_v + s * eps_v, (1 - s) * x0_a + s * eps_a
                 args = (xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Literal
 
+import torch
+import torch.distributed
 from torch import Tensor, nn
 
 import kernels
@@ -57,6 +59,18 @@ class TorchBackend:
 
     def finalize_grads(self, model: nn.Module) -> None:
         """Called after backward, before clipping: reductions a parallel layout owes the gradients."""
+
+
+def all_reduce_coalesced(tensors: list[Tensor], group, divide_by: int = 1) -> None:
+    """Sums `tensors` in place over `group` (then divides) with one collective on a flat copy."""
+    if not tensors:
+        return
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    torch.distributed.all_reduce(flat, group=group)
+    if divide_by != 1:
+        flat /= divide_by
+    for t, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        t.copy_(synced)
 
 
 # name -> "module:class", imported on first use so that optional packages (megatron-core) stay optional.

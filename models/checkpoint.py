@@ -114,9 +114,7 @@ def full_shapes(model: nn.Module) -> dict[str, tuple]:
 
 def load_state(model: nn.Module, state: dict[str, Tensor], layout: Layout | None = None, source: str = "state dict") -> None:
     """Loads a state dict in either layout (detected when `layout` is None) after checking it whole."""
-    ours = from_layout(state, layout or detect_layout(state.keys()))
-    check_state(model, ours, source)
-    model.load_state_dict(ours, strict=True)
+    load_full_state(model, from_layout(state, layout or detect_layout(state.keys())), source)
 
 
 def config_metadata(cfg: ModelConfig) -> dict[str, str]:
@@ -255,14 +253,14 @@ def _shard(t: Tensor, param: Tensor, rank: int, world: int) -> Tensor:
     return t.chunk(world, dim=param.partition_dim)[rank]
 
 
-def load_full_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+def load_full_state(model: nn.Module, state: dict[str, Tensor], source: str = "full state dict") -> None:
     """Loads a single-process state dict (our names) into a model of any layout: under tensor
     parallelism each rank keeps its slice of every split parameter (megatron marks them with
     `tensor_model_parallel` and `partition_dim`). Makes initialisation independent of the layout."""
     backend = model.backend
     params = dict(model.named_parameters())
     local = {k: _shard(v, params[k], backend.tp_rank, backend.tp_size) if k in params else v for k, v in state.items()}
-    check_state(model, local, "full state dict")
+    check_state(model, local, source)
     model.load_state_dict(local, strict=True)
 
 

@@ -22,7 +22,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import Tensor, nn
 
-from .backend import ParallelRole, TorchBackend
+from .backend import ParallelRole, TorchBackend, all_reduce_coalesced
 
 
 def _init_like_torch(weight: Tensor) -> None:
@@ -137,10 +137,5 @@ class MegatronBackend(TorchBackend):
         """Under sequence parallelism, sums the partial gradients of replicated parameters over the group."""
         if not self.sequence_parallel:
             return
-        grads = [p.grad for p in model.parameters()
-                 if p.grad is not None and not getattr(p, "tensor_model_parallel", False)]
-        if grads:
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, group=self.group)
-            for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(synced)
+        all_reduce_coalesced([p.grad for p in model.parameters()
+                              if p.grad is not None and not getattr(p, "tensor_model_parallel", False)], self.group)
