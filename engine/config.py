@@ -116,6 +116,9 @@ class TrainSection:
     sigma_fraction: float = _range(1e-6, 1.0, default=0.4)  # 'highest': share of the schedule's steps
     num_sigmas: int = _range(1, None, default=4)             # 'uniform'/'logit_normal': draws per iteration
     activation_checkpointing: bool = False  # recompute each block in backward (LTX-2 trainer does, for 19B)
+    # Samples per forward/backward (gradient accumulation; the pipeline's microbatches); 0 = a rank's
+    # whole share of the mini-batch. It must divide that share.
+    micro_batch_size: int = _range(0, None, default=0)
 
 
 @dataclass
@@ -136,8 +139,9 @@ class EMASection:
 
 @dataclass
 class ParallelSection:
-    """Process layout under torchrun: world = tp x dp (dp is what remains)."""
+    """Process layout under torchrun: world = tp x pp x dp (dp is what remains)."""
     tp: int = _range(1, None, default=1)
+    pp: int = _range(1, None, default=1)  # pipeline stages of contiguous blocks
     sequence_parallel: bool = False
 
 
@@ -294,6 +298,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs model.backend=megatron; got {cfg.model.backend!r}")
     if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+    layers = MODEL_PRESETS[cfg.model.preset].num_layers
+    if cfg.parallel.pp > layers:
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: model.preset={cfg.model.preset!r} has only {layers} "
+                          f"blocks to split into pipeline stages")
     p = cfg.profile
     if (p.start_step is None) != (p.end_step is None) or p.start_step is not None and not 0 <= p.start_step <= p.end_step:
         raise ConfigError("profile.start_step and profile.end_step must be set together with 0 <= start_step <= end_step")

@@ -1,7 +1,8 @@
 """The process layout of a run and the collectives that make its result independent of it.
 
-Under torchrun the world is tp x dp. Tensor-parallel ranks share each layer (models.megatron);
-data-parallel ranks split every global mini-batch of samples, so the optimizer takes the same steps
+Under torchrun the world is tp x pp x dp. Tensor-parallel ranks share each layer (models.megatron);
+pipeline stages hold contiguous runs of blocks (models.stage, engine.pipeline); data-parallel ranks
+split every global mini-batch of samples, so the optimizer takes the same steps
 on the same samples as one process would. Rollout and training noise are keyed by (seed, iteration,
 prompt, sample), rewards are gathered before the group advantages, gradients are averaged: the
 same seed gives the same iteration for any layout.
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from models import Stage
 from models.backend import all_reduce_coalesced
 
 from .config import Config, ConfigError
@@ -28,11 +30,20 @@ class ParallelContext:
     dp_rank: int = 0
     rank: int = 0
     dp_group: object | None = field(default=None, repr=False)
+    pp: int = 1
+    pp_rank: int = 0
+    pp_group: object | None = field(default=None, repr=False)
+    pp_last_rank: int = 0  # global rank of this pipeline's last stage
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives' tensors live
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def stage(self) -> Stage:
+        """The pipeline stage this rank builds (its blocks follow from the model's depth)."""
+        return Stage(index=self.pp_rank, count=self.pp, group=self.pp_group)
 
     @property
     def distributed(self) -> bool:
@@ -66,6 +77,22 @@ class ParallelContext:
             return
         all_reduce_coalesced([p.grad for p in model.parameters() if p.grad is not None], self.dp_group, self.dp)
 
+    def from_last_stage(self, values: list[float]) -> list[float]:
+        """Values computed on the last pipeline stage (the loss), on every stage."""
+        if self.pp == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=self.pp_last_rank, group=self.pp_group)
+        return t.tolist()
+
+    def sum_over_stages(self, x: Tensor) -> Tensor:
+        """Sum of per-stage partial values (each stage sees only its own blocks)."""
+        if self.pp == 1:
+            return x
+        x = x.clone()
+        dist.all_reduce(x, group=self.pp_group)
+        return x
+
     def mean(self, value: float) -> float:
         """Mean of a per-rank scalar over data-parallel ranks (for logging)."""
         if self.dp == 1:
@@ -78,25 +105,48 @@ class ParallelContext:
 def init_parallel(cfg: Config) -> ParallelContext:
     """Process groups from the torchrun environment (gloo on CPU, NCCL on GPU) and megatron's
     parallel state; a plain `python` run (no WORLD_SIZE) stays single-process."""
-    tp = cfg.parallel.tp
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if "WORLD_SIZE" not in os.environ:
-        if tp > 1:
-            raise ConfigError(f"parallel.tp={tp} needs torchrun (e.g. torchrun --nproc-per-node {tp} -m engine.train)")
+        if tp * pp > 1:
+            raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} needs torchrun "
+                              f"(e.g. torchrun --nproc-per-node {tp * pp} -m engine.train)")
         return ParallelContext(device=device)
     world = int(os.environ["WORLD_SIZE"])
-    if world % tp:
-        raise ConfigError(f"parallel.tp={tp} does not divide the {world} torchrun processes")
+    if world % (tp * pp):
+        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the {world} torchrun processes")
+    if pp > 1 and device.type == "cpu" and not _megatron_cuda_calls_work():
+        raise ConfigError(f"parallel.pp={pp}: megatron-core's pipeline schedule allocates on CUDA, which this "
+                          f"host lacks; run pipeline parallelism on GPUs")
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     from megatron.core import parallel_state, tensor_parallel
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         if device.type == "cuda":  # megatron initialises GPU weight shards under its own RNG tracker
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.model.init_seed)
-    return ParallelContext(tp=tp, dp=parallel_state.get_data_parallel_world_size(),
-                           dp_rank=parallel_state.get_data_parallel_rank(), rank=dist.get_rank(),
-                           dp_group=parallel_state.get_data_parallel_group(), device=device)
+    return megatron_context(device)
+
+
+def megatron_context(device: torch.device) -> ParallelContext:
+    """This rank's place in the layout megatron's parallel_state was initialised with."""
+    from megatron.core import parallel_state as ps
+    return ParallelContext(tp=ps.get_tensor_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
+                           dp_rank=ps.get_data_parallel_rank(), rank=dist.get_rank(),
+                           dp_group=ps.get_data_parallel_group(), device=device,
+                           pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+                           pp_group=ps.get_pipeline_model_parallel_group(),
+                           pp_last_rank=ps.get_pipeline_model_parallel_last_rank())
+
+
+def _megatron_cuda_calls_work() -> bool:
+    """Whether megatron's `torch.cuda.current_device()` allocations can run (only a test shim makes
+    them run on a CPU-only host)."""
+    try:
+        torch.cuda.current_device()
+    except (AssertionError, RuntimeError):
+        return False
+    return True

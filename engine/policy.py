@@ -19,15 +19,19 @@ def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: 
     """Clips the global gradient norm (0 = no clipping) and steps; returns the norm before clipping.
 
     Under tensor parallelism a split parameter's squares are summed over the group and a replicated
-    one is counted once, so the norm (and the clipping) equals the single-process one."""
-    backend = getattr(model, "backend", None)
+    one is counted once; pipeline stages add their sums. So the norm (and the clipping) equals the
+    single-process one."""
+    backend, stage = getattr(model, "backend", None), getattr(model, "stage", None)
     grads = [p for p in model.parameters() if p.grad is not None]
     split = [p.grad.float().pow(2).sum() for p in grads if getattr(p, "tensor_model_parallel", False)]
     whole = [p.grad.float().pow(2).sum() for p in grads if not getattr(p, "tensor_model_parallel", False)]
     split_sq = torch.stack(split).sum() if split else torch.zeros(())
     if backend is not None and backend.tp_size > 1:
         torch.distributed.all_reduce(split_sq, group=backend.group)
-    norm = torch.sqrt(split_sq + (torch.stack(whole).sum() if whole else 0.0))
+    total = split_sq + (torch.stack(whole).sum() if whole else 0.0)
+    if stage is not None and stage.count > 1:
+        torch.distributed.all_reduce(total, group=stage.group)
+    norm = torch.sqrt(total)
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in grads:

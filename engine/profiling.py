@@ -29,6 +29,30 @@ def nvtx_range(name: str) -> nvtx.annotate:
     return nvtx.annotate(message=name)
 
 
+class ScheduleTimers:
+    """megatron's `config.timers` hook for its pipeline schedule, turned into NVTX ranges: with
+    `training`, the compute phases are the trainer's forward and backward ranges (the backward runs
+    inside megatron's schedule, so this is the only place to mark it); every other phase (p2p
+    sends and receives, the whole schedule) is `omninft.pipeline.<phase>`, which shows the bubbles."""
+
+    def __init__(self, training: bool):
+        self.names = {"forward-compute": TRAIN_FWD, "backward-compute": TRAIN_BWD} if training else {}
+
+    def __call__(self, phase: str, log_level: int | None = None) -> "_PushPop":
+        return _PushPop(self.names.get(phase, f"omninft.pipeline.{phase}"))
+
+
+class _PushPop:
+    def __init__(self, name: str):
+        self.name = name
+
+    def start(self, barrier: bool = False) -> None:
+        nvtx.push_range(message=self.name)
+
+    def stop(self) -> None:
+        nvtx.pop_range()
+
+
 class ProfilerWindow:
     """Captures iterations `start_step`..`end_step` (inclusive) with the CUDA profiler API.
 

@@ -80,22 +80,29 @@ def training_noise(seed: int, iteration: int, prompt: str, sample: int, sigma_in
 class V2AMassRecorder:
     """Accumulates, per video token, the V2A attention mass summed over audio queries, averaged over
     heads, then over the recorded (block, step) pairs. Only the first `rows` batch rows count (the
-    conditional half when CFG batches cond and uncond)."""
+    conditional half when CFG batches cond and uncond). A pipeline stage sees only its own blocks:
+    its score is its share of the sum over blocks, and the stages' scores add up."""
 
     def __init__(self, blocks: Sequence[int], rows: int, num_video_tokens: int, device: torch.device):
         self.blocks = frozenset(blocks)
         self.rows = rows
         self.total = torch.zeros(rows, num_video_tokens, dtype=torch.float32, device=device)
-        self.count = 0
+        self.steps = 0
         self.active = False
 
-    def __call__(self, block: int, q: Tensor, k: Tensor) -> None:
-        if self.active and block in self.blocks:
-            kernels.attention_mass(q[: self.rows], k[: self.rows], out=self.total)
-            self.count += 1
+    def start_step(self, record: bool) -> None:
+        self.active = record
+        self.steps += record
+
+    def __call__(self, block: int, q: Tensor, k: Tensor, first_row: int = 0) -> None:
+        """q, k of `block` for batch rows first_row.. (a microbatch's rows within the sampled batch)."""
+        stop = min(first_row + q.shape[0], self.rows)
+        if self.active and block in self.blocks and stop > first_row:
+            n = stop - first_row
+            kernels.attention_mass(q[:n], k[:n], out=self.total[first_row:stop])
 
     def score(self) -> Tensor | None:
-        return self.total / self.count if self.count else None
+        return self.total / (self.steps * len(self.blocks)) if self.steps else None
 
 
 @dataclass
@@ -111,7 +118,8 @@ def sample(model: LTX2AVTransformer, video_noise: Tensor, audio_noise: Tensor, v
            audio_context: Tensor, video_grid: tuple[int, int, int], fps: float, sigmas: Tensor,
            cfg_video: float = 1.0, cfg_audio: float = 1.0, uncond_context: tuple[Tensor, Tensor] | None = None,
            record_steps: Sequence[int] = (), record_blocks: Sequence[int] = ()) -> RolloutResult:
-    """Euler steps x <- x + (sigma_next - sigma) v on both streams from the given noise.
+    """Euler steps x <- x + (sigma_next - sigma) v on both streams from the given noise. `model` is
+    the transformer or anything with its call signature and `backend` (engine.pipeline.PipelinedForward).
 
     With cfg_video or cfg_audio > 1, the conditional and unconditional passes run as one batched
     forward and v = v_u + scale (v_c - v_u) per stream; `uncond_context` gives the (video, audio)
@@ -134,7 +142,7 @@ def sample(model: LTX2AVTransformer, video_noise: Tensor, audio_noise: Tensor, v
         sigma = sigmas[i].to(x).expand(n)
         xin, ain, sin = (torch.cat([x, x]), torch.cat([a, a]), torch.cat([sigma, sigma])) if guided else (x, a, sigma)
         if recorder is not None:
-            recorder.active = i in record_steps
+            recorder.start_step(i in record_steps)
         v_video, v_audio = model(xin, ain, sin, ctx_v, ctx_a, video_grid, fps, v2a_probe=recorder)
         if guided:
             (vc, vu), (ac, au) = v_video.chunk(2), v_audio.chunk(2)

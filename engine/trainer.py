@@ -23,9 +23,10 @@ from . import profiling
 from .advantages import optimality_probability, route_advantages
 from .checkpoint import (TrainState, checkpoint_root, is_distributed_checkpoint, latest_checkpoint, point_latest,
                          read_checkpoint, save_checkpoint)
-from .config import DTYPES, Config, to_dict
+from .config import DTYPES, Config, ConfigError, to_dict
 from .distributed import ParallelContext, init_parallel
 from .loss import nft_loss
+from .pipeline import Microbatch, Pipeline, PipelinedForward
 from .metrics import MetricsLogger, console, format_line, plot_rewards
 from .policy import build_optimizer, clip_and_step, ema_decay, ema_update, training_sigmas
 from .reweighting import reference_blocks, reference_steps, region_weights
@@ -47,11 +48,12 @@ def layer_backend(cfg: Config) -> models.TorchBackend:
     return models.backend.resolve_backend(cfg.model.backend, **kwargs)
 
 
-def build_policy(cfg: Config, device: torch.device) -> LTX2AVTransformer:
-    """The model in this run's backend and layout with its starting weights: `model.init` (each rank
-    reads only its slices), or a seeded random init made as one process would make it (so the run
-    does not depend on the layout; it builds the whole model on every rank, fine for `tiny`)."""
-    model = models.build_model(cfg.model.preset, device=device, backend=layer_backend(cfg))
+def build_policy(cfg: Config, device: torch.device, stage: models.Stage | None = None) -> LTX2AVTransformer:
+    """This rank's share of the model (its pipeline stage, its tensor-parallel slices) with its
+    starting weights: `model.init` (each rank reads only its share), or a seeded random init made as
+    one process would make it (so the run does not depend on the layout; it builds the whole model on
+    every rank, fine for `tiny`)."""
+    model = models.build_model(cfg.model.preset, device=device, backend=layer_backend(cfg), stage=stage)
     if cfg.model.init is not None:
         models.load_model_weights(model, cfg.model.init)
     else:
@@ -63,7 +65,7 @@ def build_policy(cfg: Config, device: torch.device) -> LTX2AVTransformer:
 def frozen_copy(cfg: Config, model: LTX2AVTransformer) -> LTX2AVTransformer:
     """Same backend, layout and weights, no gradients (the old policy and the KL reference)."""
     copy = models.build_model(cfg.model.preset, device=next(model.parameters()).device,
-                              dtype=DTYPES[cfg.model.dtype], backend=layer_backend(cfg))
+                              dtype=DTYPES[cfg.model.dtype], backend=layer_backend(cfg), stage=model.stage)
     copy.load_state_dict(model.state_dict())
     return copy.requires_grad_(False)
 
@@ -74,7 +76,7 @@ class Trainer:
         self.parallel = parallel or init_parallel(cfg)
         self.run_dir = Path(cfg.run_dir)
         self.device = self.parallel.device
-        self.model = build_policy(cfg, self.device)
+        self.model = build_policy(cfg, self.device, self.parallel.stage)
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.old_model = frozen_copy(cfg, self.model)
@@ -92,8 +94,14 @@ class Trainer:
         f, h, w = self.grid
         self.frame_ids = torch.arange(f * h * w, device=self.device) // (h * w)
         self.state = TrainState(iteration=-1, step=0)
-        self.layout = {"tp": self.parallel.tp, "dp": self.parallel.dp}
+        self.layout = {"tp": self.parallel.tp, "pp": self.parallel.pp, "dp": self.parallel.dp}
         self.dtype = DTYPES[cfg.model.dtype]
+        self.pipeline = Pipeline(self.parallel, self.autocast)
+        m, n = cfg.train.micro_batch_size, cfg.train.prompts_per_iteration * cfg.train.group_size
+        shares = {len(b) for b in self.parallel.local_indices(n, cfg.train.batch_size)}
+        if m and any(share % m for share in shares):
+            raise ConfigError(f"train.micro_batch_size={m} must divide each rank's share of a mini-batch "
+                              f"({', '.join(map(str, sorted(shares)))} samples here)")
 
     def autocast(self):
         """Mixed precision for every model forward (`model.autocast`); a no-op when off."""
@@ -119,60 +127,72 @@ class Trainer:
         on = {"device": self.device, "dtype": self.dtype}
         ctx = torch.stack([self.contexts[p] for p in texts]).to(**on)
         uncond = self.contexts[""].to(**on).expand_as(ctx)
-        reweight = cfg.reweight.mode != "off"
-        with self.autocast():
-            result = sample(
-                self.old_model, torch.stack([n[0] for n in noise]).to(**on), torch.stack([n[1] for n in noise]).to(**on),
-                ctx, ctx, self.grid, cfg.task.fps, self.sigmas, cfg.sampler.cfg_video, cfg.sampler.cfg_audio,
-                (uncond, uncond),
-                record_steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step)
-                if reweight else (),
-                record_blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block) if reweight else ())
+        record = cfg.reweight.mode != "off"
+        result = sample(
+            PipelinedForward(self.pipeline, self.old_model, cfg.train.micro_batch_size),
+            torch.stack([n[0] for n in noise]).to(**on), torch.stack([n[1] for n in noise]).to(**on), ctx, ctx,
+            self.grid, cfg.task.fps, self.sigmas, cfg.sampler.cfg_video, cfg.sampler.cfg_audio, (uncond, uncond),
+            record_steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step)
+            if record else (),
+            record_blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block) if record else ())
         rollout = Rollout(video=result.video.float().cpu(), audio=result.audio.float().cpu(), video_grid=self.grid,
                           fps=cfg.task.fps, prompts=tuple(texts))
-        return rollout, ctx, result.v2a_score
+        score = None if result.v2a_score is None else self.parallel.sum_over_stages(result.v2a_score)
+        return rollout, ctx, score
 
     def train(self, iteration: int, batches: list[list[int]], rollout: Rollout, ctx: Tensor, r_video: Tensor,
               r_audio: Tensor, token_weights: Tensor | None) -> dict[str, float]:
-        """One optimizer step per global mini-batch: the loss is accumulated over the training sigmas on
-        this rank's share of the batch, gradients are reduced over ranks, clipped, AdamW steps, and the
-        old policy moves by EMA. Tensors are indexed by position in this rank's rollout."""
+        """One optimizer step per global mini-batch: the loss is accumulated over the training sigmas and
+        the microbatches of this rank's share of the batch (through the pipeline when there are stages),
+        gradients are reduced over ranks, clipped, AdamW steps, and the old policy moves by EMA.
+        Tensors are indexed by position in this rank's rollout."""
         cfg, par = self.cfg, self.parallel
         on = {"device": self.device, "dtype": self.dtype}
         sigmas = training_sigmas(self.sigmas, cfg.train.sigma_mode, cfg.train.sigma_fraction, cfg.train.num_sigmas,
                                  cfg.seed, iteration)
         g = cfg.train.group_size
-        totals = {"loss": 0.0, "loss/video": 0.0, "loss/audio": 0.0, "loss/kl": 0.0}
+        keys = ("loss", "loss/video", "loss/audio", "loss/kl")
+        totals = dict.fromkeys(keys, 0.0)
         norms, t_ema, start = [], 0.0, 0
         for batch in batches:
             pos = list(range(start, start + len(batch)))
             start += len(batch)
             x0_v, x0_a = rollout.video[pos].to(**on), rollout.audio[pos].to(**on)
-            c = ctx[pos]
+            c, rv, ra = ctx[pos], r_video[pos], r_audio[pos]
+            tw = None if token_weights is None else token_weights[pos]
+            m = cfg.train.micro_batch_size or len(pos)
+            microbatches, rows = [], []
             for j, s in enumerate(sigmas):
                 noise = [training_noise(cfg.seed, iteration, rollout.prompts[p], i % g, j, x0_v.shape[1:],
                                         x0_a.shape[1:]) for p, i in zip(pos, batch)]
                 eps_v, eps_a = (torch.stack([n[k] for n in noise]).to(**on) for k in (0, 1))
                 sig = torch.full((len(pos),), s, **on)
                 xt_v, xt_a = (1 - s) * x0_v + s * eps_v, (1 - s) * x0_a + s * eps_a
-                args = (xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps)
-                with profiling.nvtx_range(profiling.TRAIN_FWD), self.autocast():
-                    with torch.no_grad():
-                        v_old = self.old_model(*args)
-                        v_ref = self.ref_model(*args) if self.ref_model is not None else None
-                    v_theta = self.model(*args)
-                    out = nft_loss(
-                        {"x0": x0_v, "x_t": xt_v, "sigma": sig, "v_old": v_old[0], "v_theta": v_theta[0]},
-                        {"x0": x0_a, "x_t": xt_a, "sigma": sig, "v_old": v_old[1], "v_theta": v_theta[1]},
-                        r_video[pos], r_audio[pos], beta=cfg.loss.beta, adv_clip=cfg.advantage.adv_clip,
-                        video_token_weights=None if token_weights is None else token_weights[pos],
-                        kl_weight=cfg.loss.kl_weight, v_ref=v_ref)
-                with profiling.nvtx_range(profiling.TRAIN_BWD):
-                    (out.total / len(sigmas)).backward()
-                w = 1.0 / len(batches) / len(sigmas)
-                for key, value in (("loss", out.total), ("loss/video", out.video), ("loss/audio", out.audio),
-                                   ("loss/kl", out.kl)):
-                    totals[key] += float(value.detach()) * w
+                for r in range(0, len(pos), m):
+                    rows.append(slice(r, r + m))
+                    microbatches.append(Microbatch((xt_v[r:r + m], xt_a[r:r + m], sig[r:r + m], c[r:r + m],
+                                                    c[r:r + m], self.grid, cfg.task.fps)))
+            with profiling.nvtx_range(profiling.TRAIN_FWD):
+                v_old = self.pipeline.forward(self.old_model, microbatches)
+                v_ref = self.pipeline.forward(self.ref_model, microbatches) if self.ref_model is not None else None
+            # Each microbatch's loss is its share of the mean over the batch and the sigmas.
+            w = m / len(pos) / len(sigmas)
+
+            def loss_fn(i: int, v_theta: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+                rs, (xt_v, xt_a, sig) = rows[i], microbatches[i].args[:3]
+                out = nft_loss(
+                    {"x0": x0_v[rs], "x_t": xt_v, "sigma": sig, "v_old": v_old[i][0], "v_theta": v_theta[0]},
+                    {"x0": x0_a[rs], "x_t": xt_a, "sigma": sig, "v_old": v_old[i][1], "v_theta": v_theta[1]},
+                    rv[rs], ra[rs], beta=cfg.loss.beta, adv_clip=cfg.advantage.adv_clip,
+                    video_token_weights=None if tw is None else tw[rs], kl_weight=cfg.loss.kl_weight,
+                    v_ref=None if v_ref is None else v_ref[i])
+                return out.total * w, {k: float(v.detach()) * w for k, v in zip(keys, (out.total, out.video,
+                                                                                        out.audio, out.kl))}
+
+            logged = self.pipeline.forward_backward(self.model, microbatches, loss_fn)
+            step_totals = par.from_last_stage([sum(values[k] for values in logged) for k in keys])
+            for k, v in zip(keys, step_totals):
+                totals[k] += v / len(batches)
             with profiling.nvtx_range(profiling.OPTIMIZER):
                 self.model.backend.finalize_grads(self.model)
                 par.average_grads(self.model)

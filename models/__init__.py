@@ -7,18 +7,21 @@ from .backend import BACKENDS, TorchBackend, resolve_backend
 from .checkpoint import (CheckpointError, config_from_diffusers, convert_file, load_model_weights, load_state,
                          save_model)
 from .config import PRESETS, ModelConfig, resolve_config
+from .stage import Stage, stage_layers
 from .transformer import LTX2AVTransformer
 
-__all__ = ["BACKENDS", "PRESETS", "CheckpointError", "LTX2AVTransformer", "ModelConfig", "TorchBackend",
-           "build_model", "convert_file", "from_diffusers", "load_model_weights", "save_model"]
+__all__ = ["BACKENDS", "PRESETS", "CheckpointError", "LTX2AVTransformer", "ModelConfig", "Stage", "TorchBackend",
+           "build_model", "convert_file", "from_diffusers", "load_model_weights", "save_model", "stage_layers"]
 
 
 def build_model(name_or_config: str | ModelConfig | dict = "tiny", device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, backend: str | TorchBackend | None = None) -> LTX2AVTransformer:
-    """Builds the DiT with random weights; `device='meta'` builds shapes only (e.g. to count the 19B)."""
+                dtype: torch.dtype = torch.float32, backend: str | TorchBackend | None = None,
+                stage: Stage | None = None) -> LTX2AVTransformer:
+    """Builds the DiT (or one pipeline stage of it) with random weights; `device='meta'` builds shapes
+    only (e.g. to count the 19B)."""
     cfg = resolve_config(name_or_config)
     with torch.device(device):
-        model = LTX2AVTransformer(cfg, resolve_backend(backend))
+        model = LTX2AVTransformer(cfg, resolve_backend(backend), stage)
     return model.to(dtype)
 
 

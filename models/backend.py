@@ -45,6 +45,10 @@ class TorchBackend:
         """Tokens a sequence of n carries after `scatter_sequence` pads it to split evenly; here n."""
         return n
 
+    def local_length(self, n: int) -> int:
+        """Tokens of a sequence of n that this rank carries after `scatter_sequence`; here n."""
+        return n
+
     def scatter_sequence(self, x: Tensor) -> Tensor:
         """(B, T, D) -> this rank's share of the (padded) tokens (sequence parallelism); here all of them."""
         return x

@@ -7,6 +7,7 @@ below is the whole difference). Loading checks every key and shape and reports a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -99,17 +100,13 @@ def check_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None
                   {k: tuple(v.shape) for k, v in state.items()}, source)
 
 
-def full_shapes(model: nn.Module) -> dict[str, tuple]:
-    """Each tensor's shape as one process holds it (a tensor-parallel shard times the group size)."""
-    params, world = dict(model.named_parameters()), model.backend.tp_size
-    shapes = {}
-    for name, t in model.state_dict().items():
-        shape = list(t.shape)
-        p = params.get(name)
-        if p is not None and getattr(p, "tensor_model_parallel", False):
-            shape[p.partition_dim] *= world
-        shapes[name] = tuple(shape)
-    return shapes
+@functools.lru_cache(maxsize=4)
+def whole_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Name and shape of every tensor of the whole single-process model (built on the meta device):
+    what a full checkpoint holds, whatever the layout of the model it is loaded into."""
+    from .transformer import LTX2AVTransformer
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in LTX2AVTransformer(cfg).state_dict().items()}
 
 
 def load_state(model: nn.Module, state: dict[str, Tensor], layout: Layout | None = None, source: str = "state dict") -> None:
@@ -155,16 +152,18 @@ def save_model(model: nn.Module, path: str | os.PathLike, layout: Layout = "offi
 def load_model_weights(model: nn.Module, path: str | os.PathLike, layout: Layout | None = None) -> None:
     """Loads a safetensors file (layout detected when None) after checking every key and shape.
 
-    Reads only this rank's slice of each tensor-parallel tensor (safetensors slices), so a rank
-    never holds more of the model than its share."""
+    Reads only this rank's pipeline stage and its slice of each tensor-parallel tensor (safetensors
+    slices), so a rank never holds more of the model than its share."""
     params, backend = dict(model.named_parameters()), model.backend
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
         layout = layout or detect_layout(keys)
         names = {n: k for k in keys if (n := our_name(k, layout)) is not None}
-        _check_shapes(full_shapes(model), {n: tuple(f.get_slice(k).get_shape()) for n, k in names.items()}, str(path))
+        _check_shapes(whole_shapes(model.config), {n: tuple(f.get_slice(k).get_shape()) for n, k in names.items()},
+                      str(path))
         local = {}
-        for name, key in names.items():
+        for name in model.state_dict():
+            key = names[name]
             p = params.get(name)
             if p is not None and getattr(p, "tensor_model_parallel", False) and backend.tp_size > 1:
                 index = [slice(None)] * p.dim()
@@ -254,13 +253,14 @@ def _shard(t: Tensor, param: Tensor, rank: int, world: int) -> Tensor:
 
 
 def load_full_state(model: nn.Module, state: dict[str, Tensor], source: str = "full state dict") -> None:
-    """Loads a single-process state dict (our names) into a model of any layout: under tensor
-    parallelism each rank keeps its slice of every split parameter (megatron marks them with
-    `tensor_model_parallel` and `partition_dim`). Makes initialisation independent of the layout."""
-    backend = model.backend
-    params = dict(model.named_parameters())
-    local = {k: _shard(v, params[k], backend.tp_rank, backend.tp_size) if k in params else v for k, v in state.items()}
-    check_state(model, local, source)
+    """Loads a single-process state dict (our names) into a model of any layout: a pipeline stage
+    takes its own tensors, and under tensor parallelism each rank keeps its slice of every split
+    parameter (megatron marks them with `tensor_model_parallel` and `partition_dim`). Makes
+    initialisation independent of the layout."""
+    _check_shapes(whole_shapes(model.config), {k: tuple(v.shape) for k, v in state.items()}, source)
+    backend, params = model.backend, dict(model.named_parameters())
+    local = {k: _shard(state[k], params[k], backend.tp_rank, backend.tp_size) if k in params else state[k]
+             for k in model.state_dict()}
     model.load_state_dict(local, strict=True)
 
 
@@ -276,4 +276,10 @@ def gather_full_state(model: nn.Module) -> dict[str, Tensor]:
             torch.distributed.all_gather(parts, t.contiguous(), group=backend.group)
             t = torch.cat(parts, dim=p.partition_dim)
         out[name] = t
+    stage = model.stage
+    if stage.count > 1:
+        stages: list[dict[str, Tensor] | None] = [None] * stage.count
+        torch.distributed.all_gather_object(stages, {k: v.detach().cpu() for k, v in out.items()}, group=stage.group)
+        device = next(iter(out.values())).device
+        out = {k: v.to(device) for part in stages for k, v in part.items()}
     return out

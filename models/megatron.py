@@ -112,6 +112,9 @@ class MegatronBackend(TorchBackend):
     def padded_length(self, n: int) -> int:
         return -(-n // self.tp_size) * self.tp_size if self.sequence_parallel else n
 
+    def local_length(self, n: int) -> int:
+        return self.padded_length(n) // self.tp_size if self.sequence_parallel else n
+
     def scatter_sequence(self, x: Tensor) -> Tensor:
         """Zero-pads the tokens to a multiple of tp (the model masks padded keys), then keeps this rank's share."""
         if not self.sequence_parallel:

@@ -7,6 +7,7 @@ Every sub-layer is modulated by adaLN-single rows plus the block's own table.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from .backend import TorchBackend
 from .config import ModelConfig
 from .layers import AdaLNSingle, Attention, AttentionProbe, CaptionProjection, FeedForward, rms_norm
 from .rope import Rope, audio_positions, split_rope, video_positions
+from .stage import Stage, pack, stage_layers, unpack
 
 # Receives (block index, post-RoPE V2A queries, post-RoPE V2A keys); see `LTX2AVTransformer.forward`.
 V2AProbe = Callable[[int, Tensor, Tensor], None]
@@ -90,37 +92,55 @@ def _check(name: str, x: Tensor, shape: tuple[int | None, ...]) -> None:
 
 
 class LTX2AVTransformer(nn.Module):
-    """Joint audio-video DiT; returns the velocity v = eps - x0 for both streams."""
+    """Joint audio-video DiT; returns the velocity v = eps - x0 for both streams.
 
-    def __init__(self, cfg: ModelConfig, backend: TorchBackend | None = None):
+    Built as pipeline stage `stage` (default: the whole model), it holds only that stage's modules,
+    under their single-process names. A stage other than the first reads the packed carry set by
+    `set_input_tensor` (megatron's schedule calls it) instead of embedding the inputs; a stage other
+    than the last returns the packed carry instead of the velocities (see models.stage).
+    """
+
+    def __init__(self, cfg: ModelConfig, backend: TorchBackend | None = None, stage: Stage | None = None):
         super().__init__()
         backend = backend or TorchBackend()
-        self.config, self.backend = cfg, backend
+        stage = stage or Stage()
+        if stage.layers is None:
+            stage = replace(stage, layers=stage_layers(cfg.num_layers, stage.count, stage.index))
+        self.config, self.backend, self.stage = cfg, backend, stage
         dv, da, f = cfg.video_dim, cfg.audio_dim, cfg.timestep_embed_dim
-        self.patchify_proj = backend.linear(cfg.in_channels, dv)
-        self.audio_patchify_proj = backend.linear(cfg.audio_in_channels, da)
-        self.caption_projection = CaptionProjection(backend, cfg.caption_channels, dv)
-        self.audio_caption_projection = CaptionProjection(backend, cfg.caption_channels, da)
-        self.adaln_single = AdaLNSingle(backend, dv, 6, f)
-        self.audio_adaln_single = AdaLNSingle(backend, da, 6, f)
-        self.av_ca_video_scale_shift_adaln_single = AdaLNSingle(backend, dv, 4, f)
-        self.av_ca_audio_scale_shift_adaln_single = AdaLNSingle(backend, da, 4, f)
-        self.av_ca_a2v_gate_adaln_single = AdaLNSingle(backend, dv, 1, f)
-        self.av_ca_v2a_gate_adaln_single = AdaLNSingle(backend, da, 1, f)
-        self.transformer_blocks = nn.ModuleList([AVBlock(cfg, backend) for _ in range(cfg.num_layers)])
-        self.scale_shift_table = nn.Parameter(torch.randn(2, dv) / dv**0.5)
-        self.audio_scale_shift_table = nn.Parameter(torch.randn(2, da) / da**0.5)
-        self.proj_out = backend.linear(dv, cfg.in_channels)
-        self.audio_proj_out = backend.linear(da, cfg.audio_in_channels)
+        if stage.first:
+            self.patchify_proj = backend.linear(cfg.in_channels, dv)
+            self.audio_patchify_proj = backend.linear(cfg.audio_in_channels, da)
+            self.caption_projection = CaptionProjection(backend, cfg.caption_channels, dv)
+            self.audio_caption_projection = CaptionProjection(backend, cfg.caption_channels, da)
+            self.adaln_single = AdaLNSingle(backend, dv, 6, f)
+            self.audio_adaln_single = AdaLNSingle(backend, da, 6, f)
+            self.av_ca_video_scale_shift_adaln_single = AdaLNSingle(backend, dv, 4, f)
+            self.av_ca_audio_scale_shift_adaln_single = AdaLNSingle(backend, da, 4, f)
+            self.av_ca_a2v_gate_adaln_single = AdaLNSingle(backend, dv, 1, f)
+            self.av_ca_v2a_gate_adaln_single = AdaLNSingle(backend, da, 1, f)
+        # Keyed by global block index, so every stage keeps the single-process parameter names.
+        self.transformer_blocks = nn.ModuleDict({str(i): AVBlock(cfg, backend) for i in stage.layers})
+        if stage.last:
+            self.scale_shift_table = nn.Parameter(torch.randn(2, dv) / dv**0.5)
+            self.audio_scale_shift_table = nn.Parameter(torch.randn(2, da) / da**0.5)
+            self.proj_out = backend.linear(dv, cfg.in_channels)
+            self.audio_proj_out = backend.linear(da, cfg.audio_in_channels)
         # Recompute each block in backward instead of keeping its activations (memory for time).
         self.activation_checkpointing = False
+        self.input_tensor: Tensor | None = None
+
+    def set_input_tensor(self, tensor: Tensor | list[Tensor] | None) -> None:
+        """The packed carry from the previous stage (megatron's schedule passes a one-element list)."""
+        self.input_tensor = tensor[0] if isinstance(tensor, list) else tensor
 
     def set_a2v_grad_scales(self, scales: Sequence[float]) -> None:
-        """Per-block gradient scales on the A2V audio keys/values (layer-wise gradient surgery)."""
-        if len(scales) != len(self.transformer_blocks):
-            raise ValueError(f"a2v grad scales: need {len(self.transformer_blocks)} values, got {len(scales)}")
-        for block, g in zip(self.transformer_blocks, scales):
-            block.a2v_kv_grad_scale = float(g)
+        """Per-block gradient scales on the A2V audio keys/values (layer-wise gradient surgery), one per
+        block of the whole model; a stage keeps its own blocks' values."""
+        if len(scales) != self.config.num_layers:
+            raise ValueError(f"a2v grad scales: need {self.config.num_layers} values, got {len(scales)}")
+        for i, block in self.transformer_blocks.items():
+            block.a2v_kv_grad_scale = float(scales[int(i)])
 
     def rope(self, video_grid: tuple[int, int, int], num_audio: int, fps: float, device: torch.device) -> dict[str, Rope]:
         """cos/sin tables of the four RoPE uses, cut to this rank's heads (each head has its own frequencies)."""
@@ -138,14 +158,28 @@ class LTX2AVTransformer(nn.Module):
         heads = slice(backend.tp_rank * local, (backend.tp_rank + 1) * local)
         return {name: (cos[:, heads], sin[:, heads]) for name, (cos, sin) in tables.items()}
 
+    def carry_shapes(self, b: int, n_video: int, n_audio: int, n_video_ctx: int, n_audio_ctx: int,
+                     per_token_video: bool, per_token_audio: bool) -> dict[str, tuple[int, ...]]:
+        """Shape of each part of the carry on this rank (this rank's tokens under sequence parallelism)."""
+        cfg, local = self.config, self.backend.local_length
+        dv, da = cfg.video_dim, cfg.audio_dim
+        tv = local(n_video) if per_token_video else 1
+        ta = local(n_audio) if per_token_audio else 1
+        return {"video": (b, local(n_video), dv), "audio": (b, local(n_audio), da),
+                "video_ctx": (b, local(n_video_ctx), dv), "audio_ctx": (b, local(n_audio_ctx), da),
+                "mod_video": (b, tv, 6 * dv), "mod_audio": (b, ta, 6 * da), "mod_video_ca": (b, tv, 4 * dv),
+                "mod_audio_ca": (b, ta, 4 * da), "mod_a2v_gate": (b, tv, dv), "mod_v2a_gate": (b, ta, da),
+                "emb_video": (b, tv, dv), "emb_audio": (b, ta, da)}
+
     def forward(self, video: Tensor, audio: Tensor, sigma: Tensor, video_context: Tensor, audio_context: Tensor,
                 video_grid: tuple[int, int, int], fps: float = 24.0, *, video_context_mask: Tensor | None = None,
                 audio_context_mask: Tensor | None = None, video_sigma: Tensor | None = None,
-                audio_sigma: Tensor | None = None, v2a_probe: V2AProbe | None = None) -> tuple[Tensor, Tensor]:
+                audio_sigma: Tensor | None = None, v2a_probe: V2AProbe | None = None) -> tuple[Tensor, Tensor] | Tensor:
         """video (B, F*H*W, C) f-major, audio (B, T_a, C), sigma (B,); contexts (B, T_ctx, caption_channels)
         with optional bool masks (B, T_ctx) (True = real token). `video_sigma`/`audio_sigma` (B, T) give
         per-token noise levels (conditioning tokens at 0); otherwise every token has `sigma`.
-        `v2a_probe(block, q, k)` sees the V2A queries/keys of every block, after RoPE (this rank's heads)."""
+        `v2a_probe(block, q, k)` sees the V2A queries/keys of every block, after RoPE (this rank's heads).
+        Every stage takes the same arguments; a stage other than the last returns the packed carry."""
         cfg = self.config
         b = video.shape[0]
         f, hh, ww = video_grid
@@ -158,58 +192,82 @@ class LTX2AVTransformer(nn.Module):
                                 ("audio_context_mask", audio_context_mask, audio_context)):
             if mask is not None:
                 _check(name, mask, (b, ctx.shape[1]))
-        # Shared sigma: one modulation row per sample, broadcast over tokens (identical to per-token, far cheaper).
-        t_video = (sigma[:, None] if video_sigma is None else video_sigma) * cfg.timestep_scale_multiplier
-        t_audio = (sigma[:, None] if audio_sigma is None else audio_sigma) * cfg.timestep_scale_multiplier
         if video_sigma is not None:
             _check("video_sigma", video_sigma, (b, video.shape[1]))
         if audio_sigma is not None:
             _check("audio_sigma", audio_sigma, (b, audio.shape[1]))
-        gate_scale = cfg.av_ca_timestep_scale_multiplier / cfg.timestep_scale_multiplier
+        n_video, n_audio = video.shape[1], audio.shape[1]
 
+        if self.stage.first:
+            carry = self.embed(video, audio, sigma, video_context, audio_context, video_sigma, audio_sigma)
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError(f"pipeline stage {self.stage.index} has no input tensor (set_input_tensor)")
+            carry = unpack(self.input_tensor, self.carry_shapes(
+                b, n_video, n_audio, video_context.shape[1], audio_context.shape[1], video_sigma is not None,
+                audio_sigma is not None))
+        rope = {name: self._pad_rope(table, n_audio if name.startswith("audio") else n_video)
+                for name, table in self.rope(video_grid, n_audio, fps, video.device).items()}
+        masks = {"video": self._key_mask(None, b, n_video, video.device),
+                 "audio": self._key_mask(None, b, n_audio, video.device),
+                 "video_ctx": self._key_mask(video_context_mask, b, video_context.shape[1], video.device),
+                 "audio_ctx": self._key_mask(audio_context_mask, b, audio_context.shape[1], video.device)}
+        mod = {name: carry["mod_" + name] for name in ("video", "audio", "video_ca", "audio_ca", "a2v_gate", "v2a_gate")}
+        ctx = (carry["video_ctx"], carry["audio_ctx"])
+        vx, ax = carry["video"], carry["audio"]
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for name, block in self.transformer_blocks.items():
+            # The probe sees real tokens only (sequence-parallel padding is masked out of the attention).
+            probe = None if v2a_probe is None else \
+                (lambda q, k, i=int(name): v2a_probe(i, q[:, :, :n_audio], k[:, :, :n_video]))
+            if recompute:
+                vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, use_reentrant=False)
+            else:
+                vx, ax = block(vx, ax, ctx, masks, mod, rope, probe)
+        if not self.stage.last:
+            return pack({**carry, "video": vx, "audio": ax})
+
+        shift, scale = (self.scale_shift_table[None, None] + carry["emb_video"][:, :, None]).unbind(dim=2)
+        v_video = self.proj_out(nn.functional.layer_norm(vx, (cfg.video_dim,), eps=1e-6) * (1 + scale) + shift)
+        v_video = self.backend.gather_sequence(v_video, n_video)
+        shift, scale = (self.audio_scale_shift_table[None, None] + carry["emb_audio"][:, :, None]).unbind(dim=2)
+        v_audio = self.audio_proj_out(nn.functional.layer_norm(ax, (cfg.audio_dim,), eps=1e-6) * (1 + scale) + shift)
+        return v_video, self.backend.gather_sequence(v_audio, n_audio)
+
+    def embed(self, video: Tensor, audio: Tensor, sigma: Tensor, video_context: Tensor, audio_context: Tensor,
+              video_sigma: Tensor | None, audio_sigma: Tensor | None) -> dict[str, Tensor]:
+        """First stage: patchified streams, projected contexts and adaLN outputs (this rank's tokens), all
+        in the parameter dtype, which is what crosses stage boundaries (autocast still runs the linears
+        in its own dtype)."""
+        cfg = self.config
+        # Shared sigma: one modulation row per sample, broadcast over tokens (identical to per-token, far cheaper).
+        t_video = (sigma[:, None] if video_sigma is None else video_sigma) * cfg.timestep_scale_multiplier
+        t_audio = (sigma[:, None] if audio_sigma is None else audio_sigma) * cfg.timestep_scale_multiplier
+        gate_scale = cfg.av_ca_timestep_scale_multiplier / cfg.timestep_scale_multiplier
         # Sequence parallelism: each rank carries a share of the tokens between the parallel linears.
         split = self.backend.scatter_sequence
         if video_sigma is not None:
             t_video = split(t_video[..., None])[..., 0]
         if audio_sigma is not None:
             t_audio = split(t_audio[..., None])[..., 0]
-        vx = self.patchify_proj(split(video))
-        ax = self.audio_patchify_proj(split(audio))
-        dtype = vx.dtype
+        dtype = self.patchify_proj.weight.dtype
         mod_video, emb_video = self.adaln_single(t_video, dtype)
         mod_audio, emb_audio = self.audio_adaln_single(t_audio, dtype)
-        mod = {
-            "video": mod_video,
-            "audio": mod_audio,
-            "video_ca": self.av_ca_video_scale_shift_adaln_single(t_video, dtype)[0],
-            "audio_ca": self.av_ca_audio_scale_shift_adaln_single(t_audio, dtype)[0],
-            "a2v_gate": self.av_ca_a2v_gate_adaln_single(t_video * gate_scale, dtype)[0],
-            "v2a_gate": self.av_ca_v2a_gate_adaln_single(t_audio * gate_scale, dtype)[0],
+        carry = {
+            "video": self.patchify_proj(split(video)),
+            "audio": self.audio_patchify_proj(split(audio)),
+            "video_ctx": self.caption_projection(split(video_context)),
+            "audio_ctx": self.audio_caption_projection(split(audio_context)),
+            "mod_video": mod_video,
+            "mod_audio": mod_audio,
+            "mod_video_ca": self.av_ca_video_scale_shift_adaln_single(t_video, dtype)[0],
+            "mod_audio_ca": self.av_ca_audio_scale_shift_adaln_single(t_audio, dtype)[0],
+            "mod_a2v_gate": self.av_ca_a2v_gate_adaln_single(t_video * gate_scale, dtype)[0],
+            "mod_v2a_gate": self.av_ca_v2a_gate_adaln_single(t_audio * gate_scale, dtype)[0],
+            "emb_video": emb_video,
+            "emb_audio": emb_audio,
         }
-        n_video, n_audio = video.shape[1], audio.shape[1]
-        rope = {name: self._pad_rope(table, n_audio if name.startswith("audio") else n_video)
-                for name, table in self.rope(video_grid, n_audio, fps, video.device).items()}
-        ctx = (self.caption_projection(split(video_context)), self.audio_caption_projection(split(audio_context)))
-        masks = {"video": self._key_mask(None, b, n_video, video.device),
-                 "audio": self._key_mask(None, b, n_audio, video.device),
-                 "video_ctx": self._key_mask(video_context_mask, b, video_context.shape[1], video.device),
-                 "audio_ctx": self._key_mask(audio_context_mask, b, audio_context.shape[1], video.device)}
-        recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        for i, block in enumerate(self.transformer_blocks):
-            # The probe sees real tokens only (sequence-parallel padding is masked out of the attention).
-            probe = None if v2a_probe is None else \
-                (lambda q, k, i=i: v2a_probe(i, q[:, :, :n_audio], k[:, :, :n_video]))
-            if recompute:
-                vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, use_reentrant=False)
-            else:
-                vx, ax = block(vx, ax, ctx, masks, mod, rope, probe)
-
-        shift, scale = (self.scale_shift_table[None, None] + emb_video[:, :, None]).unbind(dim=2)
-        v_video = self.proj_out(nn.functional.layer_norm(vx, (cfg.video_dim,), eps=1e-6) * (1 + scale) + shift)
-        v_video = self.backend.gather_sequence(v_video, n_video)
-        shift, scale = (self.audio_scale_shift_table[None, None] + emb_audio[:, :, None]).unbind(dim=2)
-        v_audio = self.audio_proj_out(nn.functional.layer_norm(ax, (cfg.audio_dim,), eps=1e-6) * (1 + scale) + shift)
-        return v_video, self.backend.gather_sequence(v_audio, n_audio)
+        return {name: t.to(dtype) for name, t in carry.items()}
 
     def _key_mask(self, mask: Tensor | None, b: int, n: int, device: torch.device) -> Tensor | None:
         """A key mask over the padded sequence: `mask` (or all True) for the n real tokens, False for

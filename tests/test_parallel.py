@@ -45,36 +45,51 @@ def torchrun(script: str, nproc: int, *args: str, out: Path) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
-def test_tensor_parallel_matches_single_process(tmp_path, sp):
-    for r in torchrun("tp_parity.py", 2, "--tp", "2", *(["--sp"] if sp else []), out=tmp_path):
-        assert r["video_err"] < 1e-5 and r["audio_err"] < 1e-5, r
-        assert r["loss_rel_err"] < 1e-5, r
+@pytest.mark.parametrize("nproc, args", [
+    (2, ["--tp", "2"]),
+    (2, ["--tp", "2", "--sp"]),
+    (2, ["--tp", "1", "--pp", "2", "--backend", "torch"]),
+    (4, ["--tp", "2", "--pp", "2", "--sp"])], ids=["tp2", "tp2-sp", "pp2", "tp2xpp2-sp"])
+def test_parallel_model_matches_single_process(tmp_path, nproc, args):
+    """Outputs, loss and (gathered) gradients of a parallel layout equal the single-process model's;
+    with pp=2 through megatron's 1F1B schedule, every parameter's gradient on exactly one stage."""
+    results = torchrun("model_parity.py", nproc, *args, out=tmp_path)
+    assert sum(r["last_stage"] for r in results) == nproc // (2 if "--pp" in args else 1)
+    for r in results:
+        if r["last_stage"]:
+            assert r["video_err"] < 1e-5 and r["audio_err"] < 1e-5, r
+            assert r["loss_rel_err"] < 1e-5, r
         assert r["grad_rel_err"] < 1e-5, r
-        assert r["missing_grads"] == [], r
+        assert r["missing_grads"] == [] and r["duplicate_grads"] == 0 and r["none_grads"] == [], r
         assert r["file_load_equal"], r
 
 
-@pytest.mark.parametrize("nproc, args", [
-    (4, ["--tp", "2"]),
+@pytest.mark.parametrize("nproc, args, dp", [
+    (4, ["--tp", "2"], 2),
     # 27 video and 7 text tokens: sequence parallelism pads them to split over 2 ranks.
-    (4, ["--tp", "2", "--sp", "--recompute", "task.video_grid=[3,3,3]", "task.context_tokens=7"]),
-    (2, ["--tp", "1"])], ids=["tp2xdp2", "tp2xdp2-sp-odd-recompute", "dp2"])
-def test_one_iteration_matches_single_process(tmp_path, nproc, args):
+    (4, ["--tp", "2", "--sp", "--recompute", "task.video_grid=[3,3,3]", "task.context_tokens=7"], 2),
+    (2, ["--tp", "1"], 2),
+    # Pipelines: one-sample microbatches through megatron's schedule (sampling and training).
+    (4, ["--tp", "1", "--pp", "2", "--micro", "1"], 2),
+    (4, ["--tp", "2", "--pp", "2", "--sp", "--micro", "2"], 1)],
+    ids=["tp2xdp2", "tp2xdp2-sp-odd-recompute", "dp2", "pp2xdp2-micro1", "tp2xpp2-sp-micro2"])
+def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
     """Rollouts, rewards, routed advantages, loss, gradient norm and the updated weights (model and
     EMA old policy) of a parallel iteration equal the single-process iteration."""
     for r in torchrun("train_parity.py", nproc, *args, out=tmp_path):
-        assert r["dp"] == 2 and r["steps"] == [2, 2], r
+        assert r["dp"] == dp and r["steps"] == [2, 2], r
         assert r["metric_rel_err"] < 1e-5, r
         assert r["weight_err"] < 1e-5 and r["old_weight_err"] < 1e-5, r
         assert r["weights_moved"] > 1e-5, r  # training did change the weights
 
 
-def test_trainer_resumes_a_tp2_distributed_checkpoint_at_tp1(tmp_path):
-    """Train 2 iterations at TP=2 with megatron distributed checkpoints, resume at TP=1: iteration 2
-    equals the one an uninterrupted single-process run takes (weights and optimizer state reshard)."""
+def test_trainer_resumes_a_tp2xpp2_distributed_checkpoint_at_tp1(tmp_path):
+    """Train 2 iterations at TP=2 x PP=2 with megatron distributed checkpoints, resume at TP=1 in one
+    stage: iteration 2 equals the one an uninterrupted single-process run takes (weights and
+    optimizer state reshard)."""
     run_dir = tmp_path / "run"
-    torchrun("train_resume.py", 2, "--phase", "save", "--tp", "2", "--run-dir", str(run_dir), out=tmp_path / "save")
+    torchrun("train_resume.py", 4, "--phase", "save", "--tp", "2", "--pp", "2", "--run-dir", str(run_dir),
+             out=tmp_path / "save")
     assert (run_dir / "checkpoints" / "iter_000001" / "metadata.json").is_file()
     torchrun("train_resume.py", 1, "--phase", "resume", "--tp", "1", "--run-dir", str(run_dir),
              out=tmp_path / "resume")

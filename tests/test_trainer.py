@@ -96,9 +96,9 @@ def test_failing_reward_stops_the_run_with_its_name(tmp_path):
 
 def test_surgery_schedule_reaches_the_model(tmp_path):
     trainer = Trainer(_cfg(tmp_path, "iterations=1", "surgery.schedule=[0.0, 0.5, 1.0, 1.0]"))
-    assert [b.a2v_kv_grad_scale for b in trainer.model.transformer_blocks] == [0.0, 0.5, 1.0, 1.0]
+    assert [b.a2v_kv_grad_scale for b in trainer.model.transformer_blocks.values()] == [0.0, 0.5, 1.0, 1.0]
     paper = Trainer(_cfg(tmp_path, "iterations=1"))
-    assert [b.a2v_kv_grad_scale for b in paper.model.transformer_blocks] == [0.9, 1.0, 1.0, 1.0]
+    assert [b.a2v_kv_grad_scale for b in paper.model.transformer_blocks.values()] == [0.9, 1.0, 1.0, 1.0]
 
 
 def test_region_weights_are_recorded_and_used(tmp_path):

@@ -1,4 +1,5 @@
-"""torchrun worker: one OmniNFT iteration in a parallel layout against the single-process iteration.
+"""torchrun worker: one OmniNFT iteration in a parallel layout (tp x pp x dp, optionally with
+microbatches) against the single-process iteration.
 
 Every rank also runs the single-process trainer on the same config (it is tiny) and writes the
 differences of the iteration's rewards, loss and updated weights to <out>/rank<r>.json.
@@ -34,6 +35,8 @@ TASK = ["train.prompts_per_iteration=2", "train.group_size=4", "train.batch_size
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--micro", type=int, default=0, help="train.micro_batch_size of the parallel run")
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--recompute", action="store_true", help="activation checkpointing in the parallel run")
     parser.add_argument("--out", required=True)
@@ -41,7 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
 
-    layout = [f"parallel.tp={args.tp}", f"parallel.sequence_parallel={str(args.sp).lower()}",
+    layout = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"train.micro_batch_size={args.micro}",
+              f"parallel.sequence_parallel={str(args.sp).lower()}",
               f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
               f"train.activation_checkpointing={str(args.recompute).lower()}"]
     parallel = Trainer(load_config(None, [*TASK, *args.overrides, *layout, f"run_dir={out}/par"]))
@@ -60,7 +64,7 @@ def main() -> None:
     old_err = max(float((old_p[k] - old_s[k]).abs().max()) for k in old_s)
     moved = max(float((weights_s[k] - start[k]).abs().max()) for k in weights_s)
     worst = max(metric_err, key=metric_err.get)
-    result = {"rank": dist.get_rank(), "dp": parallel.parallel.dp, "tp": parallel.parallel.tp,
+    result = {"rank": dist.get_rank(), "dp": parallel.parallel.dp, "tp": parallel.parallel.tp, "pp": parallel.parallel.pp,
               "worst_metric": worst, "metric_rel_err": metric_err[worst], "weight_err": weight_err,
               "old_weight_err": old_err, "weights_moved": moved, "worst_weight": worst_w,
               "steps": [parallel.state.step, single.state.step]}

@@ -27,10 +27,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--phase", choices=("save", "resume"), required=True)
     parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    layout = [f"parallel.tp={args.tp}", f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
+    layout = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
               "checkpoint_format=dist", f"run_dir={args.run_dir}"]
     steps = ["iterations=2"] if args.phase == "save" else ["iterations=3", "resume=true"]
     trainer = Trainer(load_config(None, [*TASK, *layout, *steps, "checkpoint_every=0"]))

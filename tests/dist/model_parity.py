@@ -1,8 +1,10 @@
-"""torchrun worker: a tensor(-and-sequence)-parallel model against the single-process model.
+"""torchrun worker: a tensor(-and-sequence)- and/or pipeline-parallel model against the
+single-process model.
 
-Every rank builds the same single-process model (same seed), loads its shard into the megatron
-model, runs forward and backward on the same inputs and writes the largest differences of the
-outputs, the loss and the gathered gradients to <out>/rank<r>.json.
+Every rank builds the same single-process model (same seed), loads its share (pipeline stage,
+tensor-parallel slices) into the parallel model, runs forward and backward on the same inputs (with
+pp > 1 through megatron's schedule, two microbatches of one sample) and writes the largest
+differences of the outputs, the loss and the gathered gradients to <out>/rank<r>.json.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ install()
 from megatron.core import parallel_state  # noqa: E402
 
 import models  # noqa: E402
+from engine.distributed import megatron_context  # noqa: E402
+from engine.pipeline import Microbatch, Pipeline  # noqa: E402
 from models.checkpoint import load_full_state  # noqa: E402
 from models.megatron import MegatronBackend  # noqa: E402
 
@@ -45,14 +49,38 @@ def run(model, inputs, weights):
     return v, a, loss
 
 
+def run_pipelined(model, inputs, weights, parallel):
+    """The same loss over two one-sample microbatches (each half of the batch mean) through the
+    pipeline; outputs and loss are known on the last stage (None elsewhere)."""
+    mbs = [Microbatch(tuple(x[i:i + 1] if torch.is_tensor(x) else x for x in inputs["args"]),
+                      {k: x[i:i + 1] for k, x in inputs["kwargs"].items()}) for i in range(2)]
+    outputs = []
+
+    def loss_fn(i, out):
+        outputs.append(out)
+        loss = ((out[0] - weights[0][i:i + 1]) ** 2).mean() + ((out[1] - weights[1][i:i + 1]) ** 2).mean()
+        return loss / 2, {"loss": float(loss.detach()) / 2}
+
+    logged = Pipeline(parallel).forward_backward(model, mbs, loss_fn)
+    if not model.stage.last:
+        return None, None, None
+    v, a = (torch.cat([o[k] for o in outputs]).detach() for k in (0, 1))
+    return v, a, torch.tensor(sum(x["loss"] for x in logged))
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--backend", default="megatron")
     parser.add_argument("--sp", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
+    parallel = megatron_context(torch.device("cpu"))
+
+    def parallel_model():
+        backend = MegatronBackend(sequence_parallel=args.sp) if args.backend == "megatron" else args.backend
+        return models.build_model(cfg, backend=backend, stage=parallel.stage)
 
     cfg = models.PRESETS["tiny"]
     torch.manual_seed(0)
@@ -62,7 +90,7 @@ def main() -> None:
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
     ref.set_a2v_grad_scales([0.5, 1.0, 0.9, 1.0])
-    par = models.build_model(cfg, backend=MegatronBackend(sequence_parallel=args.sp))
+    par = parallel_model()
     load_full_state(par, ref.state_dict())
     par.set_a2v_grad_scales([0.5, 1.0, 0.9, 1.0])
 
@@ -71,7 +99,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         models.save_model(ref, path, "official")
     dist.barrier()
-    from_file = models.build_model(cfg, backend=MegatronBackend(sequence_parallel=args.sp))
+    from_file = parallel_model()
     models.load_model_weights(from_file, path)
     file_equal = all(torch.equal(a, b) for a, b in zip(from_file.state_dict().values(), par.state_dict().values()))
 
@@ -89,20 +117,29 @@ def main() -> None:
     weights = (torch.randn(b, tv, cfg.in_channels, generator=g), torch.randn(b, ta, cfg.audio_in_channels, generator=g))
 
     rv, ra, rloss = run(ref, inputs, weights)
-    pv, pa, ploss = run(par, inputs, weights)
+    if args.pp > 1:
+        pv, pa, ploss = run_pipelined(par, inputs, weights, parallel)
+    else:
+        pv, pa, ploss = run(par, inputs, weights)
     par.backend.finalize_grads(par)
     ref_grads, par_grads = dict((n, p.grad) for n, p in ref.named_parameters()), gathered_grads(par)
     # Error of each gradient relative to the largest entry of that parameter's gradient.
     grad_err = {n: float((par_grads[n] - ref_grads[n]).abs().max() / (ref_grads[n].abs().max() + 1e-30))
-                for n in ref_grads}
+                for n in par_grads if par_grads[n] is not None}
     worst = max(grad_err, key=grad_err.get)
+    # Every parameter has a gradient on exactly one stage.
+    stages = [None] * args.pp
+    dist.all_gather_object(stages, sorted(par_grads), group=parallel.pp_group)
+    held = [n for names in stages for n in names]
     result = {
-        "rank": dist.get_rank(), "tp": args.tp, "sp": args.sp,
-        "video_err": float((pv - rv).abs().max()), "audio_err": float((pa - ra).abs().max()),
-        "loss_rel_err": float((ploss - rloss).abs() / rloss.abs()),
-        "grad_rel_err": grad_err[worst], "worst_grad": worst,
-        "missing_grads": sorted(set(ref_grads) ^ set(par_grads)), "file_load_equal": file_equal,
+        "rank": dist.get_rank(), "tp": args.tp, "pp": args.pp, "sp": args.sp, "stage": parallel.pp_rank,
+        "last_stage": par.stage.last, "grad_rel_err": grad_err[worst], "worst_grad": worst,
+        "missing_grads": sorted(set(ref_grads) - set(held)), "duplicate_grads": len(held) - len(set(held)),
+        "none_grads": sorted(n for n, g in par_grads.items() if g is None), "file_load_equal": file_equal,
     }
+    if par.stage.last:
+        result.update(video_err=float((pv - rv).abs().max()), audio_err=float((pa - ra).abs().max()),
+                      loss_rel_err=float((ploss - rloss).abs() / rloss.abs()))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
