@@ -51,7 +51,9 @@ def _range(lo: float | None = None, hi: float | None = None, **kw) -> Any:
 @dataclass
 class ModelSection:
     preset: str = _choice(*MODEL_PRESETS, default="tiny")
-    backend: str = _choice(*BACKENDS, default="torch")  # layer flavour; tp > 1 needs megatron
+    backend: str = _choice(*BACKENDS, default="torch")  # layer flavour; tp > 1 needs megatron or te
+    # FP8 scaling of the te backend (the torch-native fp8 backend is tensorwise only)
+    fp8_recipe: str = _choice("tensorwise", "delayed", default="tensorwise")
     dtype: str = _choice("float32", "bfloat16", "float64", default="float32")  # parameters (and AdamW state)
     # Mixed precision: matmuls under torch.autocast in this dtype while parameters stay in `dtype`
     # (keep fp32 parameters for bf16 compute: AdamW updates on bf16 weights round away).
@@ -294,8 +296,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("task.prompts must hold at least one prompt")
     if cfg.model.init is not None and not Path(cfg.model.init).is_file():
         raise ConfigError(f"model.init: {cfg.model.init} is not a file (expected a safetensors checkpoint)")
-    if cfg.parallel.tp > 1 and cfg.model.backend != "megatron":
-        raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs model.backend=megatron; got {cfg.model.backend!r}")
+    if cfg.parallel.tp > 1 and cfg.model.backend not in ("megatron", "te"):
+        raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs model.backend=megatron or te; got {cfg.model.backend!r}")
+    if cfg.model.fp8_recipe != "tensorwise" and cfg.model.backend != "te":
+        raise ConfigError(f"model.fp8_recipe={cfg.model.fp8_recipe} needs model.backend=te (the torch-native fp8 "
+                          f"backend scales tensorwise)")
+    if cfg.model.backend == "te" and cfg.train.activation_checkpointing:
+        raise ConfigError("train.activation_checkpointing is not supported with model.backend=te: recomputed "
+                          "blocks would run outside Transformer Engine's FP8 context")
     if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
     layers = MODEL_PRESETS[cfg.model.preset].num_layers

@@ -64,8 +64,9 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank
     for group in optimizer.param_groups:
         if group.get("amsgrad"):
             raise ValueError("distributed checkpoints store AdamW without amsgrad (no max_exp_avg_sq)")
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": [names[id(p)] for p in group["params"]]})
+        # Hyper-parameters only: the parameters a group holds depend on the pipeline stage, and rank 0's
+        # copy of this common (non-sharded) entry is the one stored. Per-parameter state is keyed by name.
+        groups.append({k: v for k, v in group.items() if k != "params"})
         for p in group["params"]:
             name, state = names[id(p)], optimizer.state.get(p, {})
             for k in MOMENTS:
@@ -80,7 +81,7 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank
 
 def sharded_state(model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int) -> dict:
     """This rank's megatron ShardedStateDict of both models and the AdamW state (tensors and the
-    hyper-parameters of each param group, by parameter name)."""
+    hyper-parameters of each param group)."""
     return {"model": _model_state("model", model, dp_rank), "old_model": _model_state("old_model", old_model, dp_rank),
             "optimizer": _optimizer_state(model, optimizer, dp_rank)}
 
@@ -141,16 +142,15 @@ def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
     with torch.no_grad():
         for key, m in zip(MODELS, (model, old_model)):
             m.load_state_dict(loaded[key], strict=True)
-    opt, params = loaded["optimizer"], dict(model.named_parameters())
-    names = {id(p): n for n, p in params.items()}
-    if [g["params"] for g in opt["param_groups"]] != [[names[id(p)] for p in g["params"]]
-                                                      for g in optimizer.param_groups]:
-        raise CheckpointingException(f"{path}: the optimizer's parameter groups differ from the checkpoint's")
+    opt, names = loaded["optimizer"], {id(p): n for n, p in model.named_parameters()}
+    if len(opt["param_groups"]) != len(optimizer.param_groups):
+        raise CheckpointingException(f"{path}: the checkpoint has {len(opt['param_groups'])} optimizer parameter "
+                                     f"groups, this optimizer {len(optimizer.param_groups)}")
     for group, saved in zip(optimizer.param_groups, opt["param_groups"]):
-        group.update({k: v for k, v in saved.items() if k != "params"})
-        for name in saved["params"]:
-            optimizer.state[params[name]] = {"step": opt["step"][name].reshape(()),
-                                             **{k: opt[k][name] for k in MOMENTS}}
+        group.update(saved)
+        for p in group["params"]:
+            name = names[id(p)]
+            optimizer.state[p] = {"step": opt["step"][name].reshape(()), **{k: opt[k][name] for k in MOMENTS}}
     return TrainState(iteration=loaded["iteration"], step=loaded["step"]), loaded["config"]
 
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from models import Stage
-from models.backend import all_reduce_coalesced
 
 from .config import Config, ConfigError
 
@@ -71,12 +70,6 @@ class ParallelContext:
         out[torch.cat(parts_i)] = torch.cat(parts_v)
         return out
 
-    def average_grads(self, model: nn.Module) -> None:
-        """Mean gradient over data-parallel ranks (equal shares of each mini-batch: the global mean)."""
-        if self.dp == 1:
-            return
-        all_reduce_coalesced([p.grad for p in model.parameters() if p.grad is not None], self.dp_group, self.dp)
-
     def from_last_stage(self, values: list[float]) -> list[float]:
         """Values computed on the last pipeline stage (the loss), on every stage."""
         if self.pp == 1:
@@ -116,7 +109,7 @@ def init_parallel(cfg: Config) -> ParallelContext:
     world = int(os.environ["WORLD_SIZE"])
     if world % (tp * pp):
         raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the {world} torchrun processes")
-    if pp > 1 and device.type == "cpu" and not _megatron_cuda_calls_work():
+    if pp > 1 and device.type == "cpu" and not megatron_cuda_calls_work():
         raise ConfigError(f"parallel.pp={pp}: megatron-core's pipeline schedule allocates on CUDA, which this "
                           f"host lacks; run pipeline parallelism on GPUs")
     if not dist.is_initialized():
@@ -142,7 +135,7 @@ def megatron_context(device: torch.device) -> ParallelContext:
                            pp_last_rank=ps.get_pipeline_model_parallel_last_rank())
 
 
-def _megatron_cuda_calls_work() -> bool:
+def megatron_cuda_calls_work() -> bool:
     """Whether megatron's `torch.cuda.current_device()` allocations can run (only a test shim makes
     them run on a CPU-only host)."""
     try:

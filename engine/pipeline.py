@@ -80,20 +80,22 @@ class Pipeline:
                 return [self._call(model, mb) for mb in microbatches]
             return self._schedule(model, microbatches, None, forward_only=True)
 
-    def forward_backward(self, model: LTX2AVTransformer, microbatches: list[Microbatch],
-                         loss_fn: LossFn) -> list[dict[str, float]]:
+    def forward_backward(self, model: LTX2AVTransformer, microbatches: list[Microbatch], loss_fn: LossFn,
+                         no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> list[dict[str, float]]:
         """Forward, loss and backward of every microbatch, accumulating into the parameters' gradients;
-        returns loss_fn's logged values per microbatch on the last stage ([] elsewhere)."""
+        `no_sync` is entered around every backward but the last (data-parallel reduction waits for
+        the last). Returns loss_fn's logged values per microbatch on the last stage ([] elsewhere)."""
         if model.stage.count == 1:
             logged = []
             for i, mb in enumerate(microbatches):
                 with profiling.nvtx_range(profiling.TRAIN_FWD):
                     loss, values = loss_fn(i, self._call(model, mb))
-                with profiling.nvtx_range(profiling.TRAIN_BWD):
+                with profiling.nvtx_range(profiling.TRAIN_BWD), \
+                        no_sync() if i < len(microbatches) - 1 else contextlib.nullcontext():
                     loss.backward()
                 logged.append(values)
             return logged
-        return self._schedule(model, microbatches, loss_fn, forward_only=False)
+        return self._schedule(model, microbatches, loss_fn, forward_only=False, no_sync=no_sync)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _call(self, model: LTX2AVTransformer, mb: Microbatch):
@@ -101,7 +103,7 @@ class Pipeline:
             return model(*mb.args, **mb.kwargs)
 
     def _schedule(self, model: LTX2AVTransformer, microbatches: list[Microbatch], loss_fn: LossFn | None,
-                  forward_only: bool) -> list:
+                  forward_only: bool, no_sync: Callable[[], ContextManager] | None = None) -> list:
         from megatron.core.model_parallel_config import ModelParallelConfig
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -117,7 +119,8 @@ class Pipeline:
                                     first.kwargs.get("audio_sigma") is not None)
         dtype = next(model.parameters()).dtype
         config = ModelParallelConfig(pipeline_model_parallel_size=model.stage.count, pipeline_dtype=dtype,
-                                     batch_p2p_sync=False, timers=profiling.ScheduleTimers(not forward_only))
+                                     batch_p2p_sync=False, timers=profiling.ScheduleTimers(not forward_only),
+                                     no_sync_func=no_sync)
         # TransformerConfig fields the schedule reads: the carry is packed flat, (L, B, 1); each
         # microbatch's loss is already weighted by the trainer (see `_loss`).
         config.hidden_size, config.calculate_per_token_loss = 1, True

@@ -24,6 +24,7 @@ from .advantages import optimality_probability, route_advantages
 from .checkpoint import (TrainState, checkpoint_root, is_distributed_checkpoint, latest_checkpoint, point_latest,
                          read_checkpoint, save_checkpoint)
 from .config import DTYPES, Config, ConfigError, to_dict
+from .data_parallel import grad_sync
 from .distributed import ParallelContext, init_parallel
 from .loss import nft_loss
 from .pipeline import Microbatch, Pipeline, PipelinedForward
@@ -44,7 +45,11 @@ def audio_tokens_for(video_grid: tuple[int, int, int], fps: float) -> int:
 
 
 def layer_backend(cfg: Config) -> models.TorchBackend:
-    kwargs = {"sequence_parallel": cfg.parallel.sequence_parallel} if cfg.model.backend == "megatron" else {}
+    kwargs = {}
+    if cfg.model.backend in ("megatron", "te"):
+        kwargs["sequence_parallel"] = cfg.parallel.sequence_parallel
+    if cfg.model.backend == "te":
+        kwargs["fp8_recipe"] = cfg.model.fp8_recipe
     return models.backend.resolve_backend(cfg.model.backend, **kwargs)
 
 
@@ -97,6 +102,7 @@ class Trainer:
         self.layout = {"tp": self.parallel.tp, "pp": self.parallel.pp, "dp": self.parallel.dp}
         self.dtype = DTYPES[cfg.model.dtype]
         self.pipeline = Pipeline(self.parallel, self.autocast)
+        self.grad_sync = grad_sync(self.model, self.parallel)
         m, n = cfg.train.micro_batch_size, cfg.train.prompts_per_iteration * cfg.train.group_size
         shares = {len(b) for b in self.parallel.local_indices(n, cfg.train.batch_size)}
         if m and any(share % m for share in shares):
@@ -189,13 +195,14 @@ class Trainer:
                 return out.total * w, {k: float(v.detach()) * w for k, v in zip(keys, (out.total, out.video,
                                                                                         out.audio, out.kl))}
 
-            logged = self.pipeline.forward_backward(self.model, microbatches, loss_fn)
+            self.grad_sync.start()
+            logged = self.pipeline.forward_backward(self.model, microbatches, loss_fn, self.grad_sync.no_sync)
             step_totals = par.from_last_stage([sum(values[k] for values in logged) for k in keys])
             for k, v in zip(keys, step_totals):
                 totals[k] += v / len(batches)
             with profiling.nvtx_range(profiling.OPTIMIZER):
+                self.grad_sync.finish()
                 self.model.backend.finalize_grads(self.model)
-                par.average_grads(self.model)
                 norms.append(clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip))
             self.state.step += 1
             t0 = time.perf_counter()

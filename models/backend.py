@@ -7,7 +7,9 @@ process holding every head and every token.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+from contextlib import AbstractContextManager
 from typing import Literal
 
 import torch
@@ -40,6 +42,10 @@ class TorchBackend:
     def qk_norm(self, dim: int, eps: float) -> nn.Module:
         """RMSNorm over all `dim` = heads x head_dim channels of Q or K (LTX-2 normalises across heads)."""
         return nn.RMSNorm(dim, eps=eps)
+
+    def forward_context(self) -> AbstractContextManager:
+        """Entered around the model's blocks (Transformer Engine's FP8 autocast); here nothing."""
+        return contextlib.nullcontext()
 
     def padded_length(self, n: int) -> int:
         """Tokens a sequence of n carries after `scatter_sequence` pads it to split evenly; here n."""
@@ -82,6 +88,7 @@ BACKENDS: dict[str, str] = {
     "torch": "models.backend:TorchBackend",
     "fp8": "models.fp8:Fp8Backend",
     "megatron": "models.megatron:MegatronBackend",
+    "te": "models.te:TEBackend",
 }
 
 

@@ -30,9 +30,11 @@ def _init_like_torch(weight: Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=5**0.5)
 
 
-class _ColumnLinear(tensor_parallel.ColumnParallelLinear):
-    """Batch-first (B, T, D) in, (B, T, D_out / tp) out, bias added. No `_extra_state` entry (megatron
-    keeps one for Transformer Engine), so state dicts keep the official layout's keys."""
+class BatchFirst:
+    """Mixin for megatron's parallel linears (plain and Transformer Engine): batch-first (B, T, D) in
+    and out, bias added (they return (out, bias) and, under sequence parallelism, gather and scatter
+    dim 0, so they run on (T, B, D) views). No `_extra_state` entry (megatron keeps one for
+    Transformer Engine), so state dicts keep the official layout's keys."""
 
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
@@ -42,26 +44,17 @@ class _ColumnLinear(tensor_parallel.ColumnParallelLinear):
         self._load_state_dict_pre_hooks.clear()  # megatron's hook re-inserts `_extra_state` on load
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.sequence_parallel:
+        if self.config.sequence_parallel:
             return super().forward(x.transpose(0, 1))[0].transpose(0, 1)
         return super().forward(x)[0]
 
 
-class _RowLinear(tensor_parallel.RowParallelLinear):
-    """Batch-first (B, T, D_in / tp) in, (B, T, D_out) out (or this rank's tokens under SP), bias added.
-    No `_extra_state` either."""
+class _ColumnLinear(BatchFirst, tensor_parallel.ColumnParallelLinear):
+    """(B, T, D) in, (B, T, D_out / tp) out."""
 
-    get_extra_state = nn.Module.get_extra_state
-    set_extra_state = nn.Module.set_extra_state
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._load_state_dict_pre_hooks.clear()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.sequence_parallel:
-            return super().forward(x.transpose(0, 1))[0].transpose(0, 1)
-        return super().forward(x)[0]
+class _RowLinear(BatchFirst, tensor_parallel.RowParallelLinear):
+    """(B, T, D_in / tp) in, (B, T, D_out) out (or this rank's tokens under SP)."""
 
 
 class TPRMSNorm(nn.Module):

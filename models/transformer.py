@@ -216,14 +216,15 @@ class LTX2AVTransformer(nn.Module):
         ctx = (carry["video_ctx"], carry["audio_ctx"])
         vx, ax = carry["video"], carry["audio"]
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        for name, block in self.transformer_blocks.items():
-            # The probe sees real tokens only (sequence-parallel padding is masked out of the attention).
-            probe = None if v2a_probe is None else \
-                (lambda q, k, i=int(name): v2a_probe(i, q[:, :, :n_audio], k[:, :, :n_video]))
-            if recompute:
-                vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, use_reentrant=False)
-            else:
-                vx, ax = block(vx, ax, ctx, masks, mod, rope, probe)
+        with self.backend.forward_context():
+            for name, block in self.transformer_blocks.items():
+                # The probe sees real tokens only (sequence-parallel padding is masked out of the attention).
+                probe = None if v2a_probe is None else \
+                    (lambda q, k, i=int(name): v2a_probe(i, q[:, :, :n_audio], k[:, :, :n_video]))
+                if recompute:
+                    vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, use_reentrant=False)
+                else:
+                    vx, ax = block(vx, ax, ctx, masks, mod, rope, probe)
         if not self.stage.last:
             return pack({**carry, "video": vx, "audio": ax})
 

@@ -75,9 +75,11 @@ def test_parallel_model_matches_single_process(tmp_path, nproc, args):
     ids=["tp2xdp2", "tp2xdp2-sp-odd-recompute", "dp2", "pp2xdp2-micro1", "tp2xpp2-sp-micro2"])
 def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
     """Rollouts, rewards, routed advantages, loss, gradient norm and the updated weights (model and
-    EMA old policy) of a parallel iteration equal the single-process iteration."""
+    EMA old policy) of a parallel iteration equal the single-process iteration. Data-parallel
+    gradients go through megatron-core's DistributedDataParallel."""
     for r in torchrun("train_parity.py", nproc, *args, out=tmp_path):
         assert r["dp"] == dp and r["steps"] == [2, 2], r
+        assert r["grad_sync"] == ("MegatronGradSync" if dp > 1 else "GradSync"), r
         assert r["metric_rel_err"] < 1e-5, r
         assert r["weight_err"] < 1e-5 and r["old_weight_err"] < 1e-5, r
         assert r["weights_moved"] > 1e-5, r  # training did change the weights

@@ -67,7 +67,7 @@ def main() -> None:
     result = {"rank": dist.get_rank(), "dp": parallel.parallel.dp, "tp": parallel.parallel.tp, "pp": parallel.parallel.pp,
               "worst_metric": worst, "metric_rel_err": metric_err[worst], "weight_err": weight_err,
               "old_weight_err": old_err, "weights_moved": moved, "worst_weight": worst_w,
-              "steps": [parallel.state.step, single.state.step]}
+              "steps": [parallel.state.step, single.state.step], "grad_sync": type(parallel.grad_sync).__name__}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
