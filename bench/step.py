@@ -1,6 +1,6 @@
 """One OmniNFT training step at LTX-2 19B layer shapes: model TFLOP/s, MFU and peak memory per backend.
 
-    python -m bench.step [--blocks N] [--batch B] [--steps S] [--backends torch fp8] [--out PATH]
+    python -m bench.step [--blocks N] [--batch B] [--steps S] [--backends torch fp8 te] [--out PATH]
 
 A step is what the trainer does per mini-batch and training sigma: a no-grad forward of the old
 policy, a forward of the policy, the NFT loss (`engine.loss.nft_loss`), its backward, then gradient
@@ -9,10 +9,11 @@ and left out. The policy's forward alone (no grad) and forward+backward are time
 
 On CUDA: the `ltx2-19b` preset cut to `--blocks` blocks (default 2), bf16 parameters, 6144 video
 tokens (latent grid 16x16x24) + 126 audio tokens (25 per second over the 121 frames at 24 fps), a
-1024-token text context at caption_channels, batch 1; backends torch (bf16) and fp8 (torch-native,
-`models.fp8`). Transformer Engine has no backend in `models.BACKENDS`, so TE gets no row; the output
-says whether it is importable. On a CPU the same code runs the `tiny` preset at a small grid in fp32
-(CPUs lack fast bf16 matmuls), and the figures are labelled CPU figures; on a busy machine run it
+1024-token text context at caption_channels, batch 1; backends torch (bf16), fp8 (torch-native,
+`models.fp8`) and, where Transformer Engine is installed, te (`models.te`, FP8 tensorwise, run in a
+one-process megatron layout); the output says whether TE is importable. On a CPU the same code
+runs the `tiny` preset at a small grid in fp32 (CPUs lack fast bf16 matmuls), and the figures are
+labelled CPU figures; on a busy machine run it
 with OMP_NUM_THREADS=1, as contended OpenMP threads make the tiny model's small ops many times slower.
 
 Model FLOPs are counted analytically (`forward_flops`): matmuls only, backward = 2x forward, so a
@@ -51,7 +52,8 @@ DATASHEET_TFLOPS: dict[str, dict[str, float]] = {
     "nvidia-h100-80gb-hbm3": {"bf16": 989.0, "fp8": 1979.0},  # H100 SXM
     "nvidia-h200": {"bf16": 989.0, "fp8": 1979.0},
 }
-GEMM_PRECISION = {"torch": "bf16", "fp8": "fp8"}
+GEMM_PRECISION = {"torch": "bf16", "fp8": "fp8", "te": "fp8"}
+HAS_TE = importlib.util.find_spec("transformer_engine") is not None
 
 
 @dataclass(frozen=True)
@@ -197,9 +199,22 @@ def bench_backend(cfg: ModelConfig, backend: str, shapes: Shapes, device: torch.
 
 
 def transformer_engine_note() -> str:
-    if importlib.util.find_spec("transformer_engine") is None:
-        return "Transformer Engine not installed: no TE row"
-    return "Transformer Engine installed, but models.BACKENDS has no TE backend: no TE row"
+    return "Transformer Engine installed: te row" if HAS_TE else "Transformer Engine not installed: no TE row"
+
+
+def init_one_process_megatron() -> None:
+    """The te backend's layers come from megatron-core, which needs a process group and its
+    parallel state even in one process."""
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,11 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=2, help="transformer blocks (default 2)")
     parser.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed repetitions (default 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--backends", nargs="+", choices=sorted(GEMM_PRECISION), default=["torch", "fp8"])
+    parser.add_argument("--backends", nargs="+", choices=sorted(GEMM_PRECISION),
+                        default=["torch", "fp8", *(["te"] if HAS_TE and CUDA else [])])
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>-step.json)")
     args = parser.parse_args(argv)
     if args.blocks < 1 or args.batch < 1:
         parser.error("--blocks and --batch must be >= 1")
+    if "te" in args.backends:
+        if not (HAS_TE and CUDA):
+            parser.error("--backends te needs Transformer Engine and a CUDA GPU")
+        init_one_process_megatron()
     device = torch.device("cuda" if CUDA else "cpu")
     steps = args.steps or (20 if CUDA else 3)
     cfg = models.resolve_config({"preset": "ltx2-19b" if CUDA else "tiny", "num_layers": args.blocks})

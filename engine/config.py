@@ -144,6 +144,8 @@ class ParallelSection:
     """Process layout under torchrun: world = tp x pp x dp (dp is what remains)."""
     tp: int = _range(1, None, default=1)
     pp: int = _range(1, None, default=1)  # pipeline stages of contiguous blocks
+    # megatron-core's distributed optimizer: AdamW moments sharded over data-parallel ranks (ZeRO-1)
+    distributed_optimizer: bool = False
     sequence_parallel: bool = False
 
 
@@ -306,6 +308,12 @@ def _validate(cfg: Config) -> None:
                           "blocks would run outside Transformer Engine's FP8 context")
     if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+    if cfg.parallel.distributed_optimizer and cfg.model.dtype != "float32":
+        raise ConfigError(f"parallel.distributed_optimizer needs model.dtype=float32 (got {cfg.model.dtype}): "
+                          f"checkpoints store parameters in model.dtype, not the optimizer's fp32 main copies")
+    if cfg.parallel.distributed_optimizer and cfg.checkpoint_format == "full":
+        raise ConfigError("parallel.distributed_optimizer needs checkpoint_format=dist or auto (the optimizer state "
+                          "is sharded)")
     layers = MODEL_PRESETS[cfg.model.preset].num_layers
     if cfg.parallel.pp > layers:
         raise ConfigError(f"parallel.pp={cfg.parallel.pp}: model.preset={cfg.model.preset!r} has only {layers} "

@@ -1,4 +1,5 @@
-"""Gradient averaging over data-parallel ranks: after `finish`, every `p.grad` is the mean gradient.
+"""Gradient averaging over data-parallel ranks (after `finish`, every `p.grad` is the mean gradient)
+and megatron-core's distributed optimizer.
 
 megatron-core's DistributedDataParallel does it wherever megatron's CUDA-bound buffers can live (on
 GPUs, and on the CPU under the test shim): backward hooks accumulate each gradient into one
@@ -8,17 +9,27 @@ GPUs (`overlap_grad_reduce`). The model is not wrapped: the hooks live on its pa
 trainer and the pipeline keep calling the model itself. A plain CPU host averages with one
 coalesced all-reduce after backward. Gradients are reduced in the parameters' dtype (fp32 masters
 in the 19B config).
+
+`parallel.distributed_optimizer` shards AdamW's moments over the data-parallel ranks (megatron's
+DistributedOptimizer, ZeRO-1): gradients are reduce-scattered instead of all-reduced, each rank
+updates its slice of every bucket, and the updated parameters are all-gathered. Same AdamW, same
+clipping (megatron's norm counts tensor-parallel shards once and sums pipeline stages, as ours
+does), weight decay on every parameter like ours, so the steps equal the unsharded ones.
 """
 from __future__ import annotations
 
 import contextlib
 from typing import ContextManager
 
-from torch import nn
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from models.backend import all_reduce_coalesced
 
 from .distributed import ParallelContext, megatron_cuda_calls_work
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors, shaped and split like the parameter
 
 
 class GradSync:
@@ -42,7 +53,7 @@ class GradSync:
 
 
 class MegatronGradSync(GradSync):
-    def __init__(self, model: nn.Module, parallel: ParallelContext):
+    def __init__(self, model: nn.Module, parallel: ParallelContext, distributed_optimizer: bool = False):
         super().__init__(model, parallel)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.transformer import TransformerConfig
@@ -54,13 +65,16 @@ class MegatronGradSync(GradSync):
                                    pipeline_model_parallel_size=parallel.pp, pipeline_dtype=dtype,
                                    params_dtype=dtype)
         ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=parallel.device.type == "cuda",
-                                                   grad_reduce_in_fp32=False, use_distributed_optimizer=False)
+                                                   grad_reduce_in_fp32=False,
+                                                   use_distributed_optimizer=distributed_optimizer)
         self.ddp = DistributedDataParallel(config, ddp_config, module=model)
 
     def no_sync(self) -> ContextManager:
         return self.ddp.no_sync()
 
     def start(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None  # `finish` aliased it to the buffer; autograd would accumulate into it
         self.ddp.zero_grad_buffer()
 
     def finish(self) -> None:
@@ -70,7 +84,83 @@ class MegatronGradSync(GradSync):
                 p.grad = p.main_grad
 
 
-def grad_sync(model: nn.Module, parallel: ParallelContext) -> GradSync:
-    if parallel.dp > 1 and megatron_cuda_calls_work():
-        return MegatronGradSync(model, parallel)
+def grad_sync(model: nn.Module, parallel: ParallelContext, distributed_optimizer: bool = False) -> GradSync:
+    if distributed_optimizer or (parallel.dp > 1 and megatron_cuda_calls_work()):
+        return MegatronGradSync(model, parallel, distributed_optimizer)
     return GradSync(model, parallel)
+
+
+class DistributedAdamW:
+    """megatron-core's DistributedOptimizer around AdamW, for `policy.clip_and_step` and the
+    distributed checkpoints. Checkpoints keep the unsharded format (moments shaped like each
+    parameter, by name), so they reshard to any layout with or without this optimizer: saving
+    assembles each moment from the data-parallel slices, loading keeps this rank's slice."""
+
+    def __init__(self, sync: MegatronGradSync, lr: float, weight_decay: float, betas: tuple[float, float],
+                 eps: float, max_norm: float):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
+                                 adam_beta2=betas[1], adam_eps=eps, clip_grad=max_norm,
+                                 use_distributed_optimizer=True, params_dtype=next(sync.model.parameters()).dtype)
+        # No overrides: weight decay on every parameter (megatron's default skips biases and norms).
+        chained = get_megatron_optimizer(config, [sync.ddp], config_overrides={})
+        (self.optimizer,) = chained.chained_optimizers
+        self.chained, self.model, self.group = chained, sync.model, sync.ddp.dp_group
+
+    def step(self) -> float:
+        """Clip (0 = no clipping) and step; the gradient norm before clipping."""
+        ok, norm, _ = self.chained.step()
+        if not ok:
+            raise FloatingPointError("distributed optimizer: non-finite gradients, step skipped")
+        self.chained.zero_grad()
+        return float(norm)
+
+    @property
+    def hyper_parameters(self) -> dict:
+        group = self.optimizer.optimizer.param_groups[0]
+        return {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
+
+    def set_hyper_parameters(self, values: dict) -> None:
+        for group in self.optimizer.optimizer.param_groups:
+            group.update({k: values[k] for k in ("lr", "betas", "eps", "weight_decay") if k in values})
+
+    def _slice(self, p: Tensor) -> tuple[slice, dict] | None:
+        """This rank's flat range of parameter p and the AdamW state of that range (None: not ours)."""
+        opt = self.optimizer
+        if p not in opt.model_param_gbuf_map:
+            return None
+        r = opt._get_model_param_range_map(p)["param"]
+        group, order = opt.model_param_group_index_map[p]
+        main = opt.optimizer.param_groups[group]["params"][order]
+        return slice(r.start, r.end), opt.optimizer.state[main]
+
+    def full_state(self) -> dict[str, dict[str, Tensor]]:
+        """{name: {exp_avg, exp_avg_sq (shaped like the parameter on this rank), step}} on every rank
+        (collective over the data-parallel group; transiently the unsharded moments)."""
+        out, step = {}, torch.zeros((), dtype=torch.float64)
+        for name, p in self.model.named_parameters():
+            flat = torch.zeros(2, p.numel(), dtype=torch.float32, device=p.device)
+            if (mine := self._slice(p)) is not None:
+                rows, state = mine
+                for i, k in enumerate(MOMENTS):
+                    if k in state:
+                        flat[i, rows] = state[k].float()
+                if "step" in state:
+                    step = torch.maximum(step, state["step"].double().cpu())
+            dist.all_reduce(flat, group=self.group)  # every element is owned by exactly one rank
+            out[name] = {k: flat[i].view_as(p) for i, k in enumerate(MOMENTS)}
+        step = step.to(next(self.model.parameters()).device)
+        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.group)
+        for entry in out.values():
+            entry["step"] = step.float().cpu()
+        return out
+
+    def load_full_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        """Keeps this rank's slice of each parameter's moments (the parameters themselves, whose
+        slices are the fp32 main parameters, are loaded with the model)."""
+        for name, p in self.model.named_parameters():
+            if (mine := self._slice(p)) is not None:
+                rows, st = mine
+                for k in MOMENTS:
+                    st[k] = state[name][k].reshape(-1)[rows].to(torch.float32).clone()
+                st["step"] = state[name]["step"].reshape(()).clone()

@@ -32,9 +32,9 @@ from models.checkpoint import atomic_save_file, check_state, config_metadata, to
 from models.config import ModelConfig
 
 from .checkpoint import TrainState
+from .data_parallel import MOMENTS, DistributedAdamW
 
 MODELS = ("model", "old_model")
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors, shaped and split like the parameter
 # torch DCP reports read failures as a BaseException subclass, which `except Exception` would miss.
 READ_ERRORS = (Exception, dcp.CheckpointException)
 
@@ -55,12 +55,13 @@ def _model_state(prefix: str, model: nn.Module, dp_rank: int) -> dict[str, Shard
             for name, t in model.state_dict(keep_vars=True).items()}
 
 
-def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int) -> dict:
-    """AdamW state keyed by parameter name. A parameter not stepped yet gets zero moments and step 0,
-    which is exactly what AdamW would initialise on its first step."""
-    names, b = {id(p): n for n, p in model.named_parameters()}, model.backend
-    out: dict = {k: {} for k in (*MOMENTS, "step")}
-    groups = []
+def _adamw_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW) -> tuple[dict, list[dict]]:
+    """{name: {exp_avg, exp_avg_sq, step}} of this rank's parameters (whole, or this tensor-parallel
+    rank's slice) and the param groups' hyper-parameters. A parameter not stepped yet gets zero
+    moments and step 0, which is exactly what AdamW would initialise on its first step."""
+    if isinstance(optimizer, DistributedAdamW):
+        return optimizer.full_state(), [optimizer.hyper_parameters]
+    names, out, groups = {id(p): n for n, p in model.named_parameters()}, {}, []
     for group in optimizer.param_groups:
         if group.get("amsgrad"):
             raise ValueError("distributed checkpoints store AdamW without amsgrad (no max_exp_avg_sq)")
@@ -68,13 +69,23 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank
         # copy of this common (non-sharded) entry is the one stored. Per-parameter state is keyed by name.
         groups.append({k: v for k, v in group.items() if k != "params"})
         for p in group["params"]:
-            name, state = names[id(p)], optimizer.state.get(p, {})
-            for k in MOMENTS:
-                out[k][name] = _sharded(f"optimizer.{k}.{name}", state.get(k, torch.zeros_like(p)).detach(), p,
-                                        b.tp_rank, b.tp_size, dp_rank)
-            step = state.get("step", torch.tensor(0.0))
-            out["step"][name] = _sharded(f"optimizer.step.{name}", step.reshape(1), None, b.tp_rank, b.tp_size,
-                                         dp_rank)
+            state = optimizer.state.get(p, {})
+            out[names[id(p)]] = {**{k: state.get(k, torch.zeros_like(p)).detach() for k in MOMENTS},
+                                 "step": state.get("step", torch.tensor(0.0))}
+    return out, groups
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, dp_rank: int) -> dict:
+    """AdamW state as ShardedTensors keyed by parameter name, in the same form whichever optimizer
+    (sharded over data-parallel ranks or not) holds it."""
+    params, b = dict(model.named_parameters()), model.backend
+    state, groups = _adamw_state(model, optimizer)
+    out: dict = {k: {} for k in (*MOMENTS, "step")}
+    for name, entry in state.items():
+        for k in MOMENTS:
+            out[k][name] = _sharded(f"optimizer.{k}.{name}", entry[k], params[name], b.tp_rank, b.tp_size, dp_rank)
+        out["step"][name] = _sharded(f"optimizer.step.{name}", entry["step"].reshape(1), None, b.tp_rank,
+                                     b.tp_size, dp_rank)
     out["param_groups"] = groups
     return out
 
@@ -142,15 +153,22 @@ def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
     with torch.no_grad():
         for key, m in zip(MODELS, (model, old_model)):
             m.load_state_dict(loaded[key], strict=True)
-    opt, names = loaded["optimizer"], {id(p): n for n, p in model.named_parameters()}
-    if len(opt["param_groups"]) != len(optimizer.param_groups):
+    opt, sharded = loaded["optimizer"], isinstance(optimizer, DistributedAdamW)
+    groups = 1 if sharded else len(optimizer.param_groups)
+    if len(opt["param_groups"]) != groups:
         raise CheckpointingException(f"{path}: the checkpoint has {len(opt['param_groups'])} optimizer parameter "
-                                     f"groups, this optimizer {len(optimizer.param_groups)}")
-    for group, saved in zip(optimizer.param_groups, opt["param_groups"]):
-        group.update(saved)
-        for p in group["params"]:
-            name = names[id(p)]
-            optimizer.state[p] = {"step": opt["step"][name].reshape(()), **{k: opt[k][name] for k in MOMENTS}}
+                                     f"groups, this optimizer {groups}")
+    state = {name: {"step": opt["step"][name].reshape(()), **{k: opt[k][name] for k in MOMENTS}}
+             for name in opt["step"]}
+    if sharded:
+        optimizer.set_hyper_parameters(opt["param_groups"][0])
+        optimizer.load_full_state(state)
+    else:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group, saved in zip(optimizer.param_groups, opt["param_groups"]):
+            group.update(saved)
+            for p in group["params"]:
+                optimizer.state[p] = state[names[id(p)]]
     return TrainState(iteration=loaded["iteration"], step=loaded["step"]), loaded["config"]
 
 

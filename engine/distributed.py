@@ -86,6 +86,14 @@ class ParallelContext:
         dist.all_reduce(x, group=self.pp_group)
         return x
 
+    def max(self, value: float) -> float:
+        """Largest per-rank scalar over data-parallel ranks (for logging)."""
+        if self.dp == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dp_group)
+        return float(t)
+
     def mean(self, value: float) -> float:
         """Mean of a per-rank scalar over data-parallel ranks (for logging)."""
         if self.dp == 1:

@@ -69,6 +69,9 @@ class _ScheduleModel:
 
 
 class Pipeline:
+    """Runs this rank's stage of a model over microbatches; `autocast` wraps every model call (mixed
+    precision), `parallel` says where the last stage is (outputs are broadcast from it)."""
+
     def __init__(self, parallel: ParallelContext, autocast: Callable[[], ContextManager] = contextlib.nullcontext):
         self.parallel, self.autocast = parallel, autocast
 

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .data_parallel import DistributedAdamW
 from .sampler import stable_seed
 
 
@@ -15,12 +16,14 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
                              weight_decay=weight_decay)
 
 
-def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, max_norm: float) -> float:
     """Clips the global gradient norm (0 = no clipping) and steps; returns the norm before clipping.
 
     Under tensor parallelism a split parameter's squares are summed over the group and a replicated
     one is counted once; pipeline stages add their sums. So the norm (and the clipping) equals the
-    single-process one."""
+    single-process one. megatron's distributed optimizer (engine.data_parallel) clips itself, alike."""
+    if isinstance(optimizer, DistributedAdamW):
+        return optimizer.step()
     backend, stage = getattr(model, "backend", None), getattr(model, "stage", None)
     grads = [p for p in model.parameters() if p.grad is not None]
     split = [p.grad.float().pow(2).sum() for p in grads if getattr(p, "tensor_model_parallel", False)]

@@ -24,7 +24,7 @@ from .advantages import optimality_probability, route_advantages
 from .checkpoint import (TrainState, checkpoint_root, is_distributed_checkpoint, latest_checkpoint, point_latest,
                          read_checkpoint, save_checkpoint)
 from .config import DTYPES, Config, ConfigError, to_dict
-from .data_parallel import grad_sync
+from .data_parallel import DistributedAdamW, grad_sync
 from .distributed import ParallelContext, init_parallel
 from .loss import nft_loss
 from .pipeline import Microbatch, Pipeline, PipelinedForward
@@ -86,8 +86,11 @@ class Trainer:
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
         self.old_model = frozen_copy(cfg, self.model)
         self.ref_model = frozen_copy(cfg, self.model) if cfg.loss.kl_weight > 0 else None
+        self.grad_sync = grad_sync(self.model, self.parallel, cfg.parallel.distributed_optimizer)
         o = cfg.optim
-        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+        self.optimizer = DistributedAdamW(self.grad_sync, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, o.grad_clip) \
+            if cfg.parallel.distributed_optimizer else \
+            build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.rewards = build_rewards(cfg.rewards)
         self.reward_names = [r.name for r in self.rewards]
         self.grid = tuple(cfg.task.video_grid)
@@ -102,7 +105,6 @@ class Trainer:
         self.layout = {"tp": self.parallel.tp, "pp": self.parallel.pp, "dp": self.parallel.dp}
         self.dtype = DTYPES[cfg.model.dtype]
         self.pipeline = Pipeline(self.parallel, self.autocast)
-        self.grad_sync = grad_sync(self.model, self.parallel)
         m, n = cfg.train.micro_batch_size, cfg.train.prompts_per_iteration * cfg.train.group_size
         shares = {len(b) for b in self.parallel.local_indices(n, cfg.train.batch_size)}
         if m and any(share % m for share in shares):
@@ -259,9 +261,9 @@ class Trainer:
                             f"adv/{branch}_min": float(adv.min()), f"adv/{branch}_max": float(adv.max())})
         for name, adv in routed.per_reward.items():
             metrics[f"adv/{name}_abs_mean"] = float(adv.abs().mean())
-        if weights is not None:
-            metrics["region_weight/max"] = float(weights.max())
-            metrics["region_weight/mean"] = float(weights.mean())
+        if weights is not None:  # over all samples: each data-parallel rank holds an equal share
+            metrics["region_weight/max"] = par.max(float(weights.max()))
+            metrics["region_weight/mean"] = par.mean(float(weights.mean()))
         return metrics
 
     # ---- the run -----------------------------------------------------------------------------------
@@ -284,7 +286,8 @@ class Trainer:
     def checkpoint_format(self) -> str:
         fmt = self.cfg.checkpoint_format
         if fmt == "auto":
-            return "dist" if self.parallel.distributed and torch.cuda.is_available() else "full"
+            sharded = self.cfg.parallel.distributed_optimizer
+            return "dist" if self.parallel.distributed and (torch.cuda.is_available() or sharded) else "full"
         return fmt
 
     def save(self) -> Path:

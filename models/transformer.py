@@ -192,6 +192,8 @@ class LTX2AVTransformer(nn.Module):
                                 ("audio_context_mask", audio_context_mask, audio_context)):
             if mask is not None:
                 _check(name, mask, (b, ctx.shape[1]))
+                if mask.dtype != torch.bool or not bool(mask.any(dim=-1).all()):
+                    raise ValueError(f"{name} must be bool with at least one real (True) token per sample")
         if video_sigma is not None:
             _check("video_sigma", video_sigma, (b, video.shape[1]))
         if audio_sigma is not None:

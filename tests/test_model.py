@@ -401,6 +401,15 @@ def test_mask_and_per_token_sigma_shape_errors(tiny) -> None:
         _call(tiny, x, audio_sigma=torch.ones(2, 5, 1))
 
 
+def test_a_context_mask_without_real_tokens_is_an_error(tiny) -> None:
+    """Checked once at the model's entry (the attention kernels skip the check on GPUs)."""
+    x = _inputs(tiny.config, 2, (2, 2, 2), 5, seed=0)
+    mask = torch.ones(2, x["audio_context"].shape[1], dtype=torch.bool)
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"^audio_context_mask must be bool with at least one real"):
+        _call(tiny, x, audio_context_mask=mask)
+
+
 # ---------------------------------------------------------------- 6. V2A probe
 
 def test_v2a_probe_sees_every_block(tiny) -> None:

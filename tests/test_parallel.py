@@ -21,7 +21,7 @@ from engine.cli import main  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.distributed import ParallelContext  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
-from tests.dist.train_parity import TASK  # noqa: E402
+from tests.dist.task import TASK  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -71,8 +71,12 @@ def test_parallel_model_matches_single_process(tmp_path, nproc, args):
     (2, ["--tp", "1"], 2),
     # Pipelines: one-sample microbatches through megatron's schedule (sampling and training).
     (4, ["--tp", "1", "--pp", "2", "--micro", "1"], 2),
-    (4, ["--tp", "2", "--pp", "2", "--sp", "--micro", "2"], 1)],
-    ids=["tp2xdp2", "tp2xdp2-sp-odd-recompute", "dp2", "pp2xdp2-micro1", "tp2xpp2-sp-micro2"])
+    (4, ["--tp", "2", "--pp", "2", "--sp", "--micro", "2"], 1),
+    # megatron's distributed optimizer: AdamW state sharded over the data-parallel ranks.
+    (2, ["--tp", "1", "--dist-opt"], 2),
+    (4, ["--tp", "2", "--sp", "--dist-opt"], 2)],
+    ids=["tp2xdp2", "tp2xdp2-sp-odd-recompute", "dp2", "pp2xdp2-micro1", "tp2xpp2-sp-micro2", "dp2-distopt",
+         "tp2xdp2-sp-distopt"])
 def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
     """Rollouts, rewards, routed advantages, loss, gradient norm and the updated weights (model and
     EMA old policy) of a parallel iteration equal the single-process iteration. Data-parallel
@@ -80,20 +84,24 @@ def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
     for r in torchrun("train_parity.py", nproc, *args, out=tmp_path):
         assert r["dp"] == dp and r["steps"] == [2, 2], r
         assert r["grad_sync"] == ("MegatronGradSync" if dp > 1 else "GradSync"), r
+        assert r["optimizer"] == ("DistributedAdamW" if "--dist-opt" in args else "AdamW"), r
         assert r["metric_rel_err"] < 1e-5, r
         assert r["weight_err"] < 1e-5 and r["old_weight_err"] < 1e-5, r
         assert r["weights_moved"] > 1e-5, r  # training did change the weights
 
 
-def test_trainer_resumes_a_tp2xpp2_distributed_checkpoint_at_tp1(tmp_path):
-    """Train 2 iterations at TP=2 x PP=2 with megatron distributed checkpoints, resume at TP=1 in one
-    stage: iteration 2 equals the one an uninterrupted single-process run takes (weights and
-    optimizer state reshard)."""
+@pytest.mark.parametrize("save, resume", [
+    ((4, ["--tp", "2", "--pp", "2"]), (1, ["--tp", "1"])),
+    ((2, ["--tp", "1", "--dist-opt"]), (1, ["--tp", "1"])),
+    ((1, ["--tp", "1"]), (2, ["--tp", "1", "--dist-opt"]))], ids=["tp2xpp2-to-1", "distopt-to-1", "1-to-distopt"])
+def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, save, resume):
+    """Train 2 iterations with megatron distributed checkpoints in one layout, resume in another:
+    iteration 2 equals the one an uninterrupted single-process run takes (weights and AdamW state
+    reshard, also between the sharded distributed optimizer and plain AdamW)."""
     run_dir = tmp_path / "run"
-    torchrun("train_resume.py", 4, "--phase", "save", "--tp", "2", "--pp", "2", "--run-dir", str(run_dir),
-             out=tmp_path / "save")
+    torchrun("train_resume.py", save[0], "--phase", "save", *save[1], "--run-dir", str(run_dir), out=tmp_path / "save")
     assert (run_dir / "checkpoints" / "iter_000001" / "metadata.json").is_file()
-    torchrun("train_resume.py", 1, "--phase", "resume", "--tp", "1", "--run-dir", str(run_dir),
+    torchrun("train_resume.py", resume[0], "--phase", "resume", *resume[1], "--run-dir", str(run_dir),
              out=tmp_path / "resume")
     (resumed,) = json.loads((tmp_path / "resume" / "resume.json").read_text())
     straight = Trainer(load_config(None, [*TASK, "iterations=3", f"run_dir={tmp_path / 'straight'}",

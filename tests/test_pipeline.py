@@ -13,10 +13,7 @@ from engine.pipeline import Pipeline, PipelinedForward
 from engine.sampler import ltx2_sigmas, sample
 from engine.trainer import Trainer
 from models.stage import CARRY, Stage, pack, stage_layers, unpack
-
-TASK = ["train.prompts_per_iteration=2", "train.group_size=4", "train.batch_size=4", "sampler.steps=4",
-        "task.video_grid=[3,2,2]", "reweight.warmup_steps=0", "log.progress=false", "log.tensorboard=false",
-        "log.plot=false", "optim.eps=1e-6"]
+from tests.dist.task import TASK
 
 
 @pytest.mark.parametrize("layers, count", [(4, 1), (4, 2), (4, 3), (4, 4), (48, 5), (48, 8)])

@@ -23,13 +23,7 @@ from engine.config import load_config  # noqa: E402
 from engine.distributed import ParallelContext  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 from models.checkpoint import gather_full_state  # noqa: E402
-
-TASK = ["train.prompts_per_iteration=2", "train.group_size=4", "train.batch_size=4", "sampler.steps=4",
-        "task.video_grid=[3,2,2]", "reweight.warmup_steps=0", "log.progress=false", "log.tensorboard=false",
-        "log.plot=false", "surgery.schedule=authors",
-        # Adam's first step maps any gradient entry to +-lr * g / (|g| + eps): with eps=1e-8, entries that
-        # are numerically zero (~1e-10 of either sign, depending on summation order) would move by 3e-6.
-        "optim.eps=1e-6"]
+from tests.dist.task import TASK  # noqa: E402
 
 
 def main() -> None:
@@ -38,6 +32,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--micro", type=int, default=0, help="train.micro_batch_size of the parallel run")
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--dist-opt", action="store_true", help="megatron's distributed optimizer in the parallel run")
     parser.add_argument("--recompute", action="store_true", help="activation checkpointing in the parallel run")
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value applied to both runs")
@@ -46,6 +41,7 @@ def main() -> None:
 
     layout = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"train.micro_batch_size={args.micro}",
               f"parallel.sequence_parallel={str(args.sp).lower()}",
+              f"parallel.distributed_optimizer={str(args.dist_opt).lower()}",
               f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
               f"train.activation_checkpointing={str(args.recompute).lower()}"]
     parallel = Trainer(load_config(None, [*TASK, *args.overrides, *layout, f"run_dir={out}/par"]))
@@ -54,7 +50,8 @@ def main() -> None:
     start = {k: v.clone() for k, v in single.model.state_dict().items()}
     mp, ms = parallel.iteration(0), single.iteration(0)
 
-    keys = ["loss", "loss/video", "loss/audio", "grad_norm"] + [k for k in ms if k.startswith(("reward/", "adv/"))]
+    keys = ["loss", "loss/video", "loss/audio", "grad_norm"] + \
+        [k for k in ms if k.startswith(("reward/", "adv/", "region_weight/"))]
     metric_err = {k: abs(mp[k] - ms[k]) / max(abs(ms[k]), 1.0) for k in keys}  # absolute near 0 (advantage means)
     weights_p, weights_s = gather_full_state(parallel.model), single.model.state_dict()
     old_p, old_s = gather_full_state(parallel.old_model), single.old_model.state_dict()
@@ -67,7 +64,8 @@ def main() -> None:
     result = {"rank": dist.get_rank(), "dp": parallel.parallel.dp, "tp": parallel.parallel.tp, "pp": parallel.parallel.pp,
               "worst_metric": worst, "metric_rel_err": metric_err[worst], "weight_err": weight_err,
               "old_weight_err": old_err, "weights_moved": moved, "worst_weight": worst_w,
-              "steps": [parallel.state.step, single.state.step], "grad_sync": type(parallel.grad_sync).__name__}
+              "steps": [parallel.state.step, single.state.step], "grad_sync": type(parallel.grad_sync).__name__,
+              "optimizer": type(parallel.optimizer).__name__}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

@@ -20,7 +20,7 @@ install()
 
 from engine.config import load_config  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
-from tests.dist.train_parity import TASK  # noqa: E402
+from tests.dist.task import TASK  # noqa: E402
 
 
 def main() -> None:
@@ -28,10 +28,12 @@ def main() -> None:
     parser.add_argument("--phase", choices=("save", "resume"), required=True)
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--dist-opt", action="store_true", help="megatron's distributed optimizer")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    layout = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
+    layout = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
+              f"parallel.distributed_optimizer={str(args.dist_opt).lower()}", f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
               "checkpoint_format=dist", f"run_dir={args.run_dir}"]
     steps = ["iterations=2"] if args.phase == "save" else ["iterations=3", "resume=true"]
     trainer = Trainer(load_config(None, [*TASK, *layout, *steps, "checkpoint_every=0"]))
