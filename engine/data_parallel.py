@@ -93,8 +93,10 @@ def grad_sync(model: nn.Module, parallel: ParallelContext, distributed_optimizer
 class DistributedAdamW:
     """megatron-core's DistributedOptimizer around AdamW, for `policy.clip_and_step` and the
     distributed checkpoints. Checkpoints keep the unsharded format (moments shaped like each
-    parameter, by name), so they reshard to any layout with or without this optimizer: saving
-    assembles each moment from the data-parallel slices, loading keeps this rank's slice."""
+    parameter, by name), so they reshard to any layout with or without this optimizer. As in
+    megatron's own 'fully_reshardable' format, saving assembles each moment on data-parallel rank 0
+    (one parameter at a time, in host memory), and loading reads the whole moments (host memory) and
+    keeps this rank's slice."""
 
     def __init__(self, sync: MegatronGradSync, lr: float, weight_decay: float, betas: tuple[float, float],
                  eps: float, max_norm: float):
@@ -108,10 +110,9 @@ class DistributedAdamW:
         self.chained, self.model, self.group = chained, sync.model, sync.ddp.dp_group
 
     def step(self) -> float:
-        """Clip (0 = no clipping) and step; the gradient norm before clipping."""
-        ok, norm, _ = self.chained.step()
-        if not ok:
-            raise FloatingPointError("distributed optimizer: non-finite gradients, step skipped")
+        """Clip (0 = no clipping) and step; the gradient norm before clipping. (Without a loss scaler
+        megatron always steps; non-finite gradients go through as they do with plain AdamW.)"""
+        _, norm, _ = self.chained.step()
         self.chained.zero_grad()
         return float(norm)
 
@@ -124,43 +125,67 @@ class DistributedAdamW:
         for group in self.optimizer.optimizer.param_groups:
             group.update({k: values[k] for k in ("lr", "betas", "eps", "weight_decay") if k in values})
 
-    def _slice(self, p: Tensor) -> tuple[slice, dict] | None:
-        """This rank's flat range of parameter p and the AdamW state of that range (None: not ours)."""
+    def _slice(self, p: Tensor) -> tuple[slice, dict, dict] | None:
+        """This rank's flat range of parameter p, the AdamW state of that range and its param group
+        (None: another rank's)."""
         opt = self.optimizer
         if p not in opt.model_param_gbuf_map:
             return None
         r = opt._get_model_param_range_map(p)["param"]
-        group, order = opt.model_param_group_index_map[p]
-        main = opt.optimizer.param_groups[group]["params"][order]
-        return slice(r.start, r.end), opt.optimizer.state[main]
+        index, order = opt.model_param_group_index_map[p]
+        group = opt.optimizer.param_groups[index]
+        return slice(r.start, r.end), opt.optimizer.state[group["params"][order]], group
+
+    def _steps_taken(self) -> Tensor:
+        """AdamW's step count: per-parameter state in torch's AdamW, per group in TE's or apex's FusedAdam."""
+        for p in self.model.parameters():
+            if (mine := self._slice(p)) is not None:
+                _, state, group = mine
+                step = state.get("step", group.get("step", 0))
+                return torch.as_tensor(step, dtype=torch.float64).reshape(())
+        return torch.zeros((), dtype=torch.float64)
 
     def full_state(self) -> dict[str, dict[str, Tensor]]:
-        """{name: {exp_avg, exp_avg_sq (shaped like the parameter on this rank), step}} on every rank
-        (collective over the data-parallel group; transiently the unsharded moments)."""
-        out, step = {}, torch.zeros((), dtype=torch.float64)
+        """{name: {exp_avg, exp_avg_sq (shaped like the parameter on this rank), step}} assembled on
+        data-parallel rank 0 in host memory (collective over the group). The other ranks get
+        zero-strided placeholders of the right shapes: their replicas are not written."""
+        lead = dist.get_global_rank(self.group, 0)
+        writer = dist.get_rank() == lead
+        device = next(self.model.parameters()).device
+        step = self._steps_taken().to(device)
+        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.group)
+        step = step.float().cpu()
+        out = {}
         for name, p in self.model.named_parameters():
-            flat = torch.zeros(2, p.numel(), dtype=torch.float32, device=p.device)
+            flat = torch.zeros(len(MOMENTS), p.numel(), dtype=torch.float32, device=p.device)
             if (mine := self._slice(p)) is not None:
-                rows, state = mine
+                rows, state, _ = mine
                 for i, k in enumerate(MOMENTS):
                     if k in state:
                         flat[i, rows] = state[k].float()
-                if "step" in state:
-                    step = torch.maximum(step, state["step"].double().cpu())
-            dist.all_reduce(flat, group=self.group)  # every element is owned by exactly one rank
-            out[name] = {k: flat[i].view_as(p) for i, k in enumerate(MOMENTS)}
-        step = step.to(next(self.model.parameters()).device)
-        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.group)
-        for entry in out.values():
-            entry["step"] = step.float().cpu()
+            dist.reduce(flat, dst=lead, group=self.group)  # every element is owned by exactly one rank
+            if writer:
+                out[name] = {k: flat[i].view_as(p).cpu() for i, k in enumerate(MOMENTS)}
+            else:
+                out[name] = {k: torch.zeros((), dtype=torch.float32).expand(p.shape) for k in MOMENTS}
+            out[name]["step"] = step
         return out
+
+    def load_targets(self) -> dict[str, dict[str, Tensor]]:
+        """Host buffers for loading the whole moments of this rank's parameters."""
+        return {name: {**{k: torch.empty(p.shape, dtype=torch.float32) for k in MOMENTS},
+                       "step": torch.zeros(())} for name, p in self.model.named_parameters()}
 
     def load_full_state(self, state: dict[str, dict[str, Tensor]]) -> None:
         """Keeps this rank's slice of each parameter's moments (the parameters themselves, whose
         slices are the fp32 main parameters, are loaded with the model)."""
         for name, p in self.model.named_parameters():
             if (mine := self._slice(p)) is not None:
-                rows, st = mine
+                rows, st, group = mine
                 for k in MOMENTS:
-                    st[k] = state[name][k].reshape(-1)[rows].to(torch.float32).clone()
-                st["step"] = state[name]["step"].reshape(()).clone()
+                    st[k] = state[name][k].reshape(-1)[rows].to(device=p.device, dtype=torch.float32)
+                step = state[name]["step"].reshape(())
+                if "step" in group:
+                    group["step"] = int(step)
+                else:
+                    st["step"] = step.clone()

@@ -55,12 +55,13 @@ def _model_state(prefix: str, model: nn.Module, dp_rank: int) -> dict[str, Shard
             for name, t in model.state_dict(keep_vars=True).items()}
 
 
-def _adamw_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW) -> tuple[dict, list[dict]]:
+def _adamw_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW,
+                 loading: bool) -> tuple[dict, list[dict]]:
     """{name: {exp_avg, exp_avg_sq, step}} of this rank's parameters (whole, or this tensor-parallel
     rank's slice) and the param groups' hyper-parameters. A parameter not stepped yet gets zero
     moments and step 0, which is exactly what AdamW would initialise on its first step."""
     if isinstance(optimizer, DistributedAdamW):
-        return optimizer.full_state(), [optimizer.hyper_parameters]
+        return optimizer.load_targets() if loading else optimizer.full_state(), [optimizer.hyper_parameters]
     names, out, groups = {id(p): n for n, p in model.named_parameters()}, {}, []
     for group in optimizer.param_groups:
         if group.get("amsgrad"):
@@ -75,11 +76,12 @@ def _adamw_state(model: nn.Module, optimizer: torch.optim.Optimizer | Distribute
     return out, groups
 
 
-def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, dp_rank: int) -> dict:
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, dp_rank: int,
+                     loading: bool) -> dict:
     """AdamW state as ShardedTensors keyed by parameter name, in the same form whichever optimizer
     (sharded over data-parallel ranks or not) holds it."""
     params, b = dict(model.named_parameters()), model.backend
-    state, groups = _adamw_state(model, optimizer)
+    state, groups = _adamw_state(model, optimizer, loading)
     out: dict = {k: {} for k in (*MOMENTS, "step")}
     for name, entry in state.items():
         for k in MOMENTS:
@@ -90,11 +92,12 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | Distri
     return out
 
 
-def sharded_state(model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int) -> dict:
+def sharded_state(model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW,
+                  dp_rank: int, loading: bool = False) -> dict:
     """This rank's megatron ShardedStateDict of both models and the AdamW state (tensors and the
-    hyper-parameters of each param group)."""
+    hyper-parameters of each param group); `loading` builds the buffers a load fills."""
     return {"model": _model_state("model", model, dp_rank), "old_model": _model_state("old_model", old_model, dp_rank),
-            "optimizer": _optimizer_state(model, optimizer, dp_rank)}
+            "optimizer": _optimizer_state(model, optimizer, dp_rank, loading)}
 
 
 def _require_process_group() -> None:
@@ -147,7 +150,7 @@ def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
     path = Path(path)
     _check_is_checkpoint(path)
     try:
-        loaded = dist_checkpointing.load(sharded_state(model, old_model, optimizer, dp_rank), str(path))
+        loaded = dist_checkpointing.load(sharded_state(model, old_model, optimizer, dp_rank, loading=True), str(path))
     except READ_ERRORS as e:
         raise CheckpointingException(f"{path}: cannot load the distributed checkpoint: {e}") from e
     with torch.no_grad():

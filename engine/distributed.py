@@ -109,17 +109,26 @@ def init_parallel(cfg: Config) -> ParallelContext:
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
+    megatron_layers = cfg.model.backend in ("megatron", "te")
     if "WORLD_SIZE" not in os.environ:
         if tp * pp > 1:
             raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} needs torchrun "
                               f"(e.g. torchrun --nproc-per-node {tp * pp} -m engine.train)")
+        if megatron_layers or cfg.parallel.distributed_optimizer:
+            what = "parallel.distributed_optimizer" if cfg.parallel.distributed_optimizer else \
+                f"model.backend={cfg.model.backend}"
+            raise ConfigError(f"{what} needs megatron's process groups: run under torchrun "
+                              f"(torchrun --nproc-per-node 1 -m engine.train ... for one process)")
         return ParallelContext(device=device)
     world = int(os.environ["WORLD_SIZE"])
     if world % (tp * pp):
         raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the {world} torchrun processes")
-    if pp > 1 and device.type == "cpu" and not megatron_cuda_calls_work():
-        raise ConfigError(f"parallel.pp={pp}: megatron-core's pipeline schedule allocates on CUDA, which this "
-                          f"host lacks; run pipeline parallelism on GPUs")
+    if device.type == "cpu" and not megatron_cuda_calls_work():
+        for wanted, part in ((pp > 1, f"parallel.pp={pp}: megatron-core's pipeline schedule"),
+                             (cfg.parallel.distributed_optimizer, "parallel.distributed_optimizer: megatron-core's "
+                                                                  "distributed optimizer")):
+            if wanted:
+                raise ConfigError(f"{part} allocates on CUDA, which this host lacks; run it on GPUs")
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -27,8 +27,8 @@ from . import profiling
 from .distributed import ParallelContext
 
 Outputs = tuple[Tensor, Tensor]  # (v_video, v_audio)
-# loss_fn(microbatch index, outputs) -> (this microbatch's share of the step's loss, logged floats)
-LossFn = Callable[[int, Outputs], tuple[Tensor, dict[str, float]]]
+# loss_fn(microbatch index, outputs) -> (this microbatch's share of the step's loss, detached values to log)
+LossFn = Callable[[int, Outputs], tuple[Tensor, dict[str, Tensor]]]
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Pipeline:
             return self._schedule(model, microbatches, None, forward_only=True)
 
     def forward_backward(self, model: LTX2AVTransformer, microbatches: list[Microbatch], loss_fn: LossFn,
-                         no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> list[dict[str, float]]:
+                         no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> list[dict[str, Tensor]]:
         """Forward, loss and backward of every microbatch, accumulating into the parameters' gradients;
         `no_sync` is entered around every backward but the last (data-parallel reduction waits for
         the last). Returns loss_fn's logged values per microbatch on the last stage ([] elsewhere)."""
@@ -134,10 +134,13 @@ class Pipeline:
             return out, None if loss_fn is None else functools.partial(self._loss, loss_fn, i)
 
         run = get_forward_backward_func()
-        return run(forward_step_func=step, data_iterator=iter(range(len(microbatches))),
-                   model=[_ScheduleModel(model, config)], num_microbatches=len(microbatches),
-                   seq_length=sum(math.prod(s[1:]) for s in shapes.values()), micro_batch_size=first.size,
-                   forward_only=forward_only)
+        try:
+            return run(forward_step_func=step, data_iterator=iter(range(len(microbatches))),
+                       model=[_ScheduleModel(model, config)], num_microbatches=len(microbatches),
+                       seq_length=sum(math.prod(s[1:]) for s in shapes.values()), micro_batch_size=first.size,
+                       forward_only=forward_only)
+        finally:
+            model.set_input_tensor(None)  # neither keep the last carry alive nor let a later call reuse it
 
     @staticmethod
     def _loss(loss_fn: LossFn, i: int, outputs: Outputs):

@@ -194,12 +194,14 @@ class Trainer:
                     rv[rs], ra[rs], beta=cfg.loss.beta, adv_clip=cfg.advantage.adv_clip,
                     video_token_weights=None if tw is None else tw[rs], kl_weight=cfg.loss.kl_weight,
                     v_ref=None if v_ref is None else v_ref[i])
-                return out.total * w, {k: float(v.detach()) * w for k, v in zip(keys, (out.total, out.video,
-                                                                                        out.audio, out.kl))}
+                # Logged as tensors: a float() here would stall the pipeline on a host sync per microbatch.
+                return out.total * w, {k: v.detach() * w for k, v in zip(keys, (out.total, out.video, out.audio,
+                                                                              out.kl))}
 
             self.grad_sync.start()
             logged = self.pipeline.forward_backward(self.model, microbatches, loss_fn, self.grad_sync.no_sync)
-            step_totals = par.from_last_stage([sum(values[k] for values in logged) for k in keys])
+            step_totals = par.from_last_stage([float(sum(values[k] for values in logged)) if logged else 0.0
+                                               for k in keys])
             for k, v in zip(keys, step_totals):
                 totals[k] += v / len(batches)
             with profiling.nvtx_range(profiling.OPTIMIZER):

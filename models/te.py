@@ -10,6 +10,12 @@ megatron's TransformerBlock does, so delayed scaling reduces its amax history on
 Patchify, adaLN, caption and output projections are plain linears outside it, in the parameter
 dtype. TE's cache of FP8 weight copies across microbatches is disabled (`is_first_microbatch`
 would have to be reset after every optimizer step), so every forward casts the current weights.
+
+TE's FP8 GEMMs need token rows in multiples of 16: every stream is zero-padded to a multiple of 16
+(times tp under sequence parallelism) with the model's existing padding path (padded keys masked,
+identity RoPE, outputs trimmed), so any token count works. TE keeps its FP8 scaling state in
+`_extra_state`, which our checkpoints leave out (they keep the official layout's keys): delayed
+scaling restarts its amax history on resume.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import importlib.util
 from contextlib import AbstractContextManager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 if importlib.util.find_spec("transformer_engine") is None:
     raise ImportError("model.backend=te needs NVIDIA Transformer Engine (pip install transformer-engine[pytorch], "
@@ -29,9 +35,10 @@ from megatron.core.fp8_utils import get_fp8_context  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 from .backend import ParallelRole  # noqa: E402
-from .megatron import BatchFirst, MegatronBackend, TPRMSNorm, _init_like_torch  # noqa: E402
+from .megatron import BatchFirst, MegatronBackend, _init_like_torch  # noqa: E402
 
 FP8_RECIPES = ("tensorwise", "delayed")
+FP8_ROWS = 16  # TE's FP8 GEMMs want row counts in multiples of 16
 
 
 class _TEColumnLinear(BatchFirst, TEColumnParallelLinear):
@@ -70,8 +77,25 @@ class TEBackend(MegatronBackend):
 
     def qk_norm(self, dim: int, eps: float) -> nn.Module:
         if self.tp_size > 1:
-            return TPRMSNorm(dim, eps, self.group, self.tp_size)
+            return super().qk_norm(dim, eps)
         return TENorm(self.te_config, dim, eps)
+
+    def _split(self) -> int:
+        return self.tp_size if self.sequence_parallel else 1
+
+    def padded_length(self, n: int) -> int:
+        step = FP8_ROWS * self._split()
+        return -(-n // step) * step
+
+    def local_length(self, n: int) -> int:
+        return self.padded_length(n) // self._split()
+
+    def scatter_sequence(self, x: Tensor) -> Tensor:
+        x = nn.functional.pad(x, (0, 0, 0, self.padded_length(x.shape[1]) - x.shape[1]))
+        return super().scatter_sequence(x)
+
+    def gather_sequence(self, x: Tensor, length: int) -> Tensor:
+        return super().gather_sequence(x, length)[:, :length]
 
     def forward_context(self) -> AbstractContextManager:
         return get_fp8_context(self.te_config)

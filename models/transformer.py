@@ -21,7 +21,8 @@ from .rope import Rope, audio_positions, split_rope, video_positions
 from .stage import Stage, pack, stage_layers, unpack
 
 # Receives (block index, post-RoPE V2A queries, post-RoPE V2A keys); see `LTX2AVTransformer.forward`.
-V2AProbe = Callable[[int, Tensor, Tensor], None]
+# (engine.pipeline's PipelinedForward also passes the microbatch's first row of the sampled batch.)
+V2AProbe = Callable[..., None]
 
 
 def _rows(table: Tensor, mod: Tensor, start: int, stop: int) -> list[Tensor]:

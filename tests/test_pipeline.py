@@ -109,10 +109,14 @@ def test_micro_batch_size_must_divide_a_share(tmp_path):
         Trainer(load_config(None, [*TASK, "train.micro_batch_size=3", f"run_dir={tmp_path}"]))
 
 
-def test_pipeline_needs_torchrun_and_cuda(monkeypatch):
+def test_pipeline_and_distributed_optimizer_need_torchrun_and_cuda(monkeypatch):
     with pytest.raises(ConfigError, match="needs torchrun"):
         init_parallel(load_config(None, ["parallel.pp=2"]))
+    with pytest.raises(ConfigError, match="parallel.distributed_optimizer needs megatron's process groups"):
+        init_parallel(load_config(None, ["parallel.distributed_optimizer=true"]))
     if not torch.cuda.is_available():
         monkeypatch.setenv("WORLD_SIZE", "2")
         with pytest.raises(ConfigError, match="pipeline schedule allocates on CUDA"):
             init_parallel(load_config(None, ["parallel.pp=2"]))
+        with pytest.raises(ConfigError, match="distributed optimizer allocates on CUDA"):
+            init_parallel(load_config(None, ["parallel.distributed_optimizer=true"]))

@@ -12,6 +12,7 @@ import torch
 
 import models
 from engine.config import ConfigError, load_config
+from engine.distributed import init_parallel
 
 HAS_TE = importlib.util.find_spec("transformer_engine") is not None
 
@@ -23,13 +24,14 @@ def test_missing_transformer_engine_is_a_clear_error():
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (["model.backend=te"], "model.backend=te needs megatron's process groups: run under torchrun"),
     (["model.backend=te", "train.activation_checkpointing=true"], "activation_checkpointing is not supported"),
     (["model.backend=fp8", "model.fp8_recipe=delayed"], "fp8_recipe=delayed needs model.backend=te"),
     (["model.fp8_recipe=mxfp8"], "model.fp8_recipe must be one of tensorwise, delayed"),
     (["parallel.tp=2"], "needs model.backend=megatron or te")])
 def test_config_rules(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, overrides)
+        init_parallel(load_config(None, overrides))
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +64,11 @@ def test_te_model_matches_fp32_within_fp8_error(process_group, recipe):
     models.checkpoint.load_full_state(te, ref.state_dict())
     g = torch.Generator(device="cuda").manual_seed(1)
     cfg, b = ref.config, 2
-    # TE's FP8 GEMMs want token counts and widths in multiples of 16.
-    args = (torch.randn(b, 32, cfg.in_channels, device="cuda", generator=g),
-            torch.randn(b, 16, cfg.audio_in_channels, device="cuda", generator=g),
-            torch.rand(b, device="cuda", generator=g), torch.randn(b, 16, cfg.caption_channels, device="cuda", generator=g),
-            torch.randn(b, 16, cfg.caption_channels, device="cuda", generator=g), (2, 4, 4), 24.0)
+    # Odd token counts: the backend pads every stream to the 16 rows TE's FP8 GEMMs need.
+    args = (torch.randn(b, 12, cfg.in_channels, device="cuda", generator=g),
+            torch.randn(b, 5, cfg.audio_in_channels, device="cuda", generator=g),
+            torch.rand(b, device="cuda", generator=g), torch.randn(b, 7, cfg.caption_channels, device="cuda", generator=g),
+            torch.randn(b, 7, cfg.caption_channels, device="cuda", generator=g), (3, 2, 2), 24.0)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_ref, out_te = ref(*args), te(*args)
     for r, t in zip(out_ref, out_te):

@@ -129,7 +129,7 @@ def main() -> None:
     worst = max(grad_err, key=grad_err.get)
     # Every parameter has a gradient on exactly one stage.
     stages = [None] * args.pp
-    dist.all_gather_object(stages, sorted(par_grads), group=parallel.pp_group)
+    dist.all_gather_object(stages, sorted(n for n, g in par_grads.items() if g is not None), group=parallel.pp_group)
     held = [n for names in stages for n in names]
     result = {
         "rank": dist.get_rank(), "tp": args.tp, "pp": args.pp, "sp": args.sp, "stage": parallel.pp_rank,
