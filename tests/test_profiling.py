@@ -39,6 +39,22 @@ def test_range_names_are_one_dotted_list():
     assert profiling.TRAIN_FWD == "omninft.train.fwd" and profiling.TRAIN_BWD == "omninft.train.bwd"
 
 
+def test_pipeline_schedule_phases_become_ranges(monkeypatch):
+    """megatron's schedule timers: compute phases are the trainer's fwd/bwd ranges when training,
+    every other phase is omninft.pipeline.<phase>; start/stop push and pop one range each."""
+    pushed = []
+    monkeypatch.setattr(profiling.nvtx, "push_range", lambda message: pushed.append(message))
+    monkeypatch.setattr(profiling.nvtx, "pop_range", lambda: pushed.append(None))
+    train, forward_only = profiling.ScheduleTimers(True), profiling.ScheduleTimers(False)
+    for timers, phase in ((train, "forward-compute"), (train, "backward-compute"), (train, "forward-send"),
+                          (forward_only, "forward-compute")):
+        timer = timers(phase, log_level=2)
+        timer.start(barrier=False)
+        timer.stop()
+    assert pushed == [profiling.TRAIN_FWD, None, profiling.TRAIN_BWD, None, "omninft.pipeline.forward-send", None,
+                      "omninft.pipeline.forward-compute", None]
+
+
 def test_ranges_nest_on_cpu_and_pass_values_and_errors_through():
     x = torch.ones(3)
     with nvtx_range(profiling.ROLLOUT):
