@@ -308,9 +308,6 @@ def _validate(cfg: Config) -> None:
                           "blocks would run outside Transformer Engine's FP8 context")
     if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
-    if cfg.parallel.distributed_optimizer and cfg.model.dtype != "float32":
-        raise ConfigError(f"parallel.distributed_optimizer needs model.dtype=float32 (got {cfg.model.dtype}): "
-                          f"checkpoints store parameters in model.dtype, not the optimizer's fp32 main copies")
     if cfg.parallel.distributed_optimizer and cfg.checkpoint_format == "full":
         raise ConfigError("parallel.distributed_optimizer needs checkpoint_format=dist or auto (the optimizer state "
                           "is sharded)")

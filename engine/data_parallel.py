@@ -14,7 +14,9 @@ in the 19B config).
 DistributedOptimizer, ZeRO-1): gradients are reduce-scattered instead of all-reduced, each rank
 updates its slice of every bucket, and the updated parameters are all-gathered. Same AdamW, same
 clipping (megatron's norm counts tensor-parallel shards once and sums pipeline stages, as ours
-does), weight decay on every parameter like ours, so the steps equal the unsharded ones.
+does), weight decay on every parameter like ours, so with fp32 parameters the steps equal the
+unsharded ones. With bf16 parameters it keeps sharded fp32 main copies (checkpointed too), which
+plain AdamW on bf16 parameters does not have.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from models.backend import all_reduce_coalesced
 from .distributed import ParallelContext, megatron_cuda_calls_work
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors, shaped and split like the parameter
+MAIN = "main_param"  # the distributed optimizer's fp32 copy of a bf16/fp16 parameter
 
 
 class GradSync:
@@ -108,6 +111,7 @@ class DistributedAdamW:
         chained = get_megatron_optimizer(config, [sync.ddp], config_overrides={})
         (self.optimizer,) = chained.chained_optimizers
         self.chained, self.model, self.group = chained, sync.model, sync.ddp.dp_group
+        self.masters = config.params_dtype != torch.float32
 
     def step(self) -> float:
         """Clip (0 = no clipping) and step; the gradient norm before clipping. (Without a loss scaler
@@ -125,67 +129,83 @@ class DistributedAdamW:
         for group in self.optimizer.optimizer.param_groups:
             group.update({k: values[k] for k in ("lr", "betas", "eps", "weight_decay") if k in values})
 
-    def _slice(self, p: Tensor) -> tuple[slice, dict, dict] | None:
-        """This rank's flat range of parameter p, the AdamW state of that range and its param group
-        (None: another rank's)."""
+    def _slice(self, p: Tensor) -> tuple[slice, dict, dict, Tensor] | None:
+        """This rank's flat range of parameter p, the AdamW state of that range, its param group and
+        its fp32 main parameter (None: another rank's)."""
         opt = self.optimizer
         if p not in opt.model_param_gbuf_map:
             return None
         r = opt._get_model_param_range_map(p)["param"]
         index, order = opt.model_param_group_index_map[p]
         group = opt.optimizer.param_groups[index]
-        return slice(r.start, r.end), opt.optimizer.state[group["params"][order]], group
+        main = group["params"][order]
+        return slice(r.start, r.end), opt.optimizer.state[main], group, main
+
+    @property
+    def _keys(self) -> tuple[str, ...]:
+        """Tensors kept per parameter: the moments, and the fp32 main copies when the parameters are
+        not fp32 themselves (for fp32 parameters the main slices are views of them)."""
+        return (*MOMENTS, MAIN) if self.masters else MOMENTS
 
     def _steps_taken(self) -> Tensor:
         """AdamW's step count: per-parameter state in torch's AdamW, per group in TE's or apex's FusedAdam."""
         for p in self.model.parameters():
             if (mine := self._slice(p)) is not None:
-                _, state, group = mine
+                _, state, group, _ = mine
                 step = state.get("step", group.get("step", 0))
                 return torch.as_tensor(step, dtype=torch.float64).reshape(())
         return torch.zeros((), dtype=torch.float64)
 
     def full_state(self) -> dict[str, dict[str, Tensor]]:
-        """{name: {exp_avg, exp_avg_sq (shaped like the parameter on this rank), step}} assembled on
-        data-parallel rank 0 in host memory (collective over the group). The other ranks get
-        zero-strided placeholders of the right shapes: their replicas are not written."""
+        """{name: {exp_avg, exp_avg_sq[, main_param] (shaped like the parameter on this rank), step}}
+        assembled on data-parallel rank 0 in host memory (collective over the group). The other
+        ranks get zero-strided placeholders of the right shapes: their replicas are not written."""
         lead = dist.get_global_rank(self.group, 0)
         writer = dist.get_rank() == lead
         device = next(self.model.parameters()).device
         step = self._steps_taken().to(device)
         dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.group)
         step = step.float().cpu()
-        out = {}
+        keys, out = self._keys, {}
         for name, p in self.model.named_parameters():
-            flat = torch.zeros(len(MOMENTS), p.numel(), dtype=torch.float32, device=p.device)
+            flat = torch.zeros(len(keys), p.numel(), dtype=torch.float32, device=p.device)
             if (mine := self._slice(p)) is not None:
-                rows, state, _ = mine
-                for i, k in enumerate(MOMENTS):
-                    if k in state:
+                rows, state, _, main = mine
+                for i, k in enumerate(keys):
+                    if k == MAIN:
+                        flat[i, rows] = main.detach().float()
+                    elif k in state:
                         flat[i, rows] = state[k].float()
             dist.reduce(flat, dst=lead, group=self.group)  # every element is owned by exactly one rank
             if writer:
-                out[name] = {k: flat[i].view_as(p).cpu() for i, k in enumerate(MOMENTS)}
+                out[name] = {k: flat[i].view_as(p).cpu() for i, k in enumerate(keys)}
             else:
-                out[name] = {k: torch.zeros((), dtype=torch.float32).expand(p.shape) for k in MOMENTS}
+                out[name] = {k: torch.zeros((), dtype=torch.float32).expand(p.shape) for k in keys}
             out[name]["step"] = step
         return out
 
-    def load_targets(self) -> dict[str, dict[str, Tensor]]:
-        """Host buffers for loading the whole moments of this rank's parameters."""
-        return {name: {**{k: torch.empty(p.shape, dtype=torch.float32) for k in MOMENTS},
-                       "step": torch.zeros(())} for name, p in self.model.named_parameters()}
+    def load_targets(self, with_main: bool) -> dict[str, dict[str, Tensor]]:
+        """Host buffers for loading the whole moments (and main copies, if the checkpoint has them)."""
+        keys = self._keys if with_main else MOMENTS
+        return {name: {**{k: torch.empty(p.shape, dtype=torch.float32) for k in keys}, "step": torch.zeros(())}
+                for name, p in self.model.named_parameters()}
 
+    @torch.no_grad()
     def load_full_state(self, state: dict[str, dict[str, Tensor]]) -> None:
-        """Keeps this rank's slice of each parameter's moments (the parameters themselves, whose
-        slices are the fp32 main parameters, are loaded with the model)."""
+        """Keeps this rank's slice of each parameter's tensors. Call after the model's weights are
+        loaded: without main copies in the checkpoint (it was written by plain AdamW) they are taken
+        from the parameters."""
         for name, p in self.model.named_parameters():
-            if (mine := self._slice(p)) is not None:
-                rows, st, group = mine
-                for k in MOMENTS:
-                    st[k] = state[name][k].reshape(-1)[rows].to(device=p.device, dtype=torch.float32)
-                step = state[name]["step"].reshape(())
-                if "step" in group:
-                    group["step"] = int(step)
-                else:
-                    st["step"] = step.clone()
+            if (mine := self._slice(p)) is None:
+                continue
+            rows, st, group, main = mine
+            for k in MOMENTS:
+                st[k] = state[name][k].reshape(-1)[rows].to(device=p.device, dtype=torch.float32)
+            if self.masters:
+                source = state[name][MAIN] if MAIN in state[name] else p.detach()
+                main.copy_(source.reshape(-1)[rows].to(device=main.device, dtype=main.dtype))
+            step = state[name]["step"].reshape(())
+            if "step" in group:
+                group["step"] = int(step)
+            else:
+                st["step"] = step.clone()

@@ -32,7 +32,7 @@ from models.checkpoint import atomic_save_file, check_state, config_metadata, to
 from models.config import ModelConfig
 
 from .checkpoint import TrainState
-from .data_parallel import MOMENTS, DistributedAdamW
+from .data_parallel import MAIN, MOMENTS, DistributedAdamW
 
 MODELS = ("model", "old_model")
 # torch DCP reports read failures as a BaseException subclass, which `except Exception` would miss.
@@ -55,13 +55,15 @@ def _model_state(prefix: str, model: nn.Module, dp_rank: int) -> dict[str, Shard
             for name, t in model.state_dict(keep_vars=True).items()}
 
 
-def _adamw_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW,
-                 loading: bool) -> tuple[dict, list[dict]]:
-    """{name: {exp_avg, exp_avg_sq, step}} of this rank's parameters (whole, or this tensor-parallel
-    rank's slice) and the param groups' hyper-parameters. A parameter not stepped yet gets zero
-    moments and step 0, which is exactly what AdamW would initialise on its first step."""
+def _adamw_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, loading: bool,
+                 with_main: bool) -> tuple[dict, list[dict]]:
+    """{name: {exp_avg, exp_avg_sq[, main_param], step}} of this rank's parameters (whole, or this
+    tensor-parallel rank's slice) and the param groups' hyper-parameters. A parameter not stepped
+    yet gets zero moments and step 0, which is exactly what AdamW would initialise on its first step.
+    Only the distributed optimizer on bf16/fp16 parameters has fp32 main copies to store."""
     if isinstance(optimizer, DistributedAdamW):
-        return optimizer.load_targets() if loading else optimizer.full_state(), [optimizer.hyper_parameters]
+        state = optimizer.load_targets(with_main) if loading else optimizer.full_state()
+        return state, [optimizer.hyper_parameters]
     names, out, groups = {id(p): n for n, p in model.named_parameters()}, {}, []
     for group in optimizer.param_groups:
         if group.get("amsgrad"):
@@ -77,15 +79,15 @@ def _adamw_state(model: nn.Module, optimizer: torch.optim.Optimizer | Distribute
 
 
 def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, dp_rank: int,
-                     loading: bool) -> dict:
+                     loading: bool, with_main: bool) -> dict:
     """AdamW state as ShardedTensors keyed by parameter name, in the same form whichever optimizer
     (sharded over data-parallel ranks or not) holds it."""
     params, b = dict(model.named_parameters()), model.backend
-    state, groups = _adamw_state(model, optimizer, loading)
+    state, groups = _adamw_state(model, optimizer, loading, with_main)
     out: dict = {k: {} for k in (*MOMENTS, "step")}
     for name, entry in state.items():
-        for k in MOMENTS:
-            out[k][name] = _sharded(f"optimizer.{k}.{name}", entry[k], params[name], b.tp_rank, b.tp_size, dp_rank)
+        for k in (k for k in (*MOMENTS, MAIN) if k in entry):
+            out.setdefault(k, {})[name] = _sharded(f"optimizer.{k}.{name}", entry[k], params[name], b.tp_rank, b.tp_size, dp_rank)
         out["step"][name] = _sharded(f"optimizer.step.{name}", entry["step"].reshape(1), None, b.tp_rank,
                                      b.tp_size, dp_rank)
     out["param_groups"] = groups
@@ -93,11 +95,12 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | Distri
 
 
 def sharded_state(model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW,
-                  dp_rank: int, loading: bool = False) -> dict:
+                  dp_rank: int, loading: bool = False, with_main: bool = False) -> dict:
     """This rank's megatron ShardedStateDict of both models and the AdamW state (tensors and the
-    hyper-parameters of each param group); `loading` builds the buffers a load fills."""
+    hyper-parameters of each param group); `loading` builds the buffers a load fills (`with_main`:
+    the checkpoint has main copies)."""
     return {"model": _model_state("model", model, dp_rank), "old_model": _model_state("old_model", old_model, dp_rank),
-            "optimizer": _optimizer_state(model, optimizer, dp_rank, loading)}
+            "optimizer": _optimizer_state(model, optimizer, dp_rank, loading, with_main)}
 
 
 def _require_process_group() -> None:
@@ -150,7 +153,10 @@ def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
     path = Path(path)
     _check_is_checkpoint(path)
     try:
-        loaded = dist_checkpointing.load(sharded_state(model, old_model, optimizer, dp_rank, loading=True), str(path))
+        saved = dist_checkpointing.load_tensors_metadata(str(path))
+        with_main = any(k.startswith(f"optimizer.{MAIN}.") for k in saved)
+        loaded = dist_checkpointing.load(sharded_state(model, old_model, optimizer, dp_rank, loading=True,
+                                                       with_main=with_main), str(path))
     except READ_ERRORS as e:
         raise CheckpointingException(f"{path}: cannot load the distributed checkpoint: {e}") from e
     with torch.no_grad():
@@ -161,8 +167,8 @@ def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
     if len(opt["param_groups"]) != groups:
         raise CheckpointingException(f"{path}: the checkpoint has {len(opt['param_groups'])} optimizer parameter "
                                      f"groups, this optimizer {groups}")
-    state = {name: {"step": opt["step"][name].reshape(()), **{k: opt[k][name] for k in MOMENTS}}
-             for name in opt["step"]}
+    kept = [k for k in (*MOMENTS, MAIN) if k in opt]
+    state = {name: {"step": opt["step"][name].reshape(()), **{k: opt[k][name] for k in kept}} for name in opt["step"]}
     if sharded:
         optimizer.set_hyper_parameters(opt["param_groups"][0])
         optimizer.load_full_state(state)

@@ -116,6 +116,22 @@ def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, sa
     models.load_model_weights(model, exported)  # every key and shape checked
 
 
+def test_distributed_optimizer_on_bf16_parameters_resumes_exactly(tmp_path):
+    """bf16 parameters with sharded fp32 main copies (no single-process equivalent): 2 iterations,
+    checkpoint, resume; iteration 2 is bitwise the one of an uninterrupted run in the same layout."""
+    layout = ["--tp", "1", "--dist-opt", "--dtype", "bfloat16"]
+    runs = {phase: tmp_path / phase for phase in ("save", "straight")}
+    torchrun("train_resume.py", 2, "--phase", "save", *layout, "--run-dir", str(runs["save"]), out=tmp_path / "o1")
+    torchrun("train_resume.py", 2, "--phase", "resume", *layout, "--run-dir", str(runs["save"]), out=tmp_path / "o2")
+    torchrun("train_resume.py", 2, "--phase", "straight", *layout, "--run-dir", str(runs["straight"]),
+             out=tmp_path / "o3")
+    (resumed,) = json.loads((tmp_path / "o2" / "resume.json").read_text())
+    straight = json.loads((tmp_path / "o3" / "straight.json").read_text())[2]
+    assert resumed["iteration"] == straight["iteration"] == 2
+    assert {k: v for k, v in resumed.items() if not k.startswith("time/")} == \
+        {k: v for k, v in straight.items() if not k.startswith("time/")}
+
+
 def test_torchrun_launch_of_the_cli(tmp_path):
     """The documented launch, end to end, without any test shim: TP=2 on 2 CPU processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

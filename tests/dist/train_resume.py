@@ -1,8 +1,9 @@
 """torchrun worker: the trainer's distributed checkpoints across layouts.
 
 `--phase save` trains 2 iterations at the given layout and leaves a megatron distributed checkpoint;
-`--phase resume` resumes from it (any layout) and runs iteration 2. Rank 0 writes the metrics of the
-iterations it ran to <out>/<phase>.json.
+`--phase resume` resumes from it (any layout) and runs iteration 2; `--phase straight` runs iterations
+0-2 without stopping (the reference where no single-process run is one). Rank 0 writes the metrics
+of the iterations it ran to <out>/<phase>.json.
 """
 from __future__ import annotations
 
@@ -25,17 +26,20 @@ from tests.dist.task import TASK  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=("save", "resume"), required=True)
+    parser.add_argument("--phase", choices=("save", "resume", "straight"), required=True)
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dist-opt", action="store_true", help="megatron's distributed optimizer")
+    parser.add_argument("--dtype", default="float32", help="model.dtype")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     layout = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
-              f"parallel.distributed_optimizer={str(args.dist_opt).lower()}", f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
+              f"parallel.distributed_optimizer={str(args.dist_opt).lower()}", f"model.dtype={args.dtype}",
+              f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
               "checkpoint_format=dist", f"run_dir={args.run_dir}"]
-    steps = ["iterations=2"] if args.phase == "save" else ["iterations=3", "resume=true"]
+    steps = {"save": ["iterations=2"], "resume": ["iterations=3", "resume=true"],
+             "straight": ["iterations=3"]}[args.phase]
     trainer = Trainer(load_config(None, [*TASK, *layout, *steps, "checkpoint_every=0"]))
     history = trainer.run()
     out = Path(args.out)
