@@ -43,6 +43,7 @@ from torch import Tensor
 
 import models
 from bench.kernels import CUDA, DTYPE, device_label, device_peaks, package_versions, timer
+from engine.distributed import init_one_process
 from engine.loss import nft_loss
 from engine.policy import build_optimizer, clip_and_step
 from models import LTX2AVTransformer, ModelConfig
@@ -202,21 +203,6 @@ def transformer_engine_note() -> str:
     return "Transformer Engine installed: te row" if HAS_TE else "Transformer Engine not installed: no TE row"
 
 
-def init_one_process_megatron() -> None:
-    """The te backend's layers come from megatron-core, which needs a process group and its
-    parallel state even in one process."""
-    import os
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29531")
-        dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=2, help="transformer blocks (default 2)")
@@ -228,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.blocks < 1 or args.batch < 1:
         parser.error("--blocks and --batch must be >= 1")
+    device = torch.device("cuda" if CUDA else "cpu")
     if "te" in args.backends:
         if not (HAS_TE and CUDA):
             parser.error("--backends te needs Transformer Engine and a CUDA GPU")
-        init_one_process_megatron()
-    device = torch.device("cuda" if CUDA else "cpu")
+        init_one_process(device)  # the te layers come from megatron-core, which needs its process groups
     steps = args.steps or (20 if CUDA else 3)
     cfg = models.resolve_config({"preset": "ltx2-19b" if CUDA else "tiny", "num_layers": args.blocks})
     shapes = dataclasses.replace(GPU_SHAPES if CUDA else CPU_SHAPES, batch=args.batch)

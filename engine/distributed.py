@@ -10,6 +10,7 @@ same seed gives the same iteration for any layout.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 
 import torch
@@ -86,21 +87,20 @@ class ParallelContext:
         dist.all_reduce(x, group=self.pp_group)
         return x
 
-    def max(self, value: float) -> float:
-        """Largest per-rank scalar over data-parallel ranks (for logging)."""
+    def _over_dp(self, value: float, op: dist.ReduceOp) -> float:
         if self.dp == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dp_group)
+        dist.all_reduce(t, op=op, group=self.dp_group)
         return float(t)
+
+    def max(self, value: float) -> float:
+        """Largest per-rank scalar over data-parallel ranks (for logging)."""
+        return self._over_dp(value, dist.ReduceOp.MAX)
 
     def mean(self, value: float) -> float:
         """Mean of a per-rank scalar over data-parallel ranks (for logging)."""
-        if self.dp == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.dp_group)
-        return float(t) / self.dp
+        return self._over_dp(value, dist.ReduceOp.SUM) / self.dp
 
 
 def init_parallel(cfg: Config) -> ParallelContext:
@@ -138,6 +138,22 @@ def init_parallel(cfg: Config) -> ParallelContext:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         if device.type == "cuda":  # megatron initialises GPU weight shards under its own RNG tracker
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.model.init_seed)
+    return megatron_context(device)
+
+
+def init_one_process(device: torch.device) -> ParallelContext:
+    """megatron's process groups for one process outside torchrun (benchmarks, tests): the megatron
+    and te layers need them even alone."""
+    if not dist.is_initialized():
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1)
     return megatron_context(device)
 
 

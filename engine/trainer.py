@@ -27,7 +27,7 @@ from .config import DTYPES, Config, ConfigError, to_dict
 from .data_parallel import DistributedAdamW, grad_sync
 from .distributed import ParallelContext, init_parallel
 from .loss import nft_loss
-from .pipeline import Microbatch, Pipeline, PipelinedForward
+from .pipeline import Pipeline, PipelinedForward, split_batch
 from .metrics import MetricsLogger, console, format_line, plot_rewards
 from .policy import build_optimizer, clip_and_step, ema_decay, ema_update, training_sigmas
 from .reweighting import reference_blocks, reference_steps, region_weights
@@ -168,7 +168,6 @@ class Trainer:
             x0_v, x0_a = rollout.video[pos].to(**on), rollout.audio[pos].to(**on)
             c, rv, ra = ctx[pos], r_video[pos], r_audio[pos]
             tw = None if token_weights is None else token_weights[pos]
-            m = cfg.train.micro_batch_size or len(pos)
             microbatches, rows = [], []
             for j, s in enumerate(sigmas):
                 noise = [training_noise(cfg.seed, iteration, rollout.prompts[p], i % g, j, x0_v.shape[1:],
@@ -176,10 +175,10 @@ class Trainer:
                 eps_v, eps_a = (torch.stack([n[k] for n in noise]).to(**on) for k in (0, 1))
                 sig = torch.full((len(pos),), s, **on)
                 xt_v, xt_a = (1 - s) * x0_v + s * eps_v, (1 - s) * x0_a + s * eps_a
-                for r in range(0, len(pos), m):
-                    rows.append(slice(r, r + m))
-                    microbatches.append(Microbatch((xt_v[r:r + m], xt_a[r:r + m], sig[r:r + m], c[r:r + m],
-                                                    c[r:r + m], self.grid, cfg.task.fps)))
+                split = split_batch((xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps), {}, cfg.train.micro_batch_size)
+                microbatches += split
+                rows += [slice(k * mb.size, (k + 1) * mb.size) for k, mb in enumerate(split)]
+            m = microbatches[0].size
             with profiling.nvtx_range(profiling.TRAIN_FWD):
                 v_old = self.pipeline.forward(self.old_model, microbatches)
                 v_ref = self.pipeline.forward(self.ref_model, microbatches) if self.ref_model is not None else None

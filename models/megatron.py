@@ -102,25 +102,35 @@ class MegatronBackend(TorchBackend):
             raise ValueError(f"QK norm width {dim} cannot be split over {self.tp_size} tensor-parallel ranks")
         return TPRMSNorm(dim, eps, self.group, self.tp_size)
 
+    # Token rows each rank's linears see must be a multiple of this (Transformer Engine's FP8 GEMMs: 16).
+    row_multiple = 1
+
+    def _shards(self) -> int:
+        """Ranks a sequence is split over: tp under sequence parallelism, else 1."""
+        return self.tp_size if self.sequence_parallel else 1
+
     def padded_length(self, n: int) -> int:
-        return -(-n // self.tp_size) * self.tp_size if self.sequence_parallel else n
+        step = self.row_multiple * self._shards()
+        return -(-n // step) * step
 
     def local_length(self, n: int) -> int:
-        return self.padded_length(n) // self.tp_size if self.sequence_parallel else n
+        return self.padded_length(n) // self._shards()
 
     def scatter_sequence(self, x: Tensor) -> Tensor:
-        """Zero-pads the tokens to a multiple of tp (the model masks padded keys), then keeps this rank's share."""
+        """Zero-pads the tokens to `padded_length` (the model masks padded keys), then, under sequence
+        parallelism, keeps this rank's share."""
+        extra = self.padded_length(x.shape[1]) - x.shape[1]
+        if extra:
+            x = nn.functional.pad(x, (0, 0, 0, extra))
         if not self.sequence_parallel:
             return x
-        x = nn.functional.pad(x, (0, 0, 0, self.padded_length(x.shape[1]) - x.shape[1]))
         return tensor_parallel.scatter_to_sequence_parallel_region(x.transpose(0, 1).contiguous()).transpose(0, 1)
 
     def gather_sequence(self, x: Tensor, length: int) -> Tensor:
-        if not self.sequence_parallel:
-            return x
-        full = tensor_parallel.gather_from_sequence_parallel_region(x.transpose(0, 1).contiguous(),
-                                                                     tensor_parallel_output_grad=False)
-        return full.transpose(0, 1)[:, :length]
+        if self.sequence_parallel:
+            x = tensor_parallel.gather_from_sequence_parallel_region(x.transpose(0, 1).contiguous(),
+                                                                  tensor_parallel_output_grad=False).transpose(0, 1)
+        return x[:, :length]
 
     def tp_average(self, x: Tensor) -> Tensor:
         if self.tp_size == 1:

@@ -23,7 +23,7 @@ import importlib.util
 from contextlib import AbstractContextManager
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 if importlib.util.find_spec("transformer_engine") is None:
     raise ImportError("model.backend=te needs NVIDIA Transformer Engine (pip install transformer-engine[pytorch], "
@@ -38,7 +38,6 @@ from .backend import ParallelRole  # noqa: E402
 from .megatron import BatchFirst, MegatronBackend, _init_like_torch  # noqa: E402
 
 FP8_RECIPES = ("tensorwise", "delayed")
-FP8_ROWS = 16  # TE's FP8 GEMMs want row counts in multiples of 16
 
 
 class _TEColumnLinear(BatchFirst, TEColumnParallelLinear):
@@ -51,6 +50,7 @@ class _TERowLinear(BatchFirst, TERowParallelLinear):
 
 class TEBackend(MegatronBackend):
     name = "te"
+    row_multiple = 16  # TE's FP8 GEMMs want row counts in multiples of 16
 
     def __init__(self, sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
                  fp8_recipe: str = "tensorwise"):
@@ -79,23 +79,6 @@ class TEBackend(MegatronBackend):
         if self.tp_size > 1:
             return super().qk_norm(dim, eps)
         return TENorm(self.te_config, dim, eps)
-
-    def _split(self) -> int:
-        return self.tp_size if self.sequence_parallel else 1
-
-    def padded_length(self, n: int) -> int:
-        step = FP8_ROWS * self._split()
-        return -(-n // step) * step
-
-    def local_length(self, n: int) -> int:
-        return self.padded_length(n) // self._split()
-
-    def scatter_sequence(self, x: Tensor) -> Tensor:
-        x = nn.functional.pad(x, (0, 0, 0, self.padded_length(x.shape[1]) - x.shape[1]))
-        return super().scatter_sequence(x)
-
-    def gather_sequence(self, x: Tensor, length: int) -> Tensor:
-        return super().gather_sequence(x, length)[:, :length]
 
     def forward_context(self) -> AbstractContextManager:
         return get_fp8_context(self.te_config)

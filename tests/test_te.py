@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 
 import pytest
 import torch
 
 import models
 from engine.config import ConfigError, load_config
-from engine.distributed import init_parallel
+from engine.distributed import init_one_process, init_parallel
 
 HAS_TE = importlib.util.find_spec("transformer_engine") is not None
 
@@ -34,18 +33,31 @@ def test_config_rules(overrides, message):
         init_parallel(load_config(None, overrides))
 
 
+def test_one_process_megatron_layout():
+    """The process groups the te backend (and bench.step's te row) get outside torchrun."""
+    import torch.distributed as dist
+    parallel_state = pytest.importorskip("megatron.core.parallel_state", reason="megatron-core is not installed")
+    before = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    try:
+        parallel = init_one_process(torch.device("cpu"))
+        assert (parallel.tp, parallel.pp, parallel.dp, parallel.rank) == (1, 1, 1, 0)
+        assert parallel_state.model_parallel_is_initialized()
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+        for k, v in before.items():  # leave the environment as found
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="module")
 def process_group():
     """TE's layers come from megatron-core, which needs its parallel state even in one process."""
     import torch.distributed as dist
     from megatron.core import parallel_state
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1)
+    init_one_process(torch.device("cuda"))
     yield
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
