@@ -3,14 +3,14 @@
     python -m bench.step [--blocks N] [--batch B] [--steps S] [--backends torch fp8 te] [--out PATH]
 
 A step is what the trainer does per mini-batch and training sigma: a no-grad forward of the old
-policy, a forward of the policy, the NFT loss (`engine.loss.nft_loss`), its backward, then gradient
-clipping and AdamW (`engine.policy.clip_and_step`); the old-policy EMA is timed apart by the trainer
+policy, a forward of the policy, the NFT loss (`engine.algorithm.loss.nft_loss`), its backward, then gradient
+clipping and AdamW (`engine.optim.clip_and_step`); the old-policy EMA is timed apart by the trainer
 and left out. The policy's forward alone (no grad) and forward+backward are timed too.
 
 On CUDA: the `ltx2-19b` preset cut to `--blocks` blocks (default 2), bf16 parameters, 6144 video
 tokens (latent grid 16x16x24) + 126 audio tokens (25 per second over the 121 frames at 24 fps), a
 1024-token text context at caption_channels, batch 1; backends torch (bf16), fp8 (torch-native,
-`models.fp8`) and, where Transformer Engine is installed, te (`models.te`, FP8 tensorwise, run in a
+`models.backends.fp8`) and, where Transformer Engine is installed, te (`models.backends.te`, FP8 tensorwise, run in a
 one-process megatron layout); the output says whether TE is importable. On a CPU the same code
 runs the `tiny` preset at a small grid in fp32 (CPUs lack fast bf16 matmuls), and the figures are
 labelled CPU figures; on a busy machine run it
@@ -43,9 +43,9 @@ from torch import Tensor
 
 import models
 from bench.kernels import CUDA, DTYPE, device_label, device_peaks, package_versions, timer
-from engine.distributed import init_one_process
-from engine.loss import nft_loss
-from engine.policy import build_optimizer, clip_and_step
+from engine.algorithm.loss import nft_loss
+from engine.optim import build_optimizer, clip_and_step
+from engine.parallel import ProcessLayout, init_one_process
 from models import LTX2AVTransformer, ModelConfig
 
 # Dense (no sparsity) tensor-core TFLOP/s by device label and GEMM precision, from NVIDIA's datasheets.
@@ -175,7 +175,7 @@ def bench_backend(cfg: ModelConfig, backend: str, shapes: Shapes, device: torch.
         with torch.no_grad():
             v = _velocity(old, batch)
         _loss(batch, v, _velocity(policy, batch)).backward()
-        clip_and_step(policy, optimizer, max_norm=1.0)
+        clip_and_step(policy, optimizer, max_norm=1.0, layout=ProcessLayout())
 
     def forward() -> None:
         with torch.no_grad():

@@ -3,6 +3,9 @@
     omninft train [--config FILE] [--resume] [key=value ...]   e.g. omninft train iterations=2 seed=0 run_dir=out
     omninft sample --checkpoint FILE [key=value ...]  rollouts from a checkpoint, scored, saved as safetensors
     omninft convert SRC DST --to {official,diffusers}
+
+A mistake of the user's (a config key, a file, a checkpoint, a reward) is a `UserError`: caught here,
+once, and printed as one line, with exit status 2.
 """
 from __future__ import annotations
 
@@ -10,15 +13,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import CheckpointError, ConfigError, UserError
 
 
 def _train(args: argparse.Namespace) -> int:
     from .trainer import Trainer
+
     cfg = load_config(args.config, [*args.overrides, *(["resume=true"] if args.resume else [])])
     trainer = Trainer(cfg)
     history = trainer.run()
-    if history and trainer.parallel.is_main:
+    if history and trainer.layout.is_main:
         first, last = history[0], history[-1]
         print(f"\nreward means, iteration {first['iteration']} -> {last['iteration']}:")
         for name in trainer.reward_names:
@@ -29,9 +34,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from models.checkpoint import atomic_save_file
+    from models.weights import atomic_save_file
+
     from .rewards import score_rewards
     from .trainer import Trainer
+
     overrides = list(args.overrides)
     if args.checkpoint:
         overrides.append(f"model.init={args.checkpoint}")
@@ -53,20 +60,30 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from models import convert_file
-    from .checkpoint import is_distributed_checkpoint
+
+    from .checkpoint import full, is_distributed_checkpoint
+
     src = Path(args.src)
     if src.is_dir() and is_distributed_checkpoint(src):
         if args.to != "official":
             raise ConfigError("a distributed checkpoint exports to --to official only")
         from megatron.core import dist_checkpointing
+
         from models.config import resolve_config
-        from .dist_checkpoint import export_official
+
+        from .checkpoint.dist import export_official
+
         run_cfg = dist_checkpointing.load_common_state_dict(str(src))["config"]
         export_official(src, args.dst, resolve_config(run_cfg["model"]["preset"]))
         print(f"wrote the model weights of {src} to {args.dst} (official layout)")
         return 0
-    n = convert_file(args.src, args.dst, args.to)
-    print(f"wrote {n} tensors to {args.dst} ({args.to} layout)")
+    if src.is_dir():
+        if not full.is_full_checkpoint(src):
+            raise CheckpointError(f"{src} is a directory but not a training checkpoint (no {full.STATE_FILE} and "
+                                  f"{full.MODEL_FILES[0]}, and no distributed checkpoint metadata.json)")
+        src = src / full.MODEL_FILES[0]  # the trained policy; the old policy is its EMA
+    n = convert_file(src, args.dst, args.to)
+    print(f"wrote {n} tensors of {src} to {args.dst} ({args.to} layout)")
     return 0
 
 
@@ -86,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("overrides", nargs="*")
     smp.set_defaults(func=_sample)
     conv = sub.add_parser("convert", help="rewrite a DiT checkpoint in the official or diffusers layout, or export "
-                                          "a distributed training checkpoint directory to one official file")
-    conv.add_argument("src", help="safetensors file, or a checkpoints/iter_NNNNNN directory")
+                                          "a training checkpoint directory's model to one file")
+    conv.add_argument("src", help="safetensors file, or a checkpoints/iter_NNNNNN directory (full or distributed)")
     conv.add_argument("dst")
     conv.add_argument("--to", choices=("official", "diffusers"), required=True)
     conv.set_defaults(func=_convert)
@@ -96,14 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from models import CheckpointError
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"omninft: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, CheckpointError) as e:  # user input, not a bug: no traceback
-        print(f"omninft: error: {e}", file=sys.stderr)
+    except UserError as e:  # the user's input, not a bug: one line, no traceback
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"omninft: {kind}: {e}", file=sys.stderr)
         return 2
 
 

@@ -1,7 +1,10 @@
-"""Run configuration: dataclass defaults (the embedded tiny CPU task), YAML files, `key=value` overrides.
+"""Run configuration: each feature's section (declared beside the feature), composed here, read from
+dataclass defaults (the embedded tiny CPU task), YAML files and `key=value` overrides.
 
 The defaults *are* the `tiny` config (configs/tiny.yaml spells them out), so `omninft train` needs no
-file. Every error names the offending key and what it allows.
+file. Each rule is checked once, when the config is read: per key (types, choices, bounds), per
+section (its `__post_init__`) and across sections (`_validate`); every error is a ConfigError that
+names the offending key and what it allows.
 """
 from __future__ import annotations
 
@@ -14,179 +17,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from models.backend import BACKENDS
 from models.config import PRESETS as MODEL_PRESETS
 
-from .advantages import ROUTING_MODES, STD_MODES
-from .reweighting import REWEIGHT_MODES
-from .rewards import BUILTIN_REWARDS
-from .surgery import SURGERY_PRESETS
-
-SIGMA_MODES = ("highest", "uniform", "logit_normal")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-DEFAULT_PROMPTS = (
-    "a dog barks twice in a quiet park",
-    "waves crash on a rocky shore at dusk",
-    "a drummer plays a slow steady beat",
-    "rain falls on a tin roof at night",
-    "a train passes a crossing with its bell ringing",
-    "a child laughs while running through sprinklers",
-    "a blacksmith hammers glowing metal",
-    "an owl hoots in a dark forest",
-)
-
-
-def _choice(*choices: str, **kw) -> Any:
-    return field(metadata={"choices": choices}, **kw)
-
-
-def _range(lo: float | None = None, hi: float | None = None, **kw) -> Any:
-    return field(metadata={"min": lo, "max": hi}, **kw)
-
-
-@dataclass
-class ModelSection:
-    preset: str = _choice(*MODEL_PRESETS, default="tiny")
-    backend: str = _choice(*BACKENDS, default="torch")  # layer flavour; tp > 1 needs megatron or te
-    # FP8 scaling of the te backend (the torch-native fp8 backend is tensorwise only)
-    fp8_recipe: str = _choice("tensorwise", "delayed", default="tensorwise")
-    dtype: str = _choice("float32", "bfloat16", "float64", default="float32")  # parameters (and AdamW state)
-    # Mixed precision: matmuls under torch.autocast in this dtype while parameters stay in `dtype`
-    # (keep fp32 parameters for bf16 compute: AdamW updates on bf16 weights round away).
-    autocast: str = _choice("off", "bfloat16", "float16", default="off")
-    init: str | None = None  # safetensors file (official or diffusers layout) to start from
-    init_seed: int = 0        # random weights when `init` is None
-
-
-@dataclass
-class TaskSection:
-    """The rollout task: prompts, clip shape and the stand-in text features."""
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    video_grid: list[int] = field(default_factory=lambda: [7, 3, 4])  # latent frames, height, width
-    fps: float = _range(1e-3, None, default=24.0)
-    context_tokens: int = _range(1, None, default=8)
-
-
-@dataclass
-class SamplerSection:
-    steps: int = _range(2, None, default=10)
-    shift: float | None = None  # None: the LTX-2 pipelines' fixed 2.05
-    terminal: float = _range(0.0, 0.99, default=0.1)
-    cfg_video: float = _range(1.0, None, default=1.0)  # 1.0 = unguided (SPEC 1: rollouts are unguided)
-    cfg_audio: float = _range(1.0, None, default=1.0)
-
-
-@dataclass
-class AdvantageSection:
-    routing: str = _choice(*ROUTING_MODES, default="omninft")
-    std: str = _choice(*STD_MODES, default="global")
-    eps: float = _range(0.0, None, default=1e-4)
-    adv_clip: float = _range(1e-6, None, default=5.0)
-
-
-@dataclass
-class LossSection:
-    beta: float = _range(1e-6, None, default=1.0)
-    kl_weight: float = _range(0.0, None, default=0.0)
-
-
-@dataclass
-class SurgerySection:
-    schedule: str | list[float] = "paper"  # a preset name or one gradient scale per block
-
-
-@dataclass
-class ReweightSection:
-    mode: str = _choice(*REWEIGHT_MODES, default="minmax")
-    lam: float = _range(1.0, None, default=1.5)
-    warmup_steps: int = _range(0, None, default=400)
-    first_deep_block: int = _range(0, 47, default=10)  # on the 48-block scale
-    first_step: int = _range(0, None, default=10)      # steps 10-18 of a 20-step schedule, rescaled
-    last_step: int = _range(0, None, default=18)
-
-
-@dataclass
-class TrainSection:
-    prompts_per_iteration: int = _range(1, None, default=4)
-    group_size: int = _range(2, None, default=8)
-    batch_size: int = _range(1, None, default=16)
-    sigma_mode: str = _choice(*SIGMA_MODES, default="highest")
-    sigma_fraction: float = _range(1e-6, 1.0, default=0.4)  # 'highest': share of the schedule's steps
-    num_sigmas: int = _range(1, None, default=4)             # 'uniform'/'logit_normal': draws per iteration
-    activation_checkpointing: bool = False  # recompute each block in backward (LTX-2 trainer does, for 19B)
-    # Samples per forward/backward (gradient accumulation; the pipeline's microbatches); 0 = a rank's
-    # whole share of the mini-batch. It must divide that share.
-    micro_batch_size: int = _range(0, None, default=0)
-
-
-@dataclass
-class OptimSection:
-    lr: float = _range(0.0, None, default=3e-4)
-    weight_decay: float = _range(0.0, None, default=0.0)
-    beta1: float = _range(0.0, 0.999999, default=0.9)
-    beta2: float = _range(0.0, 0.999999, default=0.999)
-    eps: float = _range(0.0, None, default=1e-8)
-    grad_clip: float = _range(0.0, None, default=1.0)
-
-
-@dataclass
-class EMASection:
-    decay_rate: float = _range(0.0, None, default=0.001)  # eta = min(decay_rate * step, max_decay)
-    max_decay: float = _range(0.0, 1.0, default=0.5)
-
-
-@dataclass
-class ParallelSection:
-    """Process layout under torchrun: world = tp x pp x dp (dp is what remains)."""
-    tp: int = _range(1, None, default=1)
-    pp: int = _range(1, None, default=1)  # pipeline stages of contiguous blocks
-    # megatron-core's distributed optimizer: AdamW moments sharded over data-parallel ranks (ZeRO-1)
-    distributed_optimizer: bool = False
-    sequence_parallel: bool = False
-
-
-@dataclass
-class ProfileSection:
-    """Iterations between which torch.cuda.profiler is on (for nsys --capture-range=cudaProfilerApi)."""
-    start_step: int | None = None
-    end_step: int | None = None
-
-
-@dataclass
-class LogSection:
-    tensorboard: bool = True
-    progress: bool = True
-    plot: bool = True
+from .algorithm.advantages import AdvantageConfig
+from .algorithm.loss import LossConfig
+from .algorithm.reweighting import ReweightConfig
+from .algorithm.surgery import SurgeryConfig, a2v_grad_scales
+from .checkpoint import FORMATS as CHECKPOINT_FORMATS
+from .data import TaskConfig
+from .errors import ConfigError
+from .fields import bounded, choice
+from .metrics import LogConfig
+from .optim import OptimConfig
+from .parallel import ParallelConfig
+from .policy import EMAConfig, PolicyConfig
+from .profiling import ProfileConfig
+from .rewards import LATENT_REWARDS, RewardSpec, build_rewards
+from .sampler import SamplerConfig
+from .trainer import TrainConfig
 
 
 @dataclass
 class Config:
-    iterations: int = _range(1, None, default=60)
+    iterations: int = bounded(1, None, default=60)
     seed: int = 0
     run_dir: str = "runs/omninft"
     resume: bool = False
-    checkpoint_every: int = _range(0, None, default=20)  # iterations; 0 = only at the end
+    checkpoint_every: int = bounded(0, None, default=20)  # iterations; 0 = only at the end
     # full: both models whole (official layout) + per-rank optimizer; dist: megatron dist_checkpointing,
     # every rank writes its shards, reshards on load; auto: dist when distributed on CUDA, else full.
-    checkpoint_format: str = _choice("auto", "full", "dist", default="auto")
-    model: ModelSection = field(default_factory=ModelSection)
-    task: TaskSection = field(default_factory=TaskSection)
-    sampler: SamplerSection = field(default_factory=SamplerSection)
-    rewards: list[dict] = field(default_factory=lambda: [{"name": n, "weight": 1.0} for n in BUILTIN_REWARDS])
-    advantage: AdvantageSection = field(default_factory=AdvantageSection)
-    loss: LossSection = field(default_factory=LossSection)
-    surgery: SurgerySection = field(default_factory=SurgerySection)
-    reweight: ReweightSection = field(default_factory=ReweightSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    ema: EMASection = field(default_factory=EMASection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-    profile: ProfileSection = field(default_factory=ProfileSection)
-    log: LogSection = field(default_factory=LogSection)
+    checkpoint_format: str = choice(*CHECKPOINT_FORMATS, default="auto")
+    model: PolicyConfig = field(default_factory=PolicyConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name) for name in LATENT_REWARDS])
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 class _Loader(yaml.SafeLoader):
@@ -205,12 +81,15 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A config value or key that is not allowed; the message names the key."""
+def _yaml(text: str, source: str):
+    """YAML 1.2 scalars; a syntax error is a ConfigError naming `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from e
 
 
 def _convert(key: str, value: Any, tp: Any) -> Any:
@@ -233,6 +112,8 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_convert(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -249,33 +130,35 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
+    """An instance of the dataclass `cls` from `data`, every value checked against its field; the
+    section's own rules run in its `__post_init__`. A class's `__config_hints__` explain keys that
+    users try but that do not exist."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(map(str, set(data) - set(names)))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys{' in ' + prefix if prefix else ''}: "
-                          f"{', '.join(names)}")
+        explained = [hint for k in unknown if (hint := getattr(cls, "__config_hints__", {}).get(k))]
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+                          f"allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}"
+                          + "".join(f" ({hint})" for hint in explained))
     kwargs = {}
     for name, f in names.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key} is required")
             continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], key)
+        value = _convert(key, data[name], hints[name])
+        if dataclasses.is_dataclass(value):
+            kwargs[name] = value
             continue
-        value = _convert(key, data[name], tp)
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
@@ -288,26 +171,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    """Cross-field checks the per-key rules cannot express."""
-    if len(cfg.task.video_grid) != 3 or any(n < 1 for n in cfg.task.video_grid):
-        raise ConfigError(f"task.video_grid must be three positive integers [frames, height, width]; "
-                          f"got {cfg.task.video_grid}")
-    if cfg.task.video_grid[0] < 3:
-        raise ConfigError("task.video_grid needs at least 3 latent frames (av_sync correlates motion over time)")
-    if not cfg.task.prompts:
-        raise ConfigError("task.prompts must hold at least one prompt")
-    if cfg.model.init is not None and not Path(cfg.model.init).is_file():
-        raise ConfigError(f"model.init: {cfg.model.init} is not a file (expected a safetensors checkpoint)")
+    """Rules that span sections."""
     if cfg.parallel.tp > 1 and cfg.model.backend not in ("megatron", "te"):
         raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs model.backend=megatron or te; got {cfg.model.backend!r}")
-    if cfg.model.fp8_recipe != "tensorwise" and cfg.model.backend != "te":
-        raise ConfigError(f"model.fp8_recipe={cfg.model.fp8_recipe} needs model.backend=te (the torch-native fp8 "
-                          f"backend scales tensorwise)")
     if cfg.model.backend == "te" and cfg.train.activation_checkpointing:
         raise ConfigError("train.activation_checkpointing is not supported with model.backend=te: recomputed "
                           "blocks would run outside Transformer Engine's FP8 context")
-    if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
-        raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
     if cfg.parallel.distributed_optimizer and cfg.checkpoint_format == "full":
         raise ConfigError("parallel.distributed_optimizer needs checkpoint_format=dist or auto (the optimizer state "
                           "is sharded)")
@@ -315,19 +184,11 @@ def _validate(cfg: Config) -> None:
     if cfg.parallel.pp > layers:
         raise ConfigError(f"parallel.pp={cfg.parallel.pp}: model.preset={cfg.model.preset!r} has only {layers} "
                           f"blocks to split into pipeline stages")
-    p = cfg.profile
-    if (p.start_step is None) != (p.end_step is None) or p.start_step is not None and not 0 <= p.start_step <= p.end_step:
-        raise ConfigError("profile.start_step and profile.end_step must be set together with 0 <= start_step <= end_step")
-    if cfg.reweight.last_step < cfg.reweight.first_step:
-        raise ConfigError("reweight.last_step must be >= reweight.first_step")
-    if isinstance(cfg.surgery.schedule, str) and cfg.surgery.schedule not in SURGERY_PRESETS:
-        raise ConfigError(f"surgery.schedule must be one of {', '.join(SURGERY_PRESETS)} or a list of per-block "
-                          f"gradient scales; got {cfg.surgery.schedule!r}")
-    from .rewards import build_rewards
     try:
-        build_rewards(cfg.rewards)
+        a2v_grad_scales(cfg.surgery.schedule, layers)
     except ValueError as e:
-        raise ConfigError(str(e)) from e
+        raise ConfigError(f"{e} (model.preset={cfg.model.preset!r})") from e
+    build_rewards(cfg.rewards)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -336,7 +197,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
-    return key.split("."), _yaml(raw) if raw else ""
+    return key.split("."), _yaml(raw, f"override {key}") if raw else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -346,7 +207,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = _yaml(path.read_text()) or {}
+        data = _yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:

@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+@dataclass
+class LogConfig:
+    """`log.*`: what a run writes besides metrics.jsonl."""
+
+    tensorboard: bool = True
+    progress: bool = True
+    plot: bool = True
 
 
 class MetricsLogger:

@@ -1,47 +1,96 @@
-"""Policy updates around the loss: AdamW with gradient clipping, the old-policy EMA, training sigmas."""
+"""The policies of a run: the trainable model (`model.*`), the old policy that samples rollouts and
+follows it by EMA, and the frozen KL reference; all built for this rank's place in the layout."""
 from __future__ import annotations
 
-import math
+import contextlib
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .data_parallel import DistributedAdamW
-from .sampler import stable_seed
+import models
+from models import LTX2AVTransformer
+from models.config import PRESETS
+from models.weights import load_full_state, open_safetensors
+
+from .errors import ConfigError, UserError
+from .fields import bounded, choice
+from .parallel.layout import ProcessLayout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas, eps=eps,
-                             weight_decay=weight_decay)
+@dataclass
+class PolicyConfig:
+    """`model.*`: which DiT, its layers, precision and starting weights."""
+
+    preset: str = choice(*PRESETS, default="tiny")
+    backend: str = choice(*models.BACKENDS, default="torch")  # layer flavour; tp > 1 needs megatron or te
+    # FP8 scaling of the te backend (the torch-native fp8 backend is tensorwise only)
+    fp8_recipe: str = choice("tensorwise", "delayed", default="tensorwise")
+    dtype: str = choice("float32", "bfloat16", "float64", default="float32")  # parameters (and AdamW state)
+    # Mixed precision: matmuls under torch.autocast in this dtype while parameters stay in `dtype`
+    # (keep fp32 parameters for bf16 compute: AdamW updates on bf16 weights round away).
+    autocast: str = choice("off", "bfloat16", "float16", default="off")
+    init: str | None = None  # safetensors file (official or diffusers layout) to start from
+    init_seed: int = 0  # random weights when `init` is None
+
+    def __post_init__(self) -> None:
+        if self.fp8_recipe != "tensorwise" and self.backend != "te":
+            raise ConfigError(f"model.fp8_recipe={self.fp8_recipe} needs model.backend=te (the torch-native fp8 "
+                              f"backend scales tensorwise)")
+        if self.init is not None:
+            if not Path(self.init).is_file():
+                raise ConfigError(f"model.init: {self.init} is not a file (expected a safetensors checkpoint)")
+            try:
+                with open_safetensors(self.init):
+                    pass
+            except UserError as e:
+                raise ConfigError(f"model.init: {e}") from e
 
 
-def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, max_norm: float) -> float:
-    """Clips the global gradient norm (0 = no clipping) and steps; returns the norm before clipping.
+@dataclass
+class EMAConfig:
+    """`ema.*`: theta_old <- eta theta_old + (1 - eta) theta, eta = min(decay_rate * step, max_decay)."""
 
-    Under tensor parallelism a split parameter's squares are summed over the group and a replicated
-    one is counted once; pipeline stages add their sums. So the norm (and the clipping) equals the
-    single-process one. megatron's distributed optimizer (engine.data_parallel) clips itself, alike."""
-    if isinstance(optimizer, DistributedAdamW):
-        return optimizer.step()
-    backend, stage = getattr(model, "backend", None), getattr(model, "stage", None)
-    grads = [p for p in model.parameters() if p.grad is not None]
-    split = [p.grad.float().pow(2).sum() for p in grads if getattr(p, "tensor_model_parallel", False)]
-    whole = [p.grad.float().pow(2).sum() for p in grads if not getattr(p, "tensor_model_parallel", False)]
-    split_sq = torch.stack(split).sum() if split else torch.zeros(())
-    if backend is not None and backend.tp_size > 1:
-        torch.distributed.all_reduce(split_sq, group=backend.group)
-    total = split_sq + (torch.stack(whole).sum() if whole else 0.0)
-    if stage is not None and stage.count > 1:
-        torch.distributed.all_reduce(total, group=stage.group)
-    norm = torch.sqrt(total)
-    if max_norm > 0:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in grads:
-            p.grad.mul_(coef.to(p.grad.dtype))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    decay_rate: float = bounded(0.0, None, default=0.001)
+    max_decay: float = bounded(0.0, 1.0, default=0.5)
+
+
+def layer_backend(cfg: PolicyConfig, sharding: models.Sharding) -> models.TorchBackend:
+    """The layers `model.backend` names, built for this rank's sharding."""
+    options = {"fp8_recipe": cfg.fp8_recipe} if cfg.backend == "te" else {}
+    return models.backends.resolve_backend(cfg.backend, sharding, **options)
+
+
+def build_policy(cfg: PolicyConfig, layout: ProcessLayout, sequence_parallel: bool = False) -> LTX2AVTransformer:
+    """This rank's share of the model (its pipeline stage, its tensor-parallel slices) with its
+    starting weights: `model.init` (each rank reads only its share), or a seeded random init made as
+    one process would make it (so the run does not depend on the layout; it builds the whole model on
+    every rank, fine for `tiny`)."""
+    model = models.build_model(cfg.preset, device=layout.device, stage=layout.stage(),
+                               backend=layer_backend(cfg, layout.sharding(sequence_parallel)))
+    if cfg.init is not None:
+        models.load_model_weights(model, cfg.init)
+    else:
+        torch.manual_seed(cfg.init_seed)
+        load_full_state(model, models.build_model(cfg.preset).state_dict())
+    return model.to(DTYPES[cfg.dtype])
+
+
+def frozen_copy(cfg: PolicyConfig, model: LTX2AVTransformer) -> LTX2AVTransformer:
+    """Same layers, layout and weights, no gradients (the old policy and the KL reference)."""
+    copy = models.build_model(cfg.preset, device=next(model.parameters()).device, dtype=DTYPES[cfg.dtype],
+                              backend=layer_backend(cfg, model.sharding), stage=model.stage)
+    copy.load_state_dict(model.state_dict())
+    return copy.requires_grad_(False)
+
+
+def autocast(cfg: PolicyConfig, device: torch.device) -> AbstractContextManager:
+    """Mixed precision for every model forward (`model.autocast`); a no-op when off."""
+    return contextlib.nullcontext() if cfg.autocast == "off" else torch.autocast(device.type, dtype=DTYPES[cfg.autocast])
 
 
 def ema_decay(step: int, decay_rate: float, max_decay: float) -> float:
@@ -54,22 +103,3 @@ def ema_update(old: nn.Module, new: nn.Module, eta: float) -> None:
     """theta_old <- eta * theta_old + (1 - eta) * theta."""
     for p_old, p in zip(old.parameters(), new.parameters()):
         p_old.mul_(eta).add_(p.detach(), alpha=1.0 - eta)
-
-
-def training_sigmas(schedule: Tensor, mode: str, fraction: float, num: int, seed: int, iteration: int) -> list[float]:
-    """Noise levels the loss is evaluated at in one iteration.
-
-    highest: the first ceil(fraction * steps) levels of the rollout's own schedule (the noisiest; the
-    authors' choice); uniform / logit_normal: `num` fresh draws in (0, 1), seeded by (seed, iteration).
-    """
-    if mode == "highest":
-        steps = len(schedule) - 1
-        return [float(s) for s in schedule[: max(1, math.ceil(fraction * steps))]]
-    g = torch.Generator().manual_seed(stable_seed(seed, iteration, "train-sigmas"))
-    if mode == "uniform":
-        draws = torch.rand(num, generator=g, dtype=torch.float64)
-    elif mode == "logit_normal":
-        draws = torch.sigmoid(torch.randn(num, generator=g, dtype=torch.float64))
-    else:
-        raise ValueError(f"train.sigma_mode must be one of highest, uniform, logit_normal; got {mode!r}")
-    return [float(s) for s in draws.clamp(1e-3, 1.0)]

@@ -7,9 +7,12 @@ unconditionally and CPU runs take the same code path as GPU runs.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import nvtx
 import torch
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,20 @@ class _PushPop:
 
     def stop(self) -> None:
         nvtx.pop_range()
+
+
+@dataclass
+class ProfileConfig:
+    """`profile.*`: iterations between which torch.cuda.profiler is on (for nsys --capture-range=cudaProfilerApi)."""
+
+    start_step: int | None = None
+    end_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.start_step is None) != (self.end_step is None) or \
+                self.start_step is not None and not 0 <= self.start_step <= self.end_step:
+            raise ConfigError("profile.start_step and profile.end_step must be set together with "
+                              "0 <= start_step <= end_step")
 
 
 class ProfilerWindow:

@@ -1,20 +1,38 @@
-"""Rollouts: the joint Euler ODE on the LTX-2 schedule, optional batched CFG, and the V2A attention
-mass that region-wise reweighting needs (recorded on the fly, never as an N_a x N_v map)."""
+"""Rollouts: the joint Euler ODE on the LTX-2 schedule, optional batched CFG, and the noise levels the
+loss is trained at. The V2A attention mass that region-wise reweighting needs is recorded on the fly
+by the recorder the caller passes (engine.algorithm.reweighting), never as an N_a x N_v map."""
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-import kernels
 from models import LTX2AVTransformer
+
+from .algorithm.reweighting import V2AMassRecorder
+from .fields import bounded
+from .noise import stable_seed
 
 BASE_SHIFT_TOKENS, MAX_SHIFT_TOKENS = 1024, 4096
 BASE_SHIFT, MAX_SHIFT = 0.95, 2.05
+SIGMA_MODES = ("highest", "uniform", "logit_normal")
+
+
+@dataclass
+class SamplerConfig:
+    """`sampler.*`: the rollout schedule and guidance."""
+
+    steps: int = bounded(2, None, default=10)
+    shift: float | None = None  # None: the LTX-2 pipelines' fixed 2.05
+    terminal: float = bounded(0.0, 0.99, default=0.1)
+    cfg_video: float = bounded(1.0, None, default=1.0)  # 1.0 = unguided (SPEC 1: rollouts are unguided)
+    cfg_audio: float = bounded(1.0, None, default=1.0)
+
+    def sigmas(self) -> Tensor:
+        """The (steps + 1,) schedule these settings give."""
+        return ltx2_sigmas(self.steps, MAX_SHIFT if self.shift is None else self.shift, self.terminal)
 
 
 def shift_for_tokens(num_tokens: int) -> float:
@@ -38,92 +56,44 @@ def ltx2_sigmas(steps: int, shift: float = MAX_SHIFT, terminal: float = 0.1) -> 
     return sigmas.to(torch.float32)
 
 
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from the parts' text: the same on every process, rank and Python run."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def training_sigmas(schedule: Tensor, mode: str, fraction: float, num: int, seed: int, iteration: int) -> list[float]:
+    """Noise levels the loss is evaluated at in one iteration (SPEC 3).
 
-
-def seeded_normal(shape: Sequence[int], *seed_parts: object, device: torch.device | str = "cpu") -> Tensor:
-    g = torch.Generator(device="cpu").manual_seed(stable_seed(*seed_parts))
-    return torch.randn(*shape, generator=g).to(device)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt and its text features (stand-ins for the Gemma features the real pipeline feeds in)."""
-    text: str
-    context: Tensor  # (T_ctx, caption_channels)
-
-
-def prompt_features(text: str, tokens: int, channels: int) -> Tensor:
-    """Deterministic per-prompt features: a fixed random draw keyed by the prompt text."""
-    return seeded_normal((tokens, channels), "prompt-features", text)
-
-
-def rollout_noise(seed: int, iteration: int, prompt: str, sample: int, video_shape: tuple[int, int],
-                  audio_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Initial noise of one sample: a function of (seed, iteration, prompt, sample index) only, so the
-    rollouts do not depend on how samples are spread over processes."""
-    return (seeded_normal(video_shape, seed, iteration, prompt, sample, "video"),
-            seeded_normal(audio_shape, seed, iteration, prompt, sample, "audio"))
-
-
-def training_noise(seed: int, iteration: int, prompt: str, sample: int, sigma_index: int,
-                   video_shape: tuple[int, int], audio_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Forward-process noise of one sample at the iteration's `sigma_index`-th training sigma, keyed
-    like `rollout_noise` so training does not depend on batching or layout either."""
-    return (seeded_normal(video_shape, seed, iteration, prompt, sample, "train", sigma_index, "video"),
-            seeded_normal(audio_shape, seed, iteration, prompt, sample, "train", sigma_index, "audio"))
-
-
-class V2AMassRecorder:
-    """Accumulates, per video token, the V2A attention mass summed over audio queries, averaged over
-    heads, then over the recorded (block, step) pairs. Only the first `rows` batch rows count (the
-    conditional half when CFG batches cond and uncond). A pipeline stage sees only its own blocks:
-    its score is its share of the sum over blocks, and the stages' scores add up."""
-
-    def __init__(self, blocks: Sequence[int], rows: int, num_video_tokens: int, device: torch.device):
-        self.blocks = frozenset(blocks)
-        self.rows = rows
-        self.total = torch.zeros(rows, num_video_tokens, dtype=torch.float32, device=device)
-        self.steps = 0
-        self.active = False
-
-    def start_step(self, record: bool) -> None:
-        self.active = record
-        self.steps += record
-
-    def __call__(self, block: int, q: Tensor, k: Tensor, first_row: int = 0) -> None:
-        """q, k of `block` for batch rows first_row.. (a microbatch's rows within the sampled batch)."""
-        stop = min(first_row + q.shape[0], self.rows)
-        if self.active and block in self.blocks and stop > first_row:
-            n = stop - first_row
-            kernels.attention_mass(q[:n], k[:n], out=self.total[first_row:stop])
-
-    def score(self) -> Tensor | None:
-        return self.total / (self.steps * len(self.blocks)) if self.steps else None
+    highest: the first ceil(fraction * steps) levels of the rollout's own schedule (the noisiest; the
+    authors' choice); uniform / logit_normal: `num` fresh draws in (0, 1), seeded by (seed, iteration).
+    """
+    if mode == "highest":
+        steps = len(schedule) - 1
+        return [float(s) for s in schedule[: max(1, math.ceil(fraction * steps))]]
+    g = torch.Generator().manual_seed(stable_seed(seed, iteration, "train-sigmas"))
+    if mode == "uniform":
+        draws = torch.rand(num, generator=g, dtype=torch.float64)
+    elif mode == "logit_normal":
+        draws = torch.sigmoid(torch.randn(num, generator=g, dtype=torch.float64))
+    else:
+        raise ValueError(f"train.sigma_mode must be one of {', '.join(SIGMA_MODES)}; got {mode!r}")
+    return [float(s) for s in draws.clamp(1e-3, 1.0)]
 
 
 @dataclass
 class RolloutResult:
-    video: Tensor             # (N, T_v, C) clean video latents
-    audio: Tensor             # (N, T_a, C) clean audio latents
-    sigmas: Tensor            # (steps + 1,) the schedule used
-    v2a_score: Tensor | None  # (N, T_v) mean V2A attention mass per video token, if recorded
+    video: Tensor  # (N, T_v, C) clean video latents
+    audio: Tensor  # (N, T_a, C) clean audio latents
+    sigmas: Tensor  # (steps + 1,) the schedule used
 
 
 @torch.no_grad()
 def sample(model: LTX2AVTransformer, video_noise: Tensor, audio_noise: Tensor, video_context: Tensor,
            audio_context: Tensor, video_grid: tuple[int, int, int], fps: float, sigmas: Tensor,
            cfg_video: float = 1.0, cfg_audio: float = 1.0, uncond_context: tuple[Tensor, Tensor] | None = None,
-           record_steps: Sequence[int] = (), record_blocks: Sequence[int] = ()) -> RolloutResult:
+           v2a_recorder: V2AMassRecorder | None = None) -> RolloutResult:
     """Euler steps x <- x + (sigma_next - sigma) v on both streams from the given noise. `model` is
-    the transformer or anything with its call signature and `backend` (engine.pipeline.PipelinedForward).
+    the transformer or anything with its call signature (engine.parallel.PipelinedForward).
 
     With cfg_video or cfg_audio > 1, the conditional and unconditional passes run as one batched
     forward and v = v_u + scale (v_c - v_u) per stream; `uncond_context` gives the (video, audio)
-    unconditional contexts, each (N, T_ctx, caption_channels).
+    unconditional contexts, each (N, T_ctx, caption_channels). `v2a_recorder` (built for the N
+    conditional rows) records the V2A attention mass of the steps and blocks it was built for.
     """
     n = video_noise.shape[0]
     guided = cfg_video != 1.0 or cfg_audio != 1.0
@@ -133,21 +103,16 @@ def sample(model: LTX2AVTransformer, video_noise: Tensor, audio_noise: Tensor, v
     if guided:
         ctx_v = torch.cat([video_context, uncond_context[0]])
         ctx_a = torch.cat([audio_context, uncond_context[1]])
-    recorder = None
-    if record_steps and record_blocks:
-        recorder = V2AMassRecorder(record_blocks, n, video_noise.shape[1], video_noise.device)
-    record_steps = set(record_steps)
     x, a = video_noise.clone(), audio_noise.clone()
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i].to(x).expand(n)
         xin, ain, sin = (torch.cat([x, x]), torch.cat([a, a]), torch.cat([sigma, sigma])) if guided else (x, a, sigma)
-        if recorder is not None:
-            recorder.start_step(i in record_steps)
-        v_video, v_audio = model(xin, ain, sin, ctx_v, ctx_a, video_grid, fps, v2a_probe=recorder)
+        if v2a_recorder is not None:
+            v2a_recorder.start_step(i)
+        v_video, v_audio = model(xin, ain, sin, ctx_v, ctx_a, video_grid, fps, v2a_probe=v2a_recorder)
         if guided:
             (vc, vu), (ac, au) = v_video.chunk(2), v_audio.chunk(2)
             v_video, v_audio = vu + cfg_video * (vc - vu), au + cfg_audio * (ac - au)
         dt = (sigmas[i + 1] - sigmas[i]).to(x)
         x, a = x + dt * v_video, a + dt * v_audio
-    score = None if recorder is None else recorder.score()
-    return RolloutResult(x, a, sigmas, None if score is None else model.backend.tp_average(score))
+    return RolloutResult(x, a, sigmas)

@@ -1,132 +1,105 @@
 """The OmniNFT loop (SPEC section 6): sample from the old policy, score, route advantages, train, EMA.
 
 One `Trainer.iteration` is Algorithm 1 once; `Trainer.run` adds logging, checkpoints and resume.
-Where each idea lives: routing `engine.advantages`, loss `engine.loss`, surgery `engine.surgery`
-(applied via `model.set_a2v_grad_scales`), reweighting `engine.reweighting` (fed by the sampler's
-V2A attention mass). Under torchrun, `engine.distributed` decides which samples this rank handles.
+Where each idea lives: routing `engine.algorithm.advantages`, loss `engine.algorithm.loss`, surgery
+`engine.algorithm.surgery` (applied via `model.set_a2v_grad_scales`), reweighting
+`engine.algorithm.reweighting` (its recorder is the model's V2A probe during the rollout). Under
+torchrun, `engine.parallel.ProcessLayout` decides which samples this rank handles and does every
+reduction.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-import models
-from models import LTX2AVTransformer
-from models.checkpoint import gather_full_state, load_full_state
+from models.latents import frame_ids
 
 from . import profiling
-from .advantages import optimality_probability, route_advantages
-from .checkpoint import (TrainState, checkpoint_root, is_distributed_checkpoint, latest_checkpoint, point_latest,
-                         read_checkpoint, save_checkpoint)
-from .config import DTYPES, Config, ConfigError, to_dict
-from .data_parallel import DistributedAdamW, grad_sync
-from .distributed import ParallelContext, init_parallel
-from .loss import nft_loss
-from .pipeline import Pipeline, PipelinedForward, split_batch
+from .algorithm.advantages import optimality_probability, route_advantages
+from .algorithm.loss import nft_loss
+from .algorithm.reweighting import V2AMassRecorder, reference_blocks, reference_steps, region_weights
+from .algorithm.surgery import a2v_grad_scales
+from .checkpoint import CheckpointManager, TrainState
+from .data import prompt_features, prompts_for
+from .errors import ConfigError
+from .fields import bounded, choice
 from .metrics import MetricsLogger, console, format_line, plot_rewards
-from .policy import build_optimizer, clip_and_step, ema_decay, ema_update, training_sigmas
-from .reweighting import reference_blocks, reference_steps, region_weights
+from .noise import rollout_noise, training_noise
+from .optim import clip_and_step, make_optimizer
+from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init_layout, split_batch
+from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy
 from .rewards import Rollout, build_rewards, score_rewards
-from .sampler import ltx2_sigmas, prompt_features, rollout_noise, sample, training_noise
-from .surgery import a2v_grad_scales
+from .sampler import SIGMA_MODES, sample, training_sigmas
 
-AUDIO_TOKENS_PER_SECOND = 25.0
-
-
-def audio_tokens_for(video_grid: tuple[int, int, int], fps: float) -> int:
-    """Audio latents covering the clip: (8(F-1)+1) pixel frames at `fps`, 25 audio tokens per second."""
-    frames = 8 * (video_grid[0] - 1) + 1
-    return max(2, round(frames / fps * AUDIO_TOKENS_PER_SECOND))
+if TYPE_CHECKING:  # config.py composes TrainConfig from here
+    from .config import Config
 
 
-def layer_backend(cfg: Config) -> models.TorchBackend:
-    kwargs = {}
-    if cfg.model.backend in ("megatron", "te"):
-        kwargs["sequence_parallel"] = cfg.parallel.sequence_parallel
-    if cfg.model.backend == "te":
-        kwargs["fp8_recipe"] = cfg.model.fp8_recipe
-    return models.backend.resolve_backend(cfg.model.backend, **kwargs)
+@dataclass
+class TrainConfig:
+    """`train.*`: the rollout batch, the mini-batches the optimizer steps on, and the training sigmas."""
 
-
-def build_policy(cfg: Config, device: torch.device, stage: models.Stage | None = None) -> LTX2AVTransformer:
-    """This rank's share of the model (its pipeline stage, its tensor-parallel slices) with its
-    starting weights: `model.init` (each rank reads only its share), or a seeded random init made as
-    one process would make it (so the run does not depend on the layout; it builds the whole model on
-    every rank, fine for `tiny`)."""
-    model = models.build_model(cfg.model.preset, device=device, backend=layer_backend(cfg), stage=stage)
-    if cfg.model.init is not None:
-        models.load_model_weights(model, cfg.model.init)
-    else:
-        torch.manual_seed(cfg.model.init_seed)
-        load_full_state(model, models.build_model(cfg.model.preset).state_dict())
-    return model.to(DTYPES[cfg.model.dtype])
-
-
-def frozen_copy(cfg: Config, model: LTX2AVTransformer) -> LTX2AVTransformer:
-    """Same backend, layout and weights, no gradients (the old policy and the KL reference)."""
-    copy = models.build_model(cfg.model.preset, device=next(model.parameters()).device,
-                              dtype=DTYPES[cfg.model.dtype], backend=layer_backend(cfg), stage=model.stage)
-    copy.load_state_dict(model.state_dict())
-    return copy.requires_grad_(False)
+    prompts_per_iteration: int = bounded(1, None, default=4)
+    group_size: int = bounded(2, None, default=8)
+    batch_size: int = bounded(1, None, default=16)
+    sigma_mode: str = choice(*SIGMA_MODES, default="highest")
+    sigma_fraction: float = bounded(1e-6, 1.0, default=0.4)  # 'highest': share of the schedule's steps
+    num_sigmas: int = bounded(1, None, default=4)  # 'uniform'/'logit_normal': draws per iteration
+    activation_checkpointing: bool = False  # recompute each block in backward (LTX-2 trainer does, for 19B)
+    # Samples per forward/backward (gradient accumulation; the pipeline's microbatches); 0 = a rank's
+    # whole share of the mini-batch. It must divide that share.
+    micro_batch_size: int = bounded(0, None, default=0)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, parallel: ParallelContext | None = None):
+    def __init__(self, cfg: Config, layout: ProcessLayout | None = None):
         self.cfg = cfg
-        self.parallel = parallel or init_parallel(cfg)
-        self.run_dir = Path(cfg.run_dir)
-        self.device = self.parallel.device
-        self.model = build_policy(cfg, self.device, self.parallel.stage)
+        self.layout = layout or init_layout(cfg.parallel, cfg.model.backend, cfg.model.init_seed)
+        self.device = self.layout.device
+        self.model = build_policy(cfg.model, self.layout, cfg.parallel.sequence_parallel)
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.old_model = frozen_copy(cfg, self.model)
-        self.ref_model = frozen_copy(cfg, self.model) if cfg.loss.kl_weight > 0 else None
-        self.grad_sync = grad_sync(self.model, self.parallel, cfg.parallel.distributed_optimizer)
-        o = cfg.optim
-        self.optimizer = DistributedAdamW(self.grad_sync, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, o.grad_clip) \
-            if cfg.parallel.distributed_optimizer else \
-            build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+        self.old_model = frozen_copy(cfg.model, self.model)
+        self.ref_model = frozen_copy(cfg.model, self.model) if cfg.loss.kl_weight > 0 else None
+        self.grad_sync = grad_sync(self.model, self.layout, cfg.parallel.distributed_optimizer)
+        self.optimizer = make_optimizer(cfg.optim, self.model, self.grad_sync, cfg.parallel.distributed_optimizer)
+        self.checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint_format, self.layout,
+                                             cfg.parallel.distributed_optimizer)
         self.rewards = build_rewards(cfg.rewards)
         self.reward_names = [r.name for r in self.rewards]
         self.grid = tuple(cfg.task.video_grid)
-        self.num_audio = audio_tokens_for(self.grid, cfg.task.fps)
-        self.sigmas = ltx2_sigmas(cfg.sampler.steps, 2.05 if cfg.sampler.shift is None else cfg.sampler.shift,
-                                  cfg.sampler.terminal)
+        self.geometry = self.model.config.geometry
+        self.num_audio = self.geometry.audio_tokens_for(self.grid[0], cfg.task.fps)
+        self.sigmas = cfg.sampler.sigmas()
         self.contexts = {p: prompt_features(p, cfg.task.context_tokens, self.model.config.caption_channels)
                          for p in [*cfg.task.prompts, ""]}
-        f, h, w = self.grid
-        self.frame_ids = torch.arange(f * h * w, device=self.device) // (h * w)
+        self.frame_ids = frame_ids(self.grid, self.device)
         self.state = TrainState(iteration=-1, step=0)
-        self.layout = {"tp": self.parallel.tp, "pp": self.parallel.pp, "dp": self.parallel.dp}
         self.dtype = DTYPES[cfg.model.dtype]
-        self.pipeline = Pipeline(self.parallel, self.autocast)
+        self.pipeline = Pipeline(self.layout, lambda: autocast(cfg.model, self.device))
         m, n = cfg.train.micro_batch_size, cfg.train.prompts_per_iteration * cfg.train.group_size
-        shares = {len(b) for b in self.parallel.local_indices(n, cfg.train.batch_size)}
+        shares = {len(b) for b in self.layout.local_indices(n, cfg.train.batch_size)}
         if m and any(share % m for share in shares):
             raise ConfigError(f"train.micro_batch_size={m} must divide each rank's share of a mini-batch "
                               f"({', '.join(map(str, sorted(shares)))} samples here)")
 
-    def autocast(self):
-        """Mixed precision for every model forward (`model.autocast`); a no-op when off."""
-        mode = self.cfg.model.autocast
-        return contextlib.nullcontext() if mode == "off" else torch.autocast(self.device.type, dtype=DTYPES[mode])
-
     # ---- one iteration, phase by phase -------------------------------------------------------------
     def prompts_for(self, iteration: int) -> list[str]:
-        """Iteration i takes the next `prompts_per_iteration` prompts, cycling through the list."""
-        ps, k = self.cfg.task.prompts, self.cfg.train.prompts_per_iteration
-        return [ps[(iteration * k + j) % len(ps)] for j in range(k)]
+        """The prompts of iteration `iteration` (the next `prompts_per_iteration`, cycling)."""
+        return prompts_for(self.cfg.task.prompts, iteration, self.cfg.train.prompts_per_iteration)
 
     def rollout(self, iteration: int, prompts: list[str], indices: list[int]) -> tuple[Rollout, Tensor, Tensor | None]:
         """Samples `indices` of the iteration (sample i is number i % G of prompt i // G) from the old
         policy; returns them as a Rollout (on the CPU, where rewards score them), their text contexts
-        and their V2A scores (on the device)."""
-        cfg, mc = self.cfg, self.model.config
+        and their V2A scores (on the device, summed over stages and averaged over heads of all ranks)."""
+        cfg, mc, layout = self.cfg, self.model.config, self.layout
         g = cfg.train.group_size
         f, h, w = self.grid
         texts = [prompts[i // g] for i in indices]
@@ -135,17 +108,22 @@ class Trainer:
         on = {"device": self.device, "dtype": self.dtype}
         ctx = torch.stack([self.contexts[p] for p in texts]).to(**on)
         uncond = self.contexts[""].to(**on).expand_as(ctx)
-        record = cfg.reweight.mode != "off"
+        recorder = None
+        if cfg.reweight.mode != "off":
+            recorder = V2AMassRecorder(
+                steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step),
+                blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block), rows=len(indices),
+                num_video_tokens=f * h * w, device=self.device)
         result = sample(
             PipelinedForward(self.pipeline, self.old_model, cfg.train.micro_batch_size),
             torch.stack([n[0] for n in noise]).to(**on), torch.stack([n[1] for n in noise]).to(**on), ctx, ctx,
             self.grid, cfg.task.fps, self.sigmas, cfg.sampler.cfg_video, cfg.sampler.cfg_audio, (uncond, uncond),
-            record_steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step)
-            if record else (),
-            record_blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block) if record else ())
+            v2a_recorder=recorder)
         rollout = Rollout(video=result.video.float().cpu(), audio=result.audio.float().cpu(), video_grid=self.grid,
-                          fps=cfg.task.fps, prompts=tuple(texts))
-        score = None if result.v2a_score is None else self.parallel.sum_over_stages(result.v2a_score)
+                          fps=cfg.task.fps, prompts=tuple(texts), geometry=self.geometry)
+        score = None if recorder is None else recorder.score()
+        if score is not None:  # a rank saw its heads of its stage's blocks
+            score = layout.sum_over("pp", layout.mean_over("tp", score))
         return rollout, ctx, score
 
     def train(self, iteration: int, batches: list[list[int]], rollout: Rollout, ctx: Tensor, r_video: Tensor,
@@ -154,7 +132,7 @@ class Trainer:
         the microbatches of this rank's share of the batch (through the pipeline when there are stages),
         gradients are reduced over ranks, clipped, AdamW steps, and the old policy moves by EMA.
         Tensors are indexed by position in this rank's rollout."""
-        cfg, par = self.cfg, self.parallel
+        cfg, layout = self.cfg, self.layout
         on = {"device": self.device, "dtype": self.dtype}
         sigmas = training_sigmas(self.sigmas, cfg.train.sigma_mode, cfg.train.sigma_fraction, cfg.train.num_sigmas,
                                  cfg.seed, iteration)
@@ -199,28 +177,27 @@ class Trainer:
 
             self.grad_sync.start()
             logged = self.pipeline.forward_backward(self.model, microbatches, loss_fn, self.grad_sync.no_sync)
-            step_totals = par.from_last_stage([float(sum(values[k] for values in logged)) if logged else 0.0
-                                               for k in keys])
+            step_totals = layout.from_last_stage([float(sum(values[k] for values in logged)) if logged else 0.0
+                                                  for k in keys])
             for k, v in zip(keys, step_totals):
                 totals[k] += v / len(batches)
             with profiling.nvtx_range(profiling.OPTIMIZER):
                 self.grad_sync.finish()
-                self.model.backend.finalize_grads(self.model)
-                norms.append(clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip))
+                norms.append(clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip, layout))
             self.state.step += 1
             t0 = time.perf_counter()
             with profiling.nvtx_range(profiling.EMA):
                 ema_update(self.old_model, self.model, ema_decay(self.state.step, cfg.ema.decay_rate, cfg.ema.max_decay))
             t_ema += time.perf_counter() - t0
-        totals = {k: par.mean(v) for k, v in totals.items()}
+        totals = {k: layout.mean_over("dp", v) for k, v in totals.items()}
         return {**totals, "grad_norm": sum(norms) / len(norms), "time/ema": t_ema, "train_sigmas": len(sigmas)}
 
     def iteration(self, iteration: int) -> dict:
-        cfg, par, times = self.cfg, self.parallel, {}
+        cfg, layout, times = self.cfg, self.layout, {}
         t0 = time.perf_counter()
         prompts = self.prompts_for(iteration)
         n = len(prompts) * cfg.train.group_size
-        batches = par.local_indices(n, cfg.train.batch_size)
+        batches = layout.local_indices(n, cfg.train.batch_size)
         local = [i for b in batches for i in b]
         with profiling.nvtx_range(profiling.ROLLOUT):
             rollout, ctx, v2a_score = self.rollout(iteration, prompts, local)
@@ -228,7 +205,7 @@ class Trainer:
 
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.REWARD):
-            scores = {k: par.gather_samples(v.to(self.device), local, n)
+            scores = {k: layout.gather_samples(v.to(self.device), local, n)
                       for k, v in score_rewards(self.rewards, rollout).items()}
         times["time/reward"] = time.perf_counter() - t
 
@@ -263,52 +240,25 @@ class Trainer:
         for name, adv in routed.per_reward.items():
             metrics[f"adv/{name}_abs_mean"] = float(adv.abs().mean())
         if weights is not None:  # over all samples: each data-parallel rank holds an equal share
-            metrics["region_weight/max"] = par.max(float(weights.max()))
-            metrics["region_weight/mean"] = par.mean(float(weights.mean()))
+            metrics["region_weight/max"] = layout.max_over("dp", float(weights.max()))
+            metrics["region_weight/mean"] = layout.mean_over("dp", float(weights.mean()))
         return metrics
 
     # ---- the run -----------------------------------------------------------------------------------
     def resume(self) -> None:
-        path = latest_checkpoint(self.run_dir)
-        if path is None:
-            raise FileNotFoundError(f"resume=true but {self.run_dir}/checkpoints holds no checkpoint")
-        if is_distributed_checkpoint(path):
-            if not self.parallel.distributed:
-                raise RuntimeError(f"{path} is a distributed checkpoint: resume under torchrun (one process will do)")
-            from . import dist_checkpoint
-            self.state, _ = dist_checkpoint.load(path, self.model, self.old_model, self.optimizer, self.parallel.dp_rank)
-        else:
-            self.state, model_sd, old_sd = read_checkpoint(path, self.optimizer, self.parallel.rank, self.layout)
-            load_full_state(self.model, model_sd)
-            load_full_state(self.old_model, old_sd)
-        if self.parallel.is_main:
+        self.state, path = self.checkpoints.resume(self.model, self.old_model, self.optimizer)
+        if self.layout.is_main:
             console(f"resumed from {path} (iteration {self.state.iteration}, step {self.state.step})")
 
-    def checkpoint_format(self) -> str:
-        fmt = self.cfg.checkpoint_format
-        if fmt == "auto":
-            sharded = self.cfg.parallel.distributed_optimizer
-            return "dist" if self.parallel.distributed and (torch.cuda.is_available() or sharded) else "full"
-        return fmt
-
     def save(self) -> Path:
-        if self.checkpoint_format() == "dist":
-            from . import dist_checkpoint
-            path = checkpoint_root(self.run_dir) / f"iter_{self.state.iteration:06d}"
-            dist_checkpoint.save(path, self.model, self.old_model, self.optimizer, self.state, to_dict(self.cfg),
-                                 self.parallel.dp_rank)
-            if self.parallel.is_main:
-                point_latest(path)
-            return path
-        full = (gather_full_state(self.model), gather_full_state(self.old_model))
-        return save_checkpoint(self.run_dir, self.state, full, self.model.config, self.optimizer, to_dict(self.cfg),
-                               self.parallel.rank, self.layout)
+        return self.checkpoints.save(self.state, self.model, self.old_model, self.optimizer,
+                                     dataclasses.asdict(self.cfg))
 
     def run(self) -> list[dict]:
-        cfg, main = self.cfg, self.parallel.is_main
+        cfg, main = self.cfg, self.layout.is_main
         if cfg.resume:
             self.resume()
-        logger = MetricsLogger(self.run_dir, cfg.log.tensorboard, self.state.iteration if cfg.resume else None) \
+        logger = MetricsLogger(cfg.run_dir, cfg.log.tensorboard, self.state.iteration if cfg.resume else None) \
             if main else None
         window = profiling.ProfilerWindow(cfg.profile.start_step, cfg.profile.end_step)
         start = self.state.iteration + 1
@@ -336,5 +286,5 @@ class Trainer:
             if main:
                 console(f"checkpoint: {path}")
         if main and cfg.log.plot and logger.path.stat().st_size:
-            plot_rewards(logger.path, self.run_dir / "rewards.png", self.reward_names)
+            plot_rewards(logger.path, Path(cfg.run_dir) / "rewards.png", self.reward_names)
         return history

@@ -38,6 +38,18 @@ def cross_attention(
     return reference.cross_attention(q, k, v, kv_grad_scale, key_mask)
 
 
+def cross_attention_lse(
+    q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float = 1.0, key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`cross_attention` and its row log-sum-exp (B, H, Nq) (no gradient), for `attention_mass(lse=...)`:
+    the Triton forward writes it anyway, so the mass needs no second pass over the logits."""
+    if uses_triton(q):
+        from kernels import triton_attention
+
+        return triton_attention.cross_attention_lse(q, k, v, kv_grad_scale, key_mask)
+    return reference.cross_attention_lse(q, k, v, kv_grad_scale, key_mask)
+
+
 def attention_mass(
     q: Tensor, k: Tensor, *, key_mask: Tensor | None = None, lse: Tensor | None = None,
     out: Tensor | None = None, chunk_size: int = 1024,
@@ -50,4 +62,4 @@ def attention_mass(
     return reference.attention_mass(q, k, key_mask=key_mask, lse=lse, out=out, chunk_size=chunk_size)
 
 
-__all__ = ["attention_mass", "cross_attention", "uses_triton"]
+__all__ = ["attention_mass", "cross_attention", "cross_attention_lse", "uses_triton"]

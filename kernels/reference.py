@@ -107,6 +107,37 @@ def cross_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
+def cross_attention_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_grad_scale: float = 1.0,
+    key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`cross_attention` and the row log-sum-exp (B,H,Nq) float32 (float64 for float64 inputs) of its
+    scaled, masked logits, without gradient: what `attention_mass(lse=...)` reuses. The Triton kernel
+    writes the LSE in its forward; here it is one more chunked pass over the logits."""
+    out = cross_attention(q, k, v, kv_grad_scale, key_mask)
+    with torch.no_grad():
+        return out, _row_lse(q, k, key_mask, chunk_size=1024)
+
+
+def _logit_chunks(q: Tensor, k: Tensor, key_mask: Tensor | None, chunk_size: int):
+    """(start, scaled masked logits of queries start..start+chunk_size) in float32 (float64 for float64
+    inputs): the full Nq x Nk map never exists at once."""
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kt = k.to(compute_dtype).transpose(-1, -2)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    masked = None if key_mask is None else ~key_mask[:, None, None, :]
+    for start in range(0, q.shape[2], chunk_size):
+        s = (q[:, :, start : start + chunk_size].to(compute_dtype) @ kt) * scale
+        yield start, s if masked is None else s.masked_fill(masked, float("-inf"))
+
+
+def _row_lse(q: Tensor, k: Tensor, key_mask: Tensor | None, chunk_size: int) -> Tensor:
+    return torch.cat([torch.logsumexp(s, dim=-1) for _, s in _logit_chunks(q, k, key_mask, chunk_size)], dim=-1)
+
+
 @torch.no_grad()
 def attention_mass(
     q: Tensor,
@@ -126,26 +157,14 @@ def attention_mass(
     and steps), and then returned. Runs without grad because it is a statistic, not a loss term.
     """
     check_mass_inputs(q, k, key_mask, lse, out, chunk_size)
-    batch, heads, n_q, dim = q.shape
+    batch, heads, _, _ = q.shape
     n_k = k.shape[2]
 
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kt = k.to(compute_dtype).transpose(-1, -2)
-    scale = 1.0 / math.sqrt(dim)
-    masked = None if key_mask is None else ~key_mask[:, None, None, :]
-
-    def logits(start: int) -> Tensor:
-        s = (q[:, :, start : start + chunk_size].to(compute_dtype) @ kt) * scale
-        return s if masked is None else s.masked_fill(masked, float("-inf"))
-
-    starts = range(0, n_q, chunk_size)
-    if lse is None:
-        lse = torch.cat([torch.logsumexp(logits(s), dim=-1) for s in starts], dim=-1)
-    lse = lse.to(compute_dtype)
-
+    lse = (_row_lse(q, k, key_mask, chunk_size) if lse is None else lse).to(compute_dtype)
     mass = torch.zeros(batch, heads, n_k, dtype=compute_dtype, device=q.device)
-    for s in starts:
-        mass += torch.exp(logits(s) - lse[:, :, s : s + chunk_size, None]).sum(dim=2)
+    for s, logits in _logit_chunks(q, k, key_mask, chunk_size):
+        mass += torch.exp(logits - lse[:, :, s : s + chunk_size, None]).sum(dim=2)
     result = mass.mean(dim=1).to(torch.float32)
     if out is None:
         return result

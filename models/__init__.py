@@ -3,25 +3,31 @@ from __future__ import annotations
 
 import torch
 
-from .backend import BACKENDS, TorchBackend, resolve_backend
-from .checkpoint import (CheckpointError, config_from_diffusers, convert_file, load_model_weights, load_state,
-                         save_model)
+from .backends import BACKENDS, TorchBackend, resolve_backend
 from .config import PRESETS, ModelConfig, resolve_config
+from .errors import CheckpointError, UserError
+from .latents import REFERENCE_DEPTH, LatentGeometry, reference_block
+from .layouts import config_from_diffusers
+from .sharding import Sharding
 from .stage import Stage, stage_layers
-from .transformer import LTX2AVTransformer
+from .transformer import LTX2AVTransformer, V2AProbe
+from .weights import convert_file, load_model_weights, load_state, save_model
 
-__all__ = ["BACKENDS", "PRESETS", "CheckpointError", "LTX2AVTransformer", "ModelConfig", "Stage", "TorchBackend",
-           "build_model", "convert_file", "from_diffusers", "load_model_weights", "save_model", "stage_layers"]
+__all__ = ["BACKENDS", "PRESETS", "REFERENCE_DEPTH", "CheckpointError", "LTX2AVTransformer", "LatentGeometry",
+           "ModelConfig", "Sharding", "Stage", "TorchBackend", "UserError", "V2AProbe", "build_model", "convert_file",
+           "from_diffusers", "load_model_weights", "reference_block", "save_model", "stage_layers"]
 
 
 def build_model(name_or_config: str | ModelConfig | dict = "tiny", device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, backend: str | TorchBackend | None = None,
-                stage: Stage | None = None) -> LTX2AVTransformer:
+                stage: Stage | None = None, sharding: Sharding | None = None, **backend_options) -> LTX2AVTransformer:
     """Builds the DiT (or one pipeline stage of it) with random weights; `device='meta'` builds shapes
-    only (e.g. to count the 19B)."""
+    only (e.g. to count the 19B). A backend name is built for `sharding` (default: one process
+    holding every head and token) with `backend_options`; a backend instance brings its own."""
     cfg = resolve_config(name_or_config)
+    layers = resolve_backend(backend, sharding, **backend_options)
     with torch.device(device):
-        model = LTX2AVTransformer(cfg, resolve_backend(backend), stage)
+        model = LTX2AVTransformer(cfg, layers, stage)
     return model.to(dtype)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .latents import LatentGeometry
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -41,6 +43,13 @@ class ModelConfig:
     @property
     def audio_dim(self) -> int:
         return self.num_heads * self.audio_head_dim
+
+    @property
+    def geometry(self) -> LatentGeometry:
+        """How this model's latents map to seconds and pixels (models.latents)."""
+        return LatentGeometry(frame_stride=self.vae_scale_factors[0], pixel_stride=tuple(self.vae_scale_factors[1:]),
+                              mel_stride=self.audio_scale_factor, hop_length=self.audio_hop_length,
+                              sampling_rate=self.audio_sampling_rate, causal_offset=self.causal_offset)
 
     def __post_init__(self) -> None:
         positive = ("num_layers", "num_heads", "video_head_dim", "audio_head_dim", "in_channels",

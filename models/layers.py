@@ -1,5 +1,5 @@
 """Layers of the LTX-2 DiT. Module names follow the official checkpoint layout, so a state dict
-needs no renaming to be written in it (diffusers' names are a rename in `models.checkpoint`)."""
+needs no renaming to be written in it (diffusers' names are a rename in `models.layouts`)."""
 from __future__ import annotations
 
 import math
@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backend import TorchBackend
+from .backends import TorchBackend
 from .rope import Rope, apply_split_rope
 
-# Called by the V2A attention with its post-RoPE (B, H, N, D) queries and keys: the hook through
-# which the sampler records attention mass for region-wise reweighting.
-AttentionProbe = Callable[[Tensor, Tensor], None]
+# Called by an attention after its kernel with the post-RoPE (B, H, Nq, D) queries, (B, H, Nk, D)
+# keys and the kernel's row log-sum-exp (B, H, Nq): how the V2A mass is recorded without a second
+# pass over the logits (models.transformer.V2AProbe).
+AttentionProbe = Callable[[Tensor, Tensor, Tensor], None]
 
 
 def rms_norm(x: Tensor, eps: float) -> Tensor:
@@ -72,9 +73,7 @@ class Attention(nn.Module):
                  eps: float):
         super().__init__()
         inner = heads * head_dim
-        if heads % backend.tp_size:
-            raise ValueError(f"{heads} attention heads cannot be split over {backend.tp_size} tensor-parallel ranks")
-        self.backend, self.heads = backend, heads // backend.tp_size  # this rank's heads
+        self.backend, self.heads = backend, backend.sharding.local_heads(heads)  # this rank's heads
         self.q_norm = backend.qk_norm(inner, eps)
         self.k_norm = backend.qk_norm(inner, eps)
         self.to_q = backend.linear(query_dim, inner, role="column")
@@ -95,9 +94,11 @@ class Attention(nn.Module):
         if q_rope is not None:
             q = apply_split_rope(q, q_rope)
             k = apply_split_rope(k, q_rope if k_rope is None else k_rope)
-        if probe is not None:
-            probe(q.detach(), k.detach())
-        out = self.backend.attention(q, k, v, key_mask=key_mask, kv_grad_scale=kv_grad_scale)
+        if probe is None:
+            out = self.backend.attention(q, k, v, key_mask=key_mask, kv_grad_scale=kv_grad_scale)
+        else:
+            out, lse = self.backend.attention(q, k, v, key_mask=key_mask, kv_grad_scale=kv_grad_scale, with_lse=True)
+            probe(q.detach(), k.detach(), lse.detach())
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 

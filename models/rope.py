@@ -1,7 +1,7 @@
 """Token positions and split rotary embeddings of LTX-2 (ARCHITECTURE.md section 3).
 
 Video positions are (time in seconds, height in pixels, width in pixels) and audio positions are
-time in seconds, each the midpoint of the token's causal span. The cross-modal attentions use the
+time in seconds, each the midpoint of the token's causal span (`models.latents`). The cross-modal attentions use the
 time axis alone, so their logits depend on the relative time between a frame and an audio token.
 """
 from __future__ import annotations
@@ -17,25 +17,17 @@ Rope = tuple[Tensor, Tensor]  # cos, sin: (1, H, T, head_dim // 2)
 
 
 def video_positions(cfg: ModelConfig, grid: tuple[int, int, int], fps: float, device: torch.device) -> Tensor:
-    """(T, 3) midpoints of each latent token's span: seconds, pixels, pixels; tokens f-major."""
+    """(T, 3) float32 midpoints of each latent token's span: seconds, pixels, pixels; tokens f-major."""
     f, h, w = grid
-    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in (f, h, w)]
-    start = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
-    scale = torch.tensor(cfg.vae_scale_factors, dtype=torch.float32, device=device)
-    bounds = torch.stack([start * scale, (start + 1) * scale], dim=-1)  # (T, 3, 2)
-    # The causal VAE gives latent frame 0 a single pixel frame: shift and clamp the time axis.
-    time = (bounds[:, 0] + cfg.causal_offset - cfg.vae_scale_factors[0]).clamp(min=0) / fps
-    bounds = torch.cat([time[:, None], bounds[:, 1:]], dim=1)
-    return bounds.mean(dim=-1)
+    geometry = cfg.geometry
+    axes = (geometry.frame_times(f, fps, torch.float32, device), geometry.pixel_centres(h, 0, device),
+            geometry.pixel_centres(w, 1, device))
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
 def audio_positions(cfg: ModelConfig, num_tokens: int, device: torch.device) -> Tensor:
-    """(T, 1) midpoints in seconds: token i spans mel frames [4i, 4i+4), shifted causally."""
-    idx = torch.arange(num_tokens, dtype=torch.float32, device=device)
-    s = cfg.audio_scale_factor
-    start = (idx * s + cfg.causal_offset - s).clamp(min=0) * cfg.audio_hop_length / cfg.audio_sampling_rate
-    end = ((idx + 1) * s + cfg.causal_offset - s).clamp(min=0) * cfg.audio_hop_length / cfg.audio_sampling_rate
-    return ((start + end) / 2.0)[:, None]
+    """(T, 1) float32 midpoints in seconds of each audio token's mel frames."""
+    return cfg.geometry.audio_token_times(num_tokens, torch.float32, device)[:, None]
 
 
 def split_rope(positions: Tensor, max_pos: tuple[float, ...], dim: int, heads: int, theta: float) -> Rope:

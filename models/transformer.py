@@ -8,21 +8,29 @@ Every sub-layer is modulated by adaLN-single rows plus the block's own table.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .backend import TorchBackend
+from .backends import TorchBackend
 from .config import ModelConfig
 from .layers import AdaLNSingle, Attention, AttentionProbe, CaptionProjection, FeedForward, rms_norm
 from .rope import Rope, audio_positions, split_rope, video_positions
 from .stage import Stage, pack, stage_layers, unpack
 
-# Receives (block index, post-RoPE V2A queries, post-RoPE V2A keys); see `LTX2AVTransformer.forward`.
-# (engine.pipeline's PipelinedForward also passes the microbatch's first row of the sampled batch.)
-V2AProbe = Callable[..., None]
+
+class V2AProbe(Protocol):
+    """What the model calls around each block's V2A attention (audio queries, video keys): the hook
+    through which region-wise reweighting records the attention mass (engine.algorithm.reweighting)."""
+
+    def wants(self, block: int) -> bool:
+        """Whether `block`'s V2A attention is recorded now; only then does the attention return its LSE."""
+
+    def record(self, block: int, q: Tensor, k: Tensor, lse: Tensor) -> None:
+        """After the attention of `block`: post-RoPE queries (B, H, N_a, D) and keys (B, H, N_v, D) of
+        this rank's heads and the real tokens only, and the attention's row log-sum-exp (B, H, N_a)."""
 
 
 def _rows(table: Tensor, mod: Tensor, start: int, stop: int) -> list[Tensor]:
@@ -107,7 +115,7 @@ class LTX2AVTransformer(nn.Module):
         stage = stage or Stage()
         if stage.layers is None:
             stage = replace(stage, layers=stage_layers(cfg.num_layers, stage.count, stage.index))
-        self.config, self.backend, self.stage = cfg, backend, stage
+        self.config, self.backend, self.stage, self.sharding = cfg, backend, stage, backend.sharding
         dv, da, f = cfg.video_dim, cfg.audio_dim, cfg.timestep_embed_dim
         if stage.first:
             self.patchify_proj = backend.linear(cfg.in_channels, dv)
@@ -145,7 +153,7 @@ class LTX2AVTransformer(nn.Module):
 
     def rope(self, video_grid: tuple[int, int, int], num_audio: int, fps: float, device: torch.device) -> dict[str, Rope]:
         """cos/sin tables of the four RoPE uses, cut to this rank's heads (each head has its own frequencies)."""
-        cfg, h, backend = self.config, self.config.num_heads, self.backend
+        cfg, h = self.config, self.config.num_heads
         pv = video_positions(cfg, video_grid, fps, device)
         pa = audio_positions(cfg, num_audio, device)
         ca_max = (max(cfg.rope_max_pos[0], cfg.audio_rope_max_pos),)
@@ -155,14 +163,13 @@ class LTX2AVTransformer(nn.Module):
             "video_ca": split_rope(pv[:, :1], ca_max, cfg.audio_dim, h, cfg.rope_theta),
             "audio_ca": split_rope(pa, ca_max, cfg.audio_dim, h, cfg.rope_theta),
         }
-        local = h // backend.tp_size
-        heads = slice(backend.tp_rank * local, (backend.tp_rank + 1) * local)
+        heads = self.sharding.head_slice(h)
         return {name: (cos[:, heads], sin[:, heads]) for name, (cos, sin) in tables.items()}
 
     def carry_shapes(self, b: int, n_video: int, n_audio: int, n_video_ctx: int, n_audio_ctx: int,
                      per_token_video: bool, per_token_audio: bool) -> dict[str, tuple[int, ...]]:
         """Shape of each part of the carry on this rank (this rank's tokens under sequence parallelism)."""
-        cfg, local = self.config, self.backend.local_length
+        cfg, local = self.config, self.sharding.local_length
         dv, da = cfg.video_dim, cfg.audio_dim
         tv = local(n_video) if per_token_video else 1
         ta = local(n_audio) if per_token_audio else 1
@@ -179,7 +186,7 @@ class LTX2AVTransformer(nn.Module):
         """video (B, F*H*W, C) f-major, audio (B, T_a, C), sigma (B,); contexts (B, T_ctx, caption_channels)
         with optional bool masks (B, T_ctx) (True = real token). `video_sigma`/`audio_sigma` (B, T) give
         per-token noise levels (conditioning tokens at 0); otherwise every token has `sigma`.
-        `v2a_probe(block, q, k)` sees the V2A queries/keys of every block, after RoPE (this rank's heads).
+        `v2a_probe` sees the V2A attention of the blocks it wants (see V2AProbe).
         Every stage takes the same arguments; a stage other than the last returns the packed carry."""
         cfg = self.config
         b = video.shape[0]
@@ -209,21 +216,23 @@ class LTX2AVTransformer(nn.Module):
             carry = unpack(self.input_tensor, self.carry_shapes(
                 b, n_video, n_audio, video_context.shape[1], audio_context.shape[1], video_sigma is not None,
                 audio_sigma is not None))
-        rope = {name: self._pad_rope(table, n_audio if name.startswith("audio") else n_video)
+        shard = self.sharding
+        rope = {name: shard.pad_rope(table, n_audio if name.startswith("audio") else n_video)
                 for name, table in self.rope(video_grid, n_audio, fps, video.device).items()}
-        masks = {"video": self._key_mask(None, b, n_video, video.device),
-                 "audio": self._key_mask(None, b, n_audio, video.device),
-                 "video_ctx": self._key_mask(video_context_mask, b, video_context.shape[1], video.device),
-                 "audio_ctx": self._key_mask(audio_context_mask, b, audio_context.shape[1], video.device)}
+        masks = {"video": shard.key_mask(None, b, n_video, video.device),
+                 "audio": shard.key_mask(None, b, n_audio, video.device),
+                 "video_ctx": shard.key_mask(video_context_mask, b, video_context.shape[1], video.device),
+                 "audio_ctx": shard.key_mask(audio_context_mask, b, audio_context.shape[1], video.device)}
         mod = {name: carry["mod_" + name] for name in ("video", "audio", "video_ca", "audio_ca", "a2v_gate", "v2a_gate")}
         ctx = (carry["video_ctx"], carry["audio_ctx"])
         vx, ax = carry["video"], carry["audio"]
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         with self.backend.forward_context():
             for name, block in self.transformer_blocks.items():
-                # The probe sees real tokens only (sequence-parallel padding is masked out of the attention).
-                probe = None if v2a_probe is None else \
-                    (lambda q, k, i=int(name): v2a_probe(i, q[:, :, :n_audio], k[:, :, :n_video]))
+                # The probe sees real tokens only (padded keys are masked, so the LSE is the real tokens').
+                probe = None if v2a_probe is None or not v2a_probe.wants(int(name)) else \
+                    (lambda q, k, lse, i=int(name): v2a_probe.record(i, q[:, :, :n_audio], k[:, :, :n_video],
+                                                                     lse[:, :, :n_audio]))
                 if recompute:
                     vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, use_reentrant=False)
                 else:
@@ -233,10 +242,10 @@ class LTX2AVTransformer(nn.Module):
 
         shift, scale = (self.scale_shift_table[None, None] + carry["emb_video"][:, :, None]).unbind(dim=2)
         v_video = self.proj_out(nn.functional.layer_norm(vx, (cfg.video_dim,), eps=1e-6) * (1 + scale) + shift)
-        v_video = self.backend.gather_sequence(v_video, n_video)
+        v_video = self.sharding.gather(v_video, n_video)
         shift, scale = (self.audio_scale_shift_table[None, None] + carry["emb_audio"][:, :, None]).unbind(dim=2)
         v_audio = self.audio_proj_out(nn.functional.layer_norm(ax, (cfg.audio_dim,), eps=1e-6) * (1 + scale) + shift)
-        return v_video, self.backend.gather_sequence(v_audio, n_audio)
+        return v_video, self.sharding.gather(v_audio, n_audio)
 
     def embed(self, video: Tensor, audio: Tensor, sigma: Tensor, video_context: Tensor, audio_context: Tensor,
               video_sigma: Tensor | None, audio_sigma: Tensor | None) -> dict[str, Tensor]:
@@ -249,7 +258,7 @@ class LTX2AVTransformer(nn.Module):
         t_audio = (sigma[:, None] if audio_sigma is None else audio_sigma) * cfg.timestep_scale_multiplier
         gate_scale = cfg.av_ca_timestep_scale_multiplier / cfg.timestep_scale_multiplier
         # Sequence parallelism: each rank carries a share of the tokens between the parallel linears.
-        split = self.backend.scatter_sequence
+        split = self.sharding.scatter
         if video_sigma is not None:
             t_video = split(t_video[..., None])[..., 0]
         if audio_sigma is not None:
@@ -272,20 +281,3 @@ class LTX2AVTransformer(nn.Module):
             "emb_audio": emb_audio,
         }
         return {name: t.to(dtype) for name, t in carry.items()}
-
-    def _key_mask(self, mask: Tensor | None, b: int, n: int, device: torch.device) -> Tensor | None:
-        """A key mask over the padded sequence: `mask` (or all True) for the n real tokens, False for
-        the padding sequence parallelism adds; None when there is neither."""
-        padded = self.backend.padded_length(n)
-        if padded == n:
-            return mask
-        valid = (torch.arange(padded, device=device) < n).expand(b, padded)
-        return valid if mask is None else valid & nn.functional.pad(mask, (0, padded - n), value=False)
-
-    def _pad_rope(self, table: Rope, n: int) -> Rope:
-        """Identity rotations for padded tokens (their keys are masked, their outputs dropped)."""
-        extra = self.backend.padded_length(n) - n
-        if not extra:
-            return table
-        cos, sin = table
-        return (nn.functional.pad(cos, (0, 0, 0, extra), value=1.0), nn.functional.pad(sin, (0, 0, 0, extra)))

@@ -1,7 +1,5 @@
 """The README's promises that a script can check."""
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def test_ci_runs_exactly_the_readme_test_command():

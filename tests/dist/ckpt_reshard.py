@@ -29,11 +29,13 @@ install()
 from megatron.core import parallel_state  # noqa: E402
 
 import models  # noqa: E402
-from engine import dist_checkpoint  # noqa: E402
+from engine.checkpoint import dist as dist_checkpoint  # noqa: E402
 from engine.checkpoint import TrainState  # noqa: E402
-from engine.policy import build_optimizer, clip_and_step, ema_update  # noqa: E402
-from models.checkpoint import gather_full_state, load_full_state  # noqa: E402
-from models.megatron import MegatronBackend  # noqa: E402
+from engine.optim import build_optimizer, clip_and_step  # noqa: E402
+from engine.parallel import ProcessLayout  # noqa: E402
+from engine.policy import ema_update  # noqa: E402
+from models.weights import gather_full_state, load_full_state  # noqa: E402
+from models.backends.megatron import MegatronBackend  # noqa: E402
 
 SAVED_LR, SAVED_STATE, SAVED_CONFIG = 1e-3, TrainState(iteration=3, step=1), {"seed": 7, "run_dir": "runs/x"}
 
@@ -44,7 +46,7 @@ def build(tp: int, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     ref = models.build_model("tiny")
     pair = []
     for _ in range(2):
-        m = models.build_model("tiny", backend=MegatronBackend() if tp > 1 else None)
+        m = models.build_model("tiny", backend=MegatronBackend(layout().sharding()) if tp > 1 else None)
         load_full_state(m, ref.state_dict())
         pair.append(m)
     return pair[0], pair[1].requires_grad_(False)
@@ -60,15 +62,16 @@ def train_step(model, old_model, optimizer) -> None:
     v, a = model(*args)
     loss = ((v - torch.randn(v.shape, generator=g)) ** 2).mean() + ((a - torch.randn(a.shape, generator=g)) ** 2).mean()
     loss.backward()
-    model.backend.finalize_grads(model)
-    clip_and_step(model, optimizer, 1.0)
+    clip_and_step(model, optimizer, 1.0, layout())
     ema_update(old_model, model, 0.5)
 
 
-def local_slice(full: torch.Tensor, param: torch.Tensor, backend) -> torch.Tensor:
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    return full.chunk(backend.tp_size, dim=param.partition_dim)[backend.tp_rank]
+def layout() -> ProcessLayout:
+    return ProcessLayout.from_megatron(torch.device("cpu"))
+
+
+def local_slice(full: torch.Tensor, param: torch.Tensor, sharding) -> torch.Tensor:
+    return full[sharding.weight_slice(param)] if sharding.is_split(param) else full
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -77,17 +80,13 @@ def full_state(model) -> dict[str, torch.Tensor]:
 
 
 def full_optimizer_state(model, optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    backend, out = model.backend, {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+    sharding, out = model.sharding, {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
     for name, p in model.named_parameters():
         state = optimizer.state[p]
         out["step"][name] = state["step"].clone()
         for k in ("exp_avg", "exp_avg_sq"):
             t = state[k]
-            if getattr(p, "tensor_model_parallel", False) and backend.tp_size > 1:
-                parts = [torch.empty_like(t) for _ in range(backend.tp_size)]
-                dist.all_gather(parts, t.contiguous(), group=backend.group)
-                t = torch.cat(parts, dim=p.partition_dim)
-            out[k][name] = t.clone()
+            out[k][name] = (sharding.gather_weight(t, p) if sharding.is_split(p) else t).clone()
     return out
 
 
@@ -154,14 +153,14 @@ def load_phase(tp: int, ckpt: Path, work: Path) -> dict:
     errors = corrupt_checkpoints(ckpt, work, model, old_model, optimizer) if dist.get_world_size() == 1 else {}
     state, config = dist_checkpoint.load(ckpt, model, old_model, optimizer, dp_rank=0)
     saved = torch.load(reference_file(ckpt), weights_only=True)
-    params, backend = dict(model.named_parameters()), model.backend
+    params, sharding = dict(model.named_parameters()), model.sharding
     mismatches = [f"{key}.{name}" for key, m in (("model", model), ("old_model", old_model))
                   for name, t in m.state_dict().items()
-                  if not torch.equal(t, local_slice(saved[key][name], params[name], backend))]
+                  if not torch.equal(t, local_slice(saved[key][name], params[name], sharding))]
     for name, p in params.items():
         state_p, full = optimizer.state[p], saved["optimizer"]
         mismatches += [f"optimizer.{k}.{name}" for k in ("exp_avg", "exp_avg_sq")
-                       if not torch.equal(state_p[k], local_slice(full[k][name], p, backend))]
+                       if not torch.equal(state_p[k], local_slice(full[k][name], p, sharding))]
         if not torch.equal(state_p["step"], full["step"][name]):
             mismatches.append(f"optimizer.step.{name}")
     group = optimizer.param_groups[0]

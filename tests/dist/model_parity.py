@@ -24,22 +24,16 @@ install()
 from megatron.core import parallel_state  # noqa: E402
 
 import models  # noqa: E402
-from engine.distributed import megatron_context  # noqa: E402
-from engine.pipeline import Microbatch, Pipeline  # noqa: E402
-from models.checkpoint import load_full_state  # noqa: E402
-from models.megatron import MegatronBackend  # noqa: E402
+from engine.parallel import GradSync, ProcessLayout  # noqa: E402
+from engine.parallel.pipeline import Microbatch, Pipeline  # noqa: E402
+from models.weights import gather_full_state, load_full_state  # noqa: E402
+from models.backends.megatron import MegatronBackend  # noqa: E402
 
 
 def gathered_grads(model) -> dict[str, torch.Tensor]:
-    backend, out = model.backend, {}
-    for name, p in model.named_parameters():
-        g = p.grad
-        if getattr(p, "tensor_model_parallel", False) and backend.tp_size > 1:
-            parts = [torch.empty_like(g) for _ in range(backend.tp_size)]
-            dist.all_gather(parts, g.contiguous(), group=backend.group)
-            g = torch.cat(parts, dim=p.partition_dim)
-        out[name] = g
-    return out
+    sharding = model.sharding
+    return {name: sharding.gather_weight(p.grad, p) if sharding.is_split(p) and p.grad is not None else p.grad
+            for name, p in model.named_parameters()}
 
 
 def run(model, inputs, weights):
@@ -49,7 +43,7 @@ def run(model, inputs, weights):
     return v, a, loss
 
 
-def run_pipelined(model, inputs, weights, parallel):
+def run_pipelined(model, inputs, weights, layout):
     """The same loss over two one-sample microbatches (each half of the batch mean) through the
     pipeline; outputs and loss are known on the last stage (None elsewhere)."""
     mbs = [Microbatch(tuple(x[i:i + 1] if torch.is_tensor(x) else x for x in inputs["args"]),
@@ -61,7 +55,7 @@ def run_pipelined(model, inputs, weights, parallel):
         loss = ((out[0] - weights[0][i:i + 1]) ** 2).mean() + ((out[1] - weights[1][i:i + 1]) ** 2).mean()
         return loss / 2, {"loss": float(loss.detach()) / 2}
 
-    logged = Pipeline(parallel).forward_backward(model, mbs, loss_fn)
+    logged = Pipeline(layout).forward_backward(model, mbs, loss_fn)
     if not model.stage.last:
         return None, None, None
     v, a = (torch.cat([o[k] for o in outputs]).detach() for k in (0, 1))
@@ -76,11 +70,12 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
-    parallel = megatron_context(torch.device("cpu"))
+    layout = ProcessLayout.from_megatron(torch.device("cpu"))
 
     def parallel_model():
-        backend = MegatronBackend(sequence_parallel=args.sp) if args.backend == "megatron" else args.backend
-        return models.build_model(cfg, backend=backend, stage=parallel.stage)
+        sharding = layout.sharding(sequence_parallel=args.sp)
+        backend = MegatronBackend(sharding) if args.backend == "megatron" else args.backend
+        return models.build_model(cfg, backend=backend, stage=layout.stage())
 
     cfg = models.PRESETS["tiny"]
     torch.manual_seed(0)
@@ -118,10 +113,10 @@ def main() -> None:
 
     rv, ra, rloss = run(ref, inputs, weights)
     if args.pp > 1:
-        pv, pa, ploss = run_pipelined(par, inputs, weights, parallel)
+        pv, pa, ploss = run_pipelined(par, inputs, weights, layout)
     else:
         pv, pa, ploss = run(par, inputs, weights)
-    par.backend.finalize_grads(par)
+    GradSync(par, layout).finish()  # the sums sequence parallelism owes replicated parameters
     ref_grads, par_grads = dict((n, p.grad) for n, p in ref.named_parameters()), gathered_grads(par)
     # Error of each gradient relative to the largest entry of that parameter's gradient.
     grad_err = {n: float((par_grads[n] - ref_grads[n]).abs().max() / (ref_grads[n].abs().max() + 1e-30))
@@ -129,10 +124,10 @@ def main() -> None:
     worst = max(grad_err, key=grad_err.get)
     # Every parameter has a gradient on exactly one stage.
     stages = [None] * args.pp
-    dist.all_gather_object(stages, sorted(n for n, g in par_grads.items() if g is not None), group=parallel.pp_group)
+    dist.all_gather_object(stages, sorted(n for n, g in par_grads.items() if g is not None), group=layout.group("pp"))
     held = [n for names in stages for n in names]
     result = {
-        "rank": dist.get_rank(), "tp": args.tp, "pp": args.pp, "sp": args.sp, "stage": parallel.pp_rank,
+        "rank": dist.get_rank(), "tp": args.tp, "pp": args.pp, "sp": args.sp, "stage": layout.ranks["pp"],
         "last_stage": par.stage.last, "grad_rel_err": grad_err[worst], "worst_grad": worst,
         "missing_grads": sorted(set(ref_grads) - set(held)), "duplicate_grads": len(held) - len(set(held)),
         "none_grads": sorted(n for n, g in par_grads.items() if g is None), "file_load_equal": file_equal,

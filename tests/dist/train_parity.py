@@ -20,10 +20,10 @@ from tests.dist.megatron_cpu_shim import install  # noqa: E402
 install()
 
 from engine.config import load_config  # noqa: E402
-from engine.distributed import ParallelContext  # noqa: E402
+from engine.parallel import ProcessLayout  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
-from models.checkpoint import gather_full_state  # noqa: E402
-from tests.dist.task import TASK  # noqa: E402
+from models.weights import gather_full_state  # noqa: E402
+from tests.helpers import TASK  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
               f"train.activation_checkpointing={str(args.recompute).lower()}"]
     parallel = Trainer(load_config(None, [*TASK, *args.overrides, *layout, f"run_dir={out}/par"]))
     single = Trainer(load_config(None, [*TASK, *args.overrides, f"run_dir={out}/single{dist.get_rank()}"]),
-                     parallel=ParallelContext())
+                     layout=ProcessLayout())
     start = {k: v.clone() for k, v in single.model.state_dict().items()}
     mp, ms = parallel.iteration(0), single.iteration(0)
 
@@ -61,7 +61,7 @@ def main() -> None:
     old_err = max(float((old_p[k] - old_s[k]).abs().max()) for k in old_s)
     moved = max(float((weights_s[k] - start[k]).abs().max()) for k in weights_s)
     worst = max(metric_err, key=metric_err.get)
-    result = {"rank": dist.get_rank(), "dp": parallel.parallel.dp, "tp": parallel.parallel.tp, "pp": parallel.parallel.pp,
+    result = {"rank": dist.get_rank(), "dp": parallel.layout.dp, "tp": parallel.layout.tp, "pp": parallel.layout.pp,
               "worst_metric": worst, "metric_rel_err": metric_err[worst], "weight_err": weight_err,
               "old_weight_err": old_err, "weights_moved": moved, "worst_weight": worst_w,
               "steps": [parallel.state.step, single.state.step], "grad_sync": type(parallel.grad_sync).__name__,

@@ -21,7 +21,7 @@ install()
 
 from engine.config import load_config  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
-from tests.dist.task import TASK  # noqa: E402
+from tests.helpers import TASK  # noqa: E402
 
 
 def main() -> None:
