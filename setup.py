@@ -1,5 +1,5 @@
 """omninft: OmniNFT training engine for joint audio-video diffusion transformers (LTX-2)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="omninft",
@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["engine", "kernels", "models"],
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "models", "models.*"]),
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",
@@ -23,7 +23,8 @@ setup(
         # megatron-core 0.19.2 declares Python >= 3.12 but runs on 3.11: install it with
         # `pip install --no-deps --ignore-requires-python megatron-core==0.19.2` (README); psutil is its
         # undeclared need. triton 3.7.1 runs the kernels under TRITON_INTERPRET=1 with numpy 2.4.
-        "test": ["pytest>=8", "diffusers==0.42.1", "psutil", "triton==3.7.1"],
+        # ruff: format and lint checks of the test command (configured in pyproject.toml).
+        "test": ["pytest>=8", "diffusers==0.42.1", "psutil", "triton==3.7.1", "ruff==0.17.5"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["omninft = engine.cli:main"]},

@@ -67,14 +67,11 @@ def _convert(args: argparse.Namespace) -> int:
     if src.is_dir() and is_distributed_checkpoint(src):
         if args.to != "official":
             raise ConfigError("a distributed checkpoint exports to --to official only")
-        from megatron.core import dist_checkpointing
-
         from models.config import resolve_config
 
-        from .checkpoint.dist import export_official
+        from .checkpoint.dist import export_official, read_run_config
 
-        run_cfg = dist_checkpointing.load_common_state_dict(str(src))["config"]
-        export_official(src, args.dst, resolve_config(run_cfg["model"]["preset"]))
+        export_official(src, args.dst, resolve_config(read_run_config(src)["model"]["preset"]))
         print(f"wrote the model weights of {src} to {args.dst} (official layout)")
         return 0
     if src.is_dir():

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .fields import bounded
@@ -94,7 +93,7 @@ class DistributedAdamW:
         # No overrides: weight decay on every parameter (megatron's default skips biases and norms).
         chained = get_megatron_optimizer(config, [sync.ddp], config_overrides={})
         (self.optimizer,) = chained.chained_optimizers
-        self.chained, self.model, self.group = chained, sync.model, sync.ddp.dp_group
+        self.chained, self.model, self.layout = chained, sync.model, sync.layout
         self.masters = config.params_dtype != torch.float32
 
     def step(self) -> float:
@@ -144,12 +143,9 @@ class DistributedAdamW:
         """{name: {exp_avg, exp_avg_sq[, main_param] (shaped like the parameter on this rank), step}}
         assembled on data-parallel rank 0 in host memory (collective over the group). The other
         ranks get zero-strided placeholders of the right shapes: their replicas are not written."""
-        lead = dist.get_global_rank(self.group, 0)
-        writer = dist.get_rank() == lead
+        writer = self.layout.dp_rank == 0
         device = next(self.model.parameters()).device
-        step = self._steps_taken().to(device)
-        dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.group)
-        step = step.float().cpu()
+        step = self.layout.max_over("dp", self._steps_taken().to(device)).float().cpu()
         keys, out = self._keys, {}
         for name, p in self.model.named_parameters():
             flat = torch.zeros(len(keys), p.numel(), dtype=torch.float32, device=p.device)
@@ -160,7 +156,7 @@ class DistributedAdamW:
                         flat[i, rows] = main.detach().float()
                     elif k in state:
                         flat[i, rows] = state[k].float()
-            dist.reduce(flat, dst=lead, group=self.group)  # every element is owned by exactly one rank
+            self.layout.sum_to_first_("dp", flat)  # every element is owned by exactly one rank
             if writer:
                 out[name] = {k: flat[i].view_as(p).cpu() for i, k in enumerate(keys)}
             else:

@@ -175,6 +175,16 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def read_run_config(path: str | Path) -> dict:
+    """The run config stored with the checkpoint (no process group needed)."""
+    path = Path(path)
+    _check_is_checkpoint(path)
+    try:
+        return dist_checkpointing.load_common_state_dict(str(path))["config"]
+    except READ_ERRORS as e:
+        raise CheckpointError(f"{path}: cannot read the run config: {_one_line(e)}") from e
+
+
 def export_official(path: str | Path, out_file: str | Path, model_config: ModelConfig) -> Path:
     """Writes the checkpoint's model weights as one safetensors file in the official LTX-2 layout.
 

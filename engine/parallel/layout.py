@@ -129,6 +129,12 @@ class ProcessLayout:
         for t, synced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
             t.copy_(synced)
 
+    def sum_to_first_(self, dim: str, x: Tensor) -> None:
+        """Sums `x` over dimension `dim` into its copy on the dimension's first rank (in place; the
+        other ranks' copies are left undefined). Host-memory friendly gathering of sharded state."""
+        if self.sizes[dim] > 1:
+            dist.reduce(x, dst=dist.get_global_rank(self.group(dim), 0), group=self.group(dim))
+
     def from_last_stage(self, values: list[float]) -> list[float]:
         """Values computed on the last pipeline stage (the loss), on every stage."""
         if self.pp == 1:

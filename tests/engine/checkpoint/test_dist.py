@@ -22,6 +22,7 @@ import models  # noqa: E402
 from engine.checkpoint import TrainState  # noqa: E402
 from engine.checkpoint import dist as dist_checkpoint  # noqa: E402
 from engine.checkpoint.dist import export_official, sharded_state  # noqa: E402
+from engine.cli import main  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from models.errors import CheckpointError
 from models.layouts import OFFICIAL_PREFIX
@@ -110,7 +111,7 @@ def test_export_official_loads_into_a_fresh_model(runs, tmp_path):
         assert all(k.startswith(OFFICIAL_PREFIX) for k in f.keys())
 
 
-def test_missing_or_corrupt_checkpoint_errors(runs, tmp_path):
+def test_missing_or_corrupt_checkpoint_errors(runs, tmp_path, capsys):
     errors = runs["tp1_load"][0]["load"]["errors"]
     assert errors["missing"].startswith("CheckpointError") and "absent" in errors["missing"], errors
     assert errors["no_metadata"].startswith("CheckpointError") and "no metadata.json" in errors["no_metadata"]
@@ -127,3 +128,8 @@ def test_missing_or_corrupt_checkpoint_errors(runs, tmp_path):
     with pytest.raises(CheckpointError, match="cannot read the model weights"):
         export_official(truncated, tmp_path / "x.safetensors", TINY)
     assert not (tmp_path / "x.safetensors").exists()
+    # The CLI: megatron's and torch DCP's exceptions reach the user as one line, exit status 2.
+    capsys.readouterr()
+    assert main(["convert", str(truncated), str(tmp_path / "x.safetensors"), "--to", "official"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read the model weights" in err, err
