@@ -1,4 +1,5 @@
 """omninft: OmniNFT training engine for joint audio-video diffusion transformers (LTX-2)."""
+
 from setuptools import find_packages, setup
 
 setup(

@@ -7,6 +7,7 @@ gradient surgery (paper preset), + region-wise reweighting (the full method). Ea
 per reward, the mean over the last `--window` iterations minus the mean of iteration 0, averaged
 over seeds. The task is not tuned for any method.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,19 @@ METHODS: dict[str, list[str]] = {
 
 def run_method(overrides: list[str], seed: int, iterations: int, window: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [*overrides, f"seed={seed}", f"iterations={iterations}", f"run_dir={tmp}",
-                                 "log.progress=false", "log.tensorboard=false", "log.plot=false", "checkpoint_every=0"])
+        cfg = load_config(
+            None,
+            [
+                *overrides,
+                f"seed={seed}",
+                f"iterations={iterations}",
+                f"run_dir={tmp}",
+                "log.progress=false",
+                "log.tensorboard=false",
+                "log.plot=false",
+                "checkpoint_every=0",
+            ],
+        )
         trainer = Trainer(cfg)
         history = trainer.run()
     gains = {}
@@ -57,22 +69,40 @@ def main(argv: list[str] | None = None) -> int:
     for method, overrides in METHODS.items():
         per_seed = [run_method([*args.overrides, *overrides], s, args.iterations, args.window) for s in args.seeds]
         rows[method] = {k: sum(g[k] for g in per_seed) / len(per_seed) for k in per_seed[0]}
-        print(f"[{time.perf_counter() - start:6.0f}s] {method}: "
-              + ", ".join(f"{k} {v:+.4f}" for k, v in rows[method].items()), flush=True)
+        print(
+            f"[{time.perf_counter() - start:6.0f}s] {method}: "
+            + ", ".join(f"{k} {v:+.4f}" for k, v in rows[method].items()),
+            flush=True,
+        )
 
     names = list(next(iter(rows.values())))
-    print(f"\nreward gain (mean of last {args.window} iterations - iteration 0), {args.iterations} iterations, "
-          f"seeds {args.seeds}, CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    print(
+        f"\nreward gain (mean of last {args.window} iterations - iteration 0), {args.iterations} iterations, "
+        f"seeds {args.seeds}, CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     print(f"{'method':24s}" + "".join(f"{n:>18s}" for n in names))
     for method, gains in rows.items():
         print(f"{method:24s}" + "".join(f"{gains[n]:+18.4f}" for n in names))
 
     out = Path(args.out or f"bench/results/ablation-cpu-{date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": "cpu", "machine": platform.machine(), "threads": torch.get_num_threads(),
-                               "iterations": args.iterations, "window": args.window, "seeds": args.seeds,
-                               "overrides": args.overrides, "methods": METHODS, "gain": rows,
-                               "seconds": time.perf_counter() - start}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "device": "cpu",
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+                "iterations": args.iterations,
+                "window": args.window,
+                "seeds": args.seeds,
+                "overrides": args.overrides,
+                "methods": METHODS,
+                "gain": rows,
+                "seconds": time.perf_counter() - start,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -25,6 +25,7 @@ config): a CI-sized check. Prints a table per (kernel, dtype, head dim), writes 
 bench/results/compile-sm90-triton<version>-<date>.json) and exits 0 only when every variant
 compiled, fits and uses wgmma where expected.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,13 @@ from kernels import triton_mass as tm
 
 TARGET = GPUTarget("cuda", 90, 32)
 MAX_SHARED = 232448  # bytes of shared memory one block may use on an H100 (227 KiB, opt-in)
-KERNELS = {"_attn_fwd": ta._attn_fwd, "_attn_bwd_delta": ta._attn_bwd_delta, "_attn_bwd_dq": ta._attn_bwd_dq,
-           "_attn_bwd_dkdv": ta._attn_bwd_dkdv, "_attention_mass_kernel": tm._attention_mass_kernel}
+KERNELS = {
+    "_attn_fwd": ta._attn_fwd,
+    "_attn_bwd_delta": ta._attn_bwd_delta,
+    "_attn_bwd_dq": ta._attn_bwd_dq,
+    "_attn_bwd_dkdv": ta._attn_bwd_dkdv,
+    "_attention_mass_kernel": tm._attention_mass_kernel,
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (64, 128)
 BATCH, HEADS, N_VIDEO, N_AUDIO = 1, 32, 6144, 126
@@ -93,18 +99,38 @@ def forward_call(q: Tensor, k: Tensor, v: Tensor | None, key_mask: Tensor | None
     lse = torch.empty(splits, batch, heads, n_q, device=q.device, dtype=torch.float32)
     o = None
     if v is not None:
-        o = torch.empty(splits, batch, heads, n_q, dim, device=q.device,
-                        dtype=q.dtype if splits == 1 else torch.float32)
+        o = torch.empty(
+            splits, batch, heads, n_q, dim, device=q.device, dtype=q.dtype if splits == 1 else torch.float32
+        )
     mask, stride_mb, stride_mn = ta.mask_args(key_mask)
-    return Call("_attn_fwd", [
-        q, k, vv, mask, o, lse,
-        *q.stride(), *k.stride(), *vv.stride(), stride_mb, stride_mn,
-        heads, n_q, n_k, splits, ta.LOG2E / math.sqrt(dim),
-    ], dict(HEAD_DIM=dim, WRITE_O=v is not None), {"split": splits})
+    return Call(
+        "_attn_fwd",
+        [
+            q,
+            k,
+            vv,
+            mask,
+            o,
+            lse,
+            *q.stride(),
+            *k.stride(),
+            *vv.stride(),
+            stride_mb,
+            stride_mn,
+            heads,
+            n_q,
+            n_k,
+            splits,
+            ta.LOG2E / math.sqrt(dim),
+        ],
+        dict(HEAD_DIM=dim, WRITE_O=v is not None),
+        {"split": splits},
+    )
 
 
-def backward_calls(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, key_mask: Tensor | None,
-                   splits: int) -> list[Call]:
+def backward_calls(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, key_mask: Tensor | None, splits: int
+) -> list[Call]:
     """The launches of `_attention_backward` with dQ and dK/dV needed (kv_grad_scale 0 launches no dK/dV)."""
     batch, heads, n_q, dim = q.shape
     n_k = k.shape[2]
@@ -114,13 +140,25 @@ def backward_calls(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: 
     calls = [Call("_attn_bwd_delta", [o, do, delta, *do.stride(), heads, n_q], dict(HEAD_DIM=dim, BLOCK_M=64))]
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), stride_mb, stride_mn, heads, n_q, n_k)
     dq = torch.empty(splits, *q.shape, device=q.device, dtype=q.dtype if splits == 1 else torch.float32)
-    calls.append(Call("_attn_bwd_dq", [q, k, v, do, lse, delta, mask, dq, *common, splits, sm_scale],
-                      dict(HEAD_DIM=dim), {"split": splits}))
+    calls.append(
+        Call(
+            "_attn_bwd_dq",
+            [q, k, v, do, lse, delta, mask, dq, *common, splits, sm_scale],
+            dict(HEAD_DIM=dim),
+            {"split": splits},
+        )
+    )
     dtype = k.dtype if splits == 1 else torch.float32
     dk = torch.empty(splits, *k.shape, device=k.device, dtype=dtype)
     dv = torch.empty(splits, *k.shape, device=k.device, dtype=dtype)
-    calls.append(Call("_attn_bwd_dkdv", [q, k, v, do, lse, delta, mask, dk, dv, *common, splits, sm_scale, 1.0],
-                      dict(HEAD_DIM=dim), {"split": splits}))
+    calls.append(
+        Call(
+            "_attn_bwd_dkdv",
+            [q, k, v, do, lse, delta, mask, dk, dv, *common, splits, sm_scale, 1.0],
+            dict(HEAD_DIM=dim),
+            {"split": splits},
+        )
+    )
     return calls
 
 
@@ -131,11 +169,28 @@ def mass_call(q: Tensor, k: Tensor, key_mask: Tensor | None) -> Call:
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     out = torch.zeros(batch, n_k, device=q.device, dtype=torch.float32)
     mask, stride_mb, stride_mn = ta.mask_args(key_mask)
-    return Call("_attention_mass_kernel", [
-        q, k, lse, mask, out,
-        *q.stride(), *k.stride(), *lse.stride(), stride_mb, stride_mn, *out.stride(),
-        heads, n_q, n_k, tm.LOG2E / math.sqrt(dim), 1.0 / heads,
-    ], dict(HEAD_DIM=dim))
+    return Call(
+        "_attention_mass_kernel",
+        [
+            q,
+            k,
+            lse,
+            mask,
+            out,
+            *q.stride(),
+            *k.stride(),
+            *lse.stride(),
+            stride_mb,
+            stride_mn,
+            *out.stride(),
+            heads,
+            n_q,
+            n_k,
+            tm.LOG2E / math.sqrt(dim),
+            1.0 / heads,
+        ],
+        dict(HEAD_DIM=dim),
+    )
 
 
 def launcher_calls(dtypes: dict[str, torch.dtype]) -> Iterator[Call]:
@@ -148,8 +203,11 @@ def launcher_calls(dtypes: dict[str, torch.dtype]) -> Iterator[Call]:
         key_mask = torch.empty(BATCH, n_k, dtype=torch.bool, device="meta") if masked else None
         calls = [mass_call(q, k, key_mask)]
         for splits in SPLITS:
-            calls += [forward_call(q, k, v, key_mask, splits), forward_call(q, k, None, key_mask, splits),
-                      *backward_calls(q, k, v, o, lse, do, key_mask, splits)]
+            calls += [
+                forward_call(q, k, v, key_mask, splits),
+                forward_call(q, k, None, key_mask, splits),
+                *backward_calls(q, k, v, o, lse, do, key_mask, splits),
+            ]
         for call in calls:
             call.tags = dict(dtype=name, head_dim=dim, n_q=n_q, n_k=n_k, key_mask=masked, **call.tags)
             yield call
@@ -190,8 +248,11 @@ def expand(call: Call) -> list[Call]:
 
 def run_kwargs(jit: JITFunction, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The options JITFunction.run adds to a call's keyword arguments."""
-    return {**kwargs, "debug": kwargs.get("debug", jit.debug) or triton.knobs.runtime.debug,
-            "instrumentation_mode": triton.knobs.compilation.instrumentation_mode}
+    return {
+        **kwargs,
+        "debug": kwargs.get("debug", jit.debug) or triton.knobs.runtime.debug,
+        "instrumentation_mode": triton.knobs.compilation.instrumentation_mode,
+    }
 
 
 def variants(quick: bool) -> tuple[list[Call], list[dict[str, Any]]]:
@@ -224,8 +285,13 @@ def variants(quick: bool) -> tuple[list[Call], list[dict[str, Any]]]:
 
 def failure(call: Call, error: Exception) -> dict[str, Any]:
     """Record of a call that did not compile."""
-    return dict(kernel=call.kernel, **call.tags, cubin=False,
-                error=f"{type(error).__name__}: {error}"[:2000], problems=["did not compile"])
+    return dict(
+        kernel=call.kernel,
+        **call.tags,
+        cubin=False,
+        error=f"{type(error).__name__}: {error}"[:2000],
+        problems=["did not compile"],
+    )
 
 
 def init_worker(tmp_dir: str) -> None:
@@ -245,21 +311,25 @@ def compile_call(call: Call) -> dict[str, Any]:
         backend = make_backend(TARGET)
         kwargs = run_kwargs(jit, call.kwargs)
         bound, specialization, _ = create_function_from_signature(jit.signature, jit.params, backend)(
-            *call.args, **kwargs)
+            *call.args, **kwargs
+        )
         options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, None)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=TARGET,
-                                      options=options.__dict__)
+            compiled = triton.compile(
+                ASTSource(jit, signature, constexprs, attrs), target=TARGET, options=options.__dict__
+            )
     except Exception as e:  # noqa: BLE001 - a compile error is a reported failure
         return failure(call, e)
     ptxas = log.getvalue()
     regs = re.search(r"Used (\d+) registers", ptxas)
     spills = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
     rec = dict(
-        kernel=call.kernel, **call.tags,
+        kernel=call.kernel,
+        **call.tags,
         constexprs={jit.arg_names[i]: value for (i, *_), value in constexprs.items() if jit.params[i].is_constexpr},
-        num_warps=options.num_warps, num_stages=options.num_stages,
+        num_warps=options.num_warps,
+        num_stages=options.num_stages,
         cubin=bool(compiled.asm.get("cubin")),
         dots=len(re.findall(r"\btt\.dot\b", compiled.asm["ttir"])),
         wgmma=len(re.findall(r"\bwgmma\.mma_async\b", compiled.asm["ptx"])),
@@ -268,7 +338,8 @@ def compile_call(call: Call) -> dict[str, Any]:
         stack=int(spills.group(1)) if spills else None,
         spill_store=int(spills.group(2)) if spills else None,
         spill_load=int(spills.group(3)) if spills else None,
-        seconds=round(time.perf_counter() - start, 1), error=None,
+        seconds=round(time.perf_counter() - start, 1),
+        error=None,
     )
     rec["problems"] = problems(rec)
     return rec
@@ -297,22 +368,28 @@ def table(records: list[dict[str, Any]]) -> list[str]:
     families: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         families.setdefault((r["kernel"], r["dtype"], r["head_dim"]), []).append(r)
-    lines = [f"{'kernel':24s} {'dtype':5s} {'D':>3s} {'variants':>8s} {'compiled':>8s} {'wgmma':>7s} "
-             f"{'max smem B':>10s} {'regs':>7s} {'spilling':>8s} {'max spill B':>11s}"]
+    lines = [
+        f"{'kernel':24s} {'dtype':5s} {'D':>3s} {'variants':>8s} {'compiled':>8s} {'wgmma':>7s} "
+        f"{'max smem B':>10s} {'regs':>7s} {'spilling':>8s} {'max spill B':>11s}"
+    ]
     for (kernel, dtype, dim), recs in families.items():
         done = [r for r in recs if r["error"] is None]
         wgmma = "-" if not done or not any(r["dots"] for r in done) else span([r["wgmma"] for r in done])
         regs = span([r["regs"] for r in done if r["regs"] is not None] or [0])
         spill = [r["spill_store"] or 0 for r in done]
-        lines.append(f"{kernel:24s} {dtype:5s} {dim:3d} {len(recs):8d} {len(done):8d} {wgmma:>7s} "
-                     f"{max([r['shared'] for r in done] or [0]):10d} {regs:>7s} "
-                     f"{sum(s > 0 for s in spill):8d} {max(spill or [0]):11d}")
+        lines.append(
+            f"{kernel:24s} {dtype:5s} {dim:3d} {len(recs):8d} {len(done):8d} {wgmma:>7s} "
+            f"{max([r['shared'] for r in done] or [0]):10d} {regs:>7s} "
+            f"{sum(s > 0 for s in spill):8d} {max(spill or [0]):11d}"
+        )
     for r in records:
         if r["problems"]:
             what = r["error"].splitlines()[0][:300] if r["error"] else "; ".join(r["problems"])
             config = " ".join(f"{k}={v}" for k, v in r.get("constexprs", {}).items())
-            lines.append(f"FAILED {r['kernel']} {r['dtype']} D={r['head_dim']} n_q={r['n_q']} n_k={r['n_k']} "
-                         f"mask={r['key_mask']} split={r.get('split', '-')} {config}: {what}")
+            lines.append(
+                f"FAILED {r['kernel']} {r['dtype']} D={r['head_dim']} n_q={r['n_q']} n_k={r['n_k']} "
+                f"mask={r['key_mask']} split={r.get('split', '-')} {config}: {what}"
+            )
     return lines
 
 
@@ -320,35 +397,55 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bf16 only, one variant per kernel and head dim")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all CPUs)")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default bench/results/compile-sm90-triton<version>-<date>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default bench/results/compile-sm90-triton<version>-<date>.json)"
+    )
     args = parser.parse_args(argv)
     if ta.INTERPRET:
         parser.error("TRITON_INTERPRET=1 was set when the kernels were imported: unset it to compile them")
 
     start = time.perf_counter()
     calls, records = variants(args.quick)
-    print(f"triton {triton.__version__}, torch {torch.__version__}, target {TARGET}: compiling {len(calls)} "
-          f"variants with {args.jobs} processes", flush=True)
-    with tempfile.TemporaryDirectory(prefix="compile-sm90-") as tmp_dir, \
-            ProcessPoolExecutor(args.jobs, initializer=init_worker, initargs=(tmp_dir,)) as pool:
+    print(
+        f"triton {triton.__version__}, torch {torch.__version__}, target {TARGET}: compiling {len(calls)} "
+        f"variants with {args.jobs} processes",
+        flush=True,
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="compile-sm90-") as tmp_dir,
+        ProcessPoolExecutor(args.jobs, initializer=init_worker, initargs=(tmp_dir,)) as pool,
+    ):
         records += pool.map(compile_call, calls)
     compiled = sum(r["cubin"] for r in records)
     failed = sum(bool(r["problems"]) for r in records)
     print("\n".join(table(records)))
-    print(f"{len(records)} variants, {compiled} compiled, {failed} failed; max shared memory "
-          f"{max([r.get('shared', 0) for r in records] or [0])} of {MAX_SHARED} bytes; "
-          f"{sum(bool(r.get('spill_store')) for r in records)} variants spill; {time.perf_counter() - start:.0f}s")
+    print(
+        f"{len(records)} variants, {compiled} compiled, {failed} failed; max shared memory "
+        f"{max([r.get('shared', 0) for r in records] or [0])} of {MAX_SHARED} bytes; "
+        f"{sum(bool(r.get('spill_store')) for r in records)} variants spill; {time.perf_counter() - start:.0f}s"
+    )
 
-    out = Path(args.out or Path(__file__).resolve().parent / "results"
-               / f"compile-sm90-triton{triton.__version__}-{date.today().isoformat()}.json")
+    out = Path(
+        args.out
+        or Path(__file__).resolve().parent
+        / "results"
+        / f"compile-sm90-triton{triton.__version__}-{date.today().isoformat()}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = json.dumps({
-        "triton": triton.__version__, "torch": torch.__version__,
-        "target": {"backend": TARGET.backend, "arch": TARGET.arch, "warp_size": TARGET.warp_size},
-        "max_shared": MAX_SHARED, "date": date.today().isoformat(), "quick": args.quick,
-        "variants": len(records), "compiled": compiled, "failed": failed,
-    }, indent=1)
+    summary = json.dumps(
+        {
+            "triton": triton.__version__,
+            "torch": torch.__version__,
+            "target": {"backend": TARGET.backend, "arch": TARGET.arch, "warp_size": TARGET.warp_size},
+            "max_shared": MAX_SHARED,
+            "date": date.today().isoformat(),
+            "quick": args.quick,
+            "variants": len(records),
+            "compiled": compiled,
+            "failed": failed,
+        },
+        indent=1,
+    )
     # one line per record: the file stays short and diffs variant by variant
     out.write_text(summary[:-2] + ',\n "records": [\n  ' + ",\n  ".join(map(json.dumps, records)) + "\n ]\n}\n")
     print(f"wrote {out}")

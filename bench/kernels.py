@@ -15,6 +15,7 @@ copy bandwidth and the matmul rate measured in the same run (bf16 on CUDA; fp32 
 runs the benchmark in fp32 for want of fast bf16 matmuls), and peak memory above the inputs (CUDA
 only). Writes bench/results/<device>-<date>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,10 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from datetime import date
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -141,16 +142,19 @@ def forward(attend: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, g: f
     def run() -> Tensor:
         with torch.no_grad():
             return attend(q, k, v, kv_grad_scale=g)
+
     return run
 
 
-def train_step(attend: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, g: float,
-               do: Tensor) -> Callable[[], tuple[Tensor, ...]]:
+def train_step(
+    attend: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, g: float, do: Tensor
+) -> Callable[[], tuple[Tensor, ...]]:
     return lambda: torch.autograd.grad(attend(q, k, v, kv_grad_scale=g), (q, k, v), do)
 
 
-def bench_attention(name: str, heads: int, nq: int, nk: int, dim: int, g: float, device: torch.device,
-                    reps: int) -> list[dict]:
+def bench_attention(
+    name: str, heads: int, nq: int, nk: int, dim: int, g: float, device: torch.device, reps: int
+) -> list[dict]:
     q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=DTYPE, requires_grad=True) for n in (nq, nk, nk))
     do = torch.randn(1, heads, nq, dim, device=device, dtype=DTYPE)
     size = q.element_size()
@@ -159,12 +163,23 @@ def bench_attention(name: str, heads: int, nq: int, nk: int, dim: int, g: float,
     bwd_bytes = size * heads * dim * (4 * nq + 4 * nk)  # read q o dO k v, write dq dk dv
     rows = []
     for impl, attend in attention_impls().items():
-        for op, fn, flops, nbytes in [("fwd", forward(attend, q, k, v, g), fwd_flops, fwd_bytes),
-                                      ("fwd+bwd", train_step(attend, q, k, v, g, do), 3.5 * fwd_flops,
-                                       fwd_bytes + bwd_bytes)]:
-            rows.append({"case": name, "op": op, "impl": impl, "shape": [1, heads, nq, nk, dim],
-                         "kv_grad_scale": g, "seconds": timer(fn, reps), "flops": flops, "bytes": nbytes,
-                         "peak_mib": peak_mib(fn)})
+        for op, fn, flops, nbytes in [
+            ("fwd", forward(attend, q, k, v, g), fwd_flops, fwd_bytes),
+            ("fwd+bwd", train_step(attend, q, k, v, g, do), 3.5 * fwd_flops, fwd_bytes + bwd_bytes),
+        ]:
+            rows.append(
+                {
+                    "case": name,
+                    "op": op,
+                    "impl": impl,
+                    "shape": [1, heads, nq, nk, dim],
+                    "kv_grad_scale": g,
+                    "seconds": timer(fn, reps),
+                    "flops": flops,
+                    "bytes": nbytes,
+                    "peak_mib": peak_mib(fn),
+                }
+            )
     return rows
 
 
@@ -174,8 +189,18 @@ def bench_mass(name: str, heads: int, nq: int, nk: int, dim: int, device: torch.
     nbytes = q.element_size() * heads * dim * (nq + nk) + 4 * nk
     rows = []
     for impl, fn in mass_impls(q, k).items():
-        rows.append({"case": name, "op": "mass", "impl": impl, "shape": [1, heads, nq, nk, dim],
-                     "seconds": timer(fn, reps), "flops": flops, "bytes": nbytes, "peak_mib": peak_mib(fn)})
+        rows.append(
+            {
+                "case": name,
+                "op": "mass",
+                "impl": impl,
+                "shape": [1, heads, nq, nk, dim],
+                "seconds": timer(fn, reps),
+                "flops": flops,
+                "bytes": nbytes,
+                "peak_mib": peak_mib(fn),
+            }
+        )
     return rows
 
 
@@ -219,24 +244,44 @@ def main(argv: list[str] | None = None) -> int:
 
     label = device_label(device)
     dtype_name = str(DTYPE).removeprefix("torch.")
-    what = (f"GPU figures, {torch.cuda.get_device_name(device)}, {dtype_name}" if CUDA else
-            f"CPU figures ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"{dtype_name}, small shapes, torch paths only)")
+    what = (
+        f"GPU figures, {torch.cuda.get_device_name(device)}, {dtype_name}"
+        if CUDA
+        else f"CPU figures ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{dtype_name}, small shapes, torch paths only)"
+    )
     print(f"{what}; measured copy {copy_gbps:.1f} GB/s, {dtype_name} matmul {matmul_tflops:.3f} TFLOP/s")
-    print(f"{'case':5s} {'op':8s} {'impl':18s} {'B,H,Nq,Nk,D':>22s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>8s} "
-          f"{'%copy':>6s} {'%mm':>6s} {'peak MiB':>9s}")
+    print(
+        f"{'case':5s} {'op':8s} {'impl':18s} {'B,H,Nq,Nk,D':>22s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>8s} "
+        f"{'%copy':>6s} {'%mm':>6s} {'peak MiB':>9s}"
+    )
     for r in rows:
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        print(f"{r['case']:5s} {r['op']:8s} {r['impl']:18s} {','.join(map(str, r['shape'])):>22s} "
-              f"{r['seconds'] * 1e3:9.3f} {r['tflops']:8.3f} {r['gbps']:8.1f} {100 * r['frac_copy_bw']:6.1f} "
-              f"{100 * r['frac_matmul']:6.1f} {peak:>9s}")
+        print(
+            f"{r['case']:5s} {r['op']:8s} {r['impl']:18s} {','.join(map(str, r['shape'])):>22s} "
+            f"{r['seconds'] * 1e3:9.3f} {r['tflops']:8.3f} {r['gbps']:8.1f} {100 * r['frac_copy_bw']:6.1f} "
+            f"{100 * r['frac_matmul']:6.1f} {peak:>9s}"
+        )
 
     out = Path(args.out or f"bench/results/{label}-{date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     versions = package_versions("triton", "flash_attn")
-    out.write_text(json.dumps({"device": label, "figures": what, "date": date.today().isoformat(), "reps": reps,
-                               "versions": versions, "dtype": dtype_name, "copy_gbps": copy_gbps,
-                               "matmul_tflops": matmul_tflops, "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "device": label,
+                "figures": what,
+                "date": date.today().isoformat(),
+                "reps": reps,
+                "versions": versions,
+                "dtype": dtype_name,
+                "copy_gbps": copy_gbps,
+                "matmul_tflops": matmul_tflops,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -25,6 +25,7 @@ where the device is known, by the datasheet dense rate of the backend's GEMM pre
 Peak memory is `torch.cuda.max_memory_allocated` over one step: both models' weights, gradients,
 AdamW state and activations. Writes bench/results/<device>-<date>-step.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,10 @@ import gc
 import importlib.util
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -79,8 +80,10 @@ CPU_SHAPES = Shapes(batch=1, video_grid=(4, 8, 8), audio_tokens=26, text_tokens=
 def _attention_flops(b: int, heads: int, head_dim: int, nq: int, nk: int, query_dim: int, context_dim: int) -> dict:
     """Q and out projections on the queries, K and V on the keys (2*M*K*N each); QK^T and PV (2*B*H*Nq*Nk*D each)."""
     inner = heads * head_dim
-    return {"linear": 2 * b * (2 * nq * query_dim * inner + 2 * nk * context_dim * inner),
-            "attention": 4 * b * heads * nq * nk * head_dim}
+    return {
+        "linear": 2 * b * (2 * nq * query_dim * inner + 2 * nk * context_dim * inner),
+        "attention": 4 * b * heads * nq * nk * head_dim,
+    }
 
 
 def forward_flops(cfg: ModelConfig, shapes: Shapes) -> dict[str, int]:
@@ -108,8 +111,11 @@ def forward_flops(cfg: ModelConfig, shapes: Shapes) -> dict[str, int]:
     caption = 2 * b * nt * sum(cfg.caption_channels * d + d * d for d in (dv, da))
     io = 2 * 2 * b * (nv * cfg.in_channels * dv + na * cfg.audio_in_channels * da)  # patchify and proj_out
     layers = cfg.num_layers
-    return {"linear": layers * block["linear"], "attention": layers * block["attention"],
-            "outside": adaln + caption + io}
+    return {
+        "linear": layers * block["linear"],
+        "attention": layers * block["attention"],
+        "outside": adaln + caption + io,
+    }
 
 
 @dataclass
@@ -127,14 +133,22 @@ class Batch:
 def make_batch(cfg: ModelConfig, shapes: Shapes, device: torch.device, dtype: torch.dtype) -> Batch:
     """Random data (never zeros, which can run faster than real data) at the benchmark's shapes."""
     b = shapes.batch
-    x0 = (torch.randn(b, shapes.video_tokens, cfg.in_channels), torch.randn(b, shapes.audio_tokens,
-                                                                            cfg.audio_in_channels))
+    x0 = (
+        torch.randn(b, shapes.video_tokens, cfg.in_channels),
+        torch.randn(b, shapes.audio_tokens, cfg.audio_in_channels),
+    )
     sigma = torch.full((b,), 0.7)
     xt = [(1 - sigma[:, None, None]) * x + sigma[:, None, None] * torch.randn_like(x) for x in x0]
     context = torch.randn(b, shapes.text_tokens, cfg.caption_channels)
     x0_v, x0_a, xt_v, xt_a, sigma, context = (t.to(device, dtype) for t in (*x0, *xt, sigma, context))
-    return Batch(x0=(x0_v, x0_a), xt=(xt_v, xt_a), sigma=sigma, context=context,
-                 r=(torch.rand(b, device=device), torch.rand(b, device=device)), grid=shapes.video_grid)
+    return Batch(
+        x0=(x0_v, x0_a),
+        xt=(xt_v, xt_a),
+        sigma=sigma,
+        context=context,
+        r=(torch.rand(b, device=device), torch.rand(b, device=device)),
+        grid=shapes.video_grid,
+    )
 
 
 def _velocity(model: LTX2AVTransformer, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -142,8 +156,10 @@ def _velocity(model: LTX2AVTransformer, batch: Batch) -> tuple[Tensor, Tensor]:
 
 
 def _loss(batch: Batch, v_old: tuple[Tensor, Tensor], v_theta: tuple[Tensor, Tensor]) -> Tensor:
-    video, audio = ({"x0": batch.x0[i], "x_t": batch.xt[i], "sigma": batch.sigma, "v_old": v_old[i],
-                     "v_theta": v_theta[i]} for i in range(2))
+    video, audio = (
+        {"x0": batch.x0[i], "x_t": batch.xt[i], "sigma": batch.sigma, "v_old": v_old[i], "v_theta": v_theta[i]}
+        for i in range(2)
+    )
     return nft_loss(video, audio, *batch.r).total
 
 
@@ -208,8 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=2, help="transformer blocks (default 2)")
     parser.add_argument("--batch", type=int, default=1, help="samples per step (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed repetitions (default 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--backends", nargs="+", choices=sorted(GEMM_PRECISION),
-                        default=["torch", "fp8", *(["te"] if HAS_TE and CUDA else [])])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=sorted(GEMM_PRECISION),
+        default=["torch", "fp8", *(["te"] if HAS_TE and CUDA else [])],
+    )
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>-step.json)")
     args = parser.parse_args(argv)
     if args.blocks < 1 or args.batch < 1:
@@ -244,33 +264,56 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = r
 
     dtype_name = str(DTYPE).removeprefix("torch.")
-    what = (f"GPU figures, {torch.cuda.get_device_name(device)}, {dtype_name} parameters" if CUDA else
-            f"CPU figures ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"{dtype_name}, tiny preset)")
+    what = (
+        f"GPU figures, {torch.cuda.get_device_name(device)}, {dtype_name} parameters"
+        if CUDA
+        else f"CPU figures ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{dtype_name}, tiny preset)"
+    )
     te = transformer_engine_note()
     sheet = f"; datasheet dense bf16 {datasheet['bf16']:.0f}, fp8 {datasheet['fp8']:.0f} TFLOP/s" if datasheet else ""
     print(f"{what}; measured {dtype_name} matmul {matmul_tflops:.3f} TFLOP/s{sheet}; {te}")
-    print(f"{cfg.num_layers} blocks, batch {shapes.batch}, video {shapes.video_tokens} tokens "
-          f"(grid {'x'.join(map(str, shapes.video_grid))}), audio {shapes.audio_tokens}, text {shapes.text_tokens}; "
-          f"forward {fwd / 1e12:.4g} TFLOP (block linears {parts['linear'] / fwd:.1%}, attention "
-          f"{parts['attention'] / fwd:.1%}, outside blocks {parts['outside'] / fwd:.1%}); step = 4x forward")
-    print(f"{'backend':8s} {'ms/step':>9s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} {'MFU meas':>9s} "
-          f"{'MFU sheet':>9s} {'peak GiB':>9s}")
+    print(
+        f"{cfg.num_layers} blocks, batch {shapes.batch}, video {shapes.video_tokens} tokens "
+        f"(grid {'x'.join(map(str, shapes.video_grid))}), audio {shapes.audio_tokens}, text {shapes.text_tokens}; "
+        f"forward {fwd / 1e12:.4g} TFLOP (block linears {parts['linear'] / fwd:.1%}, attention "
+        f"{parts['attention'] / fwd:.1%}, outside blocks {parts['outside'] / fwd:.1%}); step = 4x forward"
+    )
+    print(
+        f"{'backend':8s} {'ms/step':>9s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} {'MFU meas':>9s} "
+        f"{'MFU sheet':>9s} {'peak GiB':>9s}"
+    )
     for name, r in rows.items():
         sheet_mfu = "-" if r["mfu_datasheet"] is None else f"{100 * r['mfu_datasheet']:.1f}%"
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        print(f"{name:8s} {r['step_s'] * 1e3:9.2f} {r['forward_s'] * 1e3:9.2f} {r['forward_backward_s'] * 1e3:11.2f} "
-              f"{r['tflops']:8.4g} {100 * r['mfu_measured']:8.1f}% {sheet_mfu:>9s} {peak:>9s}")
+        print(
+            f"{name:8s} {r['step_s'] * 1e3:9.2f} {r['forward_s'] * 1e3:9.2f} {r['forward_backward_s'] * 1e3:11.2f} "
+            f"{r['tflops']:8.4g} {100 * r['mfu_measured']:8.1f}% {sheet_mfu:>9s} {peak:>9s}"
+        )
 
     out = Path(args.out or f"bench/results/{label}-{date.today().isoformat()}-step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     versions = package_versions("triton", "transformer_engine")
-    out.write_text(json.dumps({
-        "device": label, "figures": what, "date": date.today().isoformat(), "steps": steps, "versions": versions,
-        "transformer_engine": te, "dtype": dtype_name, "model": dataclasses.asdict(cfg),
-        "shapes": {**dataclasses.asdict(shapes), "video_tokens": shapes.video_tokens},
-        "forward_flops_parts": parts, "matmul_tflops": matmul_tflops, "datasheet_tflops": datasheet,
-        "backends": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "device": label,
+                "figures": what,
+                "date": date.today().isoformat(),
+                "steps": steps,
+                "versions": versions,
+                "transformer_engine": te,
+                "dtype": dtype_name,
+                "model": dataclasses.asdict(cfg),
+                "shapes": {**dataclasses.asdict(shapes), "video_tokens": shapes.video_tokens},
+                "forward_flops_parts": parts,
+                "matmul_tflops": matmul_tflops,
+                "datasheet_tflops": datasheet,
+                "backends": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -7,6 +7,7 @@
 A mistake of the user's (a config key, a file, a checkpoint, a reward) is a `UserError`: caught here,
 once, and printed as one line, with exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,15 @@ def _sample(args: argparse.Namespace) -> int:
     for name, value in scores.items():
         print(f"{name:18s} mean {float(value.mean()):+.4f} std {float(value.std(unbiased=False)):.4f}")
     out = Path(args.out)
-    atomic_save_file({"video": rollout.video, "audio": rollout.audio, **{f"reward/{k}": v for k, v in scores.items()}},
-                     out, metadata={"prompts": "\n".join(rollout.prompts), "video_grid": str(list(rollout.video_grid)),
-                                    "fps": str(rollout.fps)})
+    atomic_save_file(
+        {"video": rollout.video, "audio": rollout.audio, **{f"reward/{k}": v for k, v in scores.items()}},
+        out,
+        metadata={
+            "prompts": "\n".join(rollout.prompts),
+            "video_grid": str(list(rollout.video_grid)),
+            "fps": str(rollout.fps),
+        },
+    )
     print(f"wrote {len(rollout.prompts)} samples to {out}")
     return 0
 
@@ -76,8 +83,10 @@ def _convert(args: argparse.Namespace) -> int:
         return 0
     if src.is_dir():
         if not full.is_full_checkpoint(src):
-            raise CheckpointError(f"{src} is a directory but not a training checkpoint (no {full.STATE_FILE} and "
-                                  f"{full.MODEL_FILES[0]}, and no distributed checkpoint metadata.json)")
+            raise CheckpointError(
+                f"{src} is a directory but not a training checkpoint (no {full.STATE_FILE} and "
+                f"{full.MODEL_FILES[0]}, and no distributed checkpoint metadata.json)"
+            )
         src = src / full.MODEL_FILES[0]  # the trained policy; the old policy is its EMA
     n = convert_file(src, args.dst, args.to)
     print(f"wrote {n} tensors of {src} to {args.dst} ({args.to} layout)")
@@ -89,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run OmniNFT training (default: the embedded tiny CPU task)")
     train.add_argument("--config", help="YAML config (e.g. configs/ltx2-19b.yaml); defaults are configs/tiny.yaml")
-    train.add_argument("--resume", action="store_true", help="continue from run_dir's latest checkpoint (= resume=true)")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from run_dir's latest checkpoint (= resume=true)"
+    )
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=2 train.group_size=4")
     train.set_defaults(func=_train)
     smp = sub.add_parser("sample", help="sample and score one iteration's prompts")
@@ -99,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", default="samples.safetensors")
     smp.add_argument("overrides", nargs="*")
     smp.set_defaults(func=_sample)
-    conv = sub.add_parser("convert", help="rewrite a DiT checkpoint in the official or diffusers layout, or export "
-                                          "a training checkpoint directory's model to one file")
+    conv = sub.add_parser(
+        "convert",
+        help="rewrite a DiT checkpoint in the official or diffusers layout, or export "
+        "a training checkpoint directory's model to one file",
+    )
     conv.add_argument("src", help="safetensors file, or a checkpoints/iter_NNNNNN directory (full or distributed)")
     conv.add_argument("dst")
     conv.add_argument("--to", choices=("official", "diffusers"), required=True)

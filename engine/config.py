@@ -6,6 +6,7 @@ file. Each rule is checked once, when the config is read: per key (types, choice
 section (its `__post_init__`) and across sections (`_validate`); every error is a ConfigError that
 names the offending key and what it allows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,13 +73,16 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def _yaml(text: str, source: str):
@@ -105,8 +109,11 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
                 return _convert(key, value, option)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} fits none of "
-                          f"{' | '.join(getattr(o, '__name__', str(o)) for o in options)}")
+        raise ConfigError(
+            errors[-1]
+            if len(errors) == 1
+            else f"{key}: {value!r} fits none of {' | '.join(getattr(o, '__name__', str(o)) for o in options)}"
+        )
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -145,9 +152,11 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         explained = [hint for k in unknown if (hint := getattr(cls, "__config_hints__", {}).get(k))]
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
-                          f"allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}"
-                          + "".join(f" ({hint})" for hint in explained))
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
+            f"allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}"
+            + "".join(f" ({hint})" for hint in explained)
+        )
     kwargs = {}
     for name, f in names.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -173,17 +182,24 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 def _validate(cfg: Config) -> None:
     """Rules that span sections."""
     if cfg.parallel.tp > 1 and cfg.model.backend not in ("megatron", "te"):
-        raise ConfigError(f"parallel.tp={cfg.parallel.tp} needs model.backend=megatron or te; got {cfg.model.backend!r}")
+        raise ConfigError(
+            f"parallel.tp={cfg.parallel.tp} needs model.backend=megatron or te; got {cfg.model.backend!r}"
+        )
     if cfg.model.backend == "te" and cfg.train.activation_checkpointing:
-        raise ConfigError("train.activation_checkpointing is not supported with model.backend=te: recomputed "
-                          "blocks would run outside Transformer Engine's FP8 context")
+        raise ConfigError(
+            "train.activation_checkpointing is not supported with model.backend=te: recomputed "
+            "blocks would run outside Transformer Engine's FP8 context"
+        )
     if cfg.parallel.distributed_optimizer and cfg.checkpoint_format == "full":
-        raise ConfigError("parallel.distributed_optimizer needs checkpoint_format=dist or auto (the optimizer state "
-                          "is sharded)")
+        raise ConfigError(
+            "parallel.distributed_optimizer needs checkpoint_format=dist or auto (the optimizer state is sharded)"
+        )
     layers = MODEL_PRESETS[cfg.model.preset].num_layers
     if cfg.parallel.pp > layers:
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp}: model.preset={cfg.model.preset!r} has only {layers} "
-                          f"blocks to split into pipeline stages")
+        raise ConfigError(
+            f"parallel.pp={cfg.parallel.pp}: model.preset={cfg.model.preset!r} has only {layers} "
+            f"blocks to split into pipeline stages"
+        )
     try:
         a2v_grad_scales(cfg.surgery.schedule, layers)
     except ValueError as e:

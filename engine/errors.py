@@ -4,6 +4,7 @@
 read weights files themselves); the engine adds its own kinds here. Internal invariants are asserts
 or plain exceptions, and keep their tracebacks.
 """
+
 from __future__ import annotations
 
 from models.errors import CheckpointError, UserError

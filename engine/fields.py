@@ -1,6 +1,7 @@
 """Config fields that carry their own rule: the loader (engine.config) checks choices and bounds when
 it reads a value, and names the key when one is not allowed. Every feature's config section is a
 dataclass of such fields, declared beside the code that uses it."""
+
 from __future__ import annotations
 
 from dataclasses import field

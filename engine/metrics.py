@@ -1,4 +1,5 @@
 """Per-iteration metrics: console line, `metrics.jsonl`, TensorBoard, and the reward-curve PNG."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,16 @@ class MetricsLogger:
         if resume_after is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["iteration"] <= resume_after]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= resume_after
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def log(self, metrics: dict) -> None:
@@ -51,10 +56,12 @@ class MetricsLogger:
 
 def format_line(m: dict, reward_names: list[str]) -> str:
     rewards = " ".join(f"{n}={m[f'reward/{n}']:+.4f}±{m[f'reward_std/{n}']:.3f}" for n in reward_names)
-    return (f"iter {m['iteration']:4d} | loss {m['loss']:.4f} (v {m['loss/video']:.4f} a {m['loss/audio']:.4f}) "
-            f"| {rewards} | adv v {m['adv/video_mean']:+.2f}±{m['adv/video_std']:.2f} "
-            f"a {m['adv/audio_mean']:+.2f}±{m['adv/audio_std']:.2f} | gnorm {m['grad_norm']:.3f} "
-            f"| {m['time/iteration']:.2f}s")
+    return (
+        f"iter {m['iteration']:4d} | loss {m['loss']:.4f} (v {m['loss/video']:.4f} a {m['loss/audio']:.4f}) "
+        f"| {rewards} | adv v {m['adv/video_mean']:+.2f}±{m['adv/video_std']:.2f} "
+        f"a {m['adv/audio_mean']:+.2f}±{m['adv/audio_std']:.2f} | gnorm {m['grad_norm']:.3f} "
+        f"| {m['time/iteration']:.2f}s"
+    )
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -63,6 +70,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_rewards(metrics_path: str | Path, png_path: str | Path, reward_names: list[str]) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -1,10 +1,11 @@
 """Every random stream of a run, keyed by what it is for: (seed, iteration, prompt, sample, sigma
 index). A draw never depends on how samples are spread over processes or batched, so a run's
 iterations do not depend on its layout, and a resumed run draws what the uninterrupted one would."""
+
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -22,15 +23,27 @@ def seeded_normal(shape: Sequence[int], *seed_parts: object, device: torch.devic
     return torch.randn(*shape, generator=g).to(device)
 
 
-def rollout_noise(seed: int, iteration: int, prompt: str, sample: int, video_shape: tuple[int, int],
-                  audio_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def rollout_noise(
+    seed: int, iteration: int, prompt: str, sample: int, video_shape: tuple[int, int], audio_shape: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
     """Initial noise of one sample: (video (T_v, C), audio (T_a, C))."""
-    return (seeded_normal(video_shape, seed, iteration, prompt, sample, "video"),
-            seeded_normal(audio_shape, seed, iteration, prompt, sample, "audio"))
+    return (
+        seeded_normal(video_shape, seed, iteration, prompt, sample, "video"),
+        seeded_normal(audio_shape, seed, iteration, prompt, sample, "audio"),
+    )
 
 
-def training_noise(seed: int, iteration: int, prompt: str, sample: int, sigma_index: int,
-                   video_shape: tuple[int, int], audio_shape: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def training_noise(
+    seed: int,
+    iteration: int,
+    prompt: str,
+    sample: int,
+    sigma_index: int,
+    video_shape: tuple[int, int],
+    audio_shape: tuple[int, int],
+) -> tuple[Tensor, Tensor]:
     """Forward-process noise of one sample at the iteration's `sigma_index`-th training sigma."""
-    return (seeded_normal(video_shape, seed, iteration, prompt, sample, "train", sigma_index, "video"),
-            seeded_normal(audio_shape, seed, iteration, prompt, sample, "train", sigma_index, "audio"))
+    return (
+        seeded_normal(video_shape, seed, iteration, prompt, sample, "train", sigma_index, "video"),
+        seeded_normal(audio_shape, seed, iteration, prompt, sample, "train", sigma_index, "audio"),
+    )

@@ -9,6 +9,7 @@ does), weight decay on every parameter like ours, so with fp32 parameters the st
 unsharded ones. With bf16 parameters it keeps sharded fp32 main copies (checkpointed too), which
 plain AdamW on bf16 parameters does not have.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,14 +37,17 @@ class OptimConfig:
     grad_clip: float = bounded(0.0, None, default=1.0)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas, eps=eps,
-                             weight_decay=weight_decay)
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
+) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+    )
 
 
-def make_optimizer(cfg: OptimConfig, model: nn.Module, sync: GradSync,
-                   distributed: bool) -> torch.optim.AdamW | DistributedAdamW:
+def make_optimizer(
+    cfg: OptimConfig, model: nn.Module, sync: GradSync, distributed: bool
+) -> torch.optim.AdamW | DistributedAdamW:
     """AdamW over the model's trainable parameters, or megatron's distributed optimizer (`distributed`)
     over the data-parallel gradient buffers of `sync`."""
     betas = (cfg.beta1, cfg.beta2)
@@ -52,8 +56,9 @@ def make_optimizer(cfg: OptimConfig, model: nn.Module, sync: GradSync,
     return build_optimizer(model, cfg.lr, cfg.weight_decay, betas, cfg.eps)
 
 
-def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, max_norm: float,
-                  layout: ProcessLayout) -> float:
+def clip_and_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, max_norm: float, layout: ProcessLayout
+) -> float:
     """Clips the global gradient norm (0 = no clipping) and steps; returns the norm before clipping.
 
     Under tensor parallelism a split parameter's squares are summed over the group and a replicated
@@ -84,12 +89,28 @@ class DistributedAdamW:
     (one parameter at a time, in host memory), and loading reads the whole moments (host memory) and
     keeps this rank's slice."""
 
-    def __init__(self, sync: MegatronGradSync, lr: float, weight_decay: float, betas: tuple[float, float],
-                 eps: float, max_norm: float):
+    def __init__(
+        self,
+        sync: MegatronGradSync,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        eps: float,
+        max_norm: float,
+    ):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        config = OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=betas[0],
-                                 adam_beta2=betas[1], adam_eps=eps, clip_grad=max_norm,
-                                 use_distributed_optimizer=True, params_dtype=next(sync.model.parameters()).dtype)
+
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=lr,
+            weight_decay=weight_decay,
+            adam_beta1=betas[0],
+            adam_beta2=betas[1],
+            adam_eps=eps,
+            clip_grad=max_norm,
+            use_distributed_optimizer=True,
+            params_dtype=next(sync.model.parameters()).dtype,
+        )
         # No overrides: weight decay on every parameter (megatron's default skips biases and norms).
         chained = get_megatron_optimizer(config, [sync.ddp], config_overrides={})
         (self.optimizer,) = chained.chained_optimizers
@@ -167,8 +188,10 @@ class DistributedAdamW:
     def load_targets(self, with_main: bool) -> dict[str, dict[str, Tensor]]:
         """Host buffers for loading the whole moments (and main copies, if the checkpoint has them)."""
         keys = self._keys if with_main else MOMENTS
-        return {name: {**{k: torch.empty(p.shape, dtype=torch.float32) for k in keys}, "step": torch.zeros(())}
-                for name, p in self.model.named_parameters()}
+        return {
+            name: {**{k: torch.empty(p.shape, dtype=torch.float32) for k in keys}, "step": torch.zeros(())}
+            for name, p in self.model.named_parameters()
+        }
 
     @torch.no_grad()
     def load_full_state(self, state: dict[str, dict[str, Tensor]]) -> None:

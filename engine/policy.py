@@ -1,5 +1,6 @@
 """The policies of a run: the trainable model (`model.*`), the old policy that samples rollouts and
 follows it by EMA, and the frozen KL reference; all built for this rank's place in the layout."""
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,10 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if self.fp8_recipe != "tensorwise" and self.backend != "te":
-            raise ConfigError(f"model.fp8_recipe={self.fp8_recipe} needs model.backend=te (the torch-native fp8 "
-                              f"backend scales tensorwise)")
+            raise ConfigError(
+                f"model.fp8_recipe={self.fp8_recipe} needs model.backend=te (the torch-native fp8 "
+                f"backend scales tensorwise)"
+            )
         if self.init is not None:
             if not Path(self.init).is_file():
                 raise ConfigError(f"model.init: {self.init} is not a file (expected a safetensors checkpoint)")
@@ -70,8 +73,12 @@ def build_policy(cfg: PolicyConfig, layout: ProcessLayout, sequence_parallel: bo
     starting weights: `model.init` (each rank reads only its share), or a seeded random init made as
     one process would make it (so the run does not depend on the layout; it builds the whole model on
     every rank, fine for `tiny`)."""
-    model = models.build_model(cfg.preset, device=layout.device, stage=layout.stage(),
-                               backend=layer_backend(cfg, layout.sharding(sequence_parallel)))
+    model = models.build_model(
+        cfg.preset,
+        device=layout.device,
+        stage=layout.stage(),
+        backend=layer_backend(cfg, layout.sharding(sequence_parallel)),
+    )
     if cfg.init is not None:
         models.load_model_weights(model, cfg.init)
     else:
@@ -82,15 +89,22 @@ def build_policy(cfg: PolicyConfig, layout: ProcessLayout, sequence_parallel: bo
 
 def frozen_copy(cfg: PolicyConfig, model: LTX2AVTransformer) -> LTX2AVTransformer:
     """Same layers, layout and weights, no gradients (the old policy and the KL reference)."""
-    copy = models.build_model(cfg.preset, device=next(model.parameters()).device, dtype=DTYPES[cfg.dtype],
-                              backend=layer_backend(cfg, model.sharding), stage=model.stage)
+    copy = models.build_model(
+        cfg.preset,
+        device=next(model.parameters()).device,
+        dtype=DTYPES[cfg.dtype],
+        backend=layer_backend(cfg, model.sharding),
+        stage=model.stage,
+    )
     copy.load_state_dict(model.state_dict())
     return copy.requires_grad_(False)
 
 
 def autocast(cfg: PolicyConfig, device: torch.device) -> AbstractContextManager:
     """Mixed precision for every model forward (`model.autocast`); a no-op when off."""
-    return contextlib.nullcontext() if cfg.autocast == "off" else torch.autocast(device.type, dtype=DTYPES[cfg.autocast])
+    return (
+        contextlib.nullcontext() if cfg.autocast == "off" else torch.autocast(device.type, dtype=DTYPES[cfg.autocast])
+    )
 
 
 def ema_decay(step: int, decay_rate: float, max_decay: float) -> float:

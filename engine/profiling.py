@@ -4,6 +4,7 @@ Ranges come from the `nvtx` package, not `torch.cuda.nvtx`, which raises without
 profiler attached an `nvtx` range costs about a function call, so the trainer annotates
 unconditionally and CPU runs take the same code path as GPU runs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,7 +42,7 @@ class ScheduleTimers:
     def __init__(self, training: bool):
         self.names = {"forward-compute": TRAIN_FWD, "backward-compute": TRAIN_BWD} if training else {}
 
-    def __call__(self, phase: str, log_level: int | None = None) -> "_PushPop":
+    def __call__(self, phase: str, log_level: int | None = None) -> _PushPop:
         return _PushPop(self.names.get(phase, f"omninft.pipeline.{phase}"))
 
 
@@ -64,10 +65,14 @@ class ProfileConfig:
     end_step: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.start_step is None) != (self.end_step is None) or \
-                self.start_step is not None and not 0 <= self.start_step <= self.end_step:
-            raise ConfigError("profile.start_step and profile.end_step must be set together with "
-                              "0 <= start_step <= end_step")
+        if (
+            (self.start_step is None) != (self.end_step is None)
+            or self.start_step is not None
+            and not 0 <= self.start_step <= self.end_step
+        ):
+            raise ConfigError(
+                "profile.start_step and profile.end_step must be set together with 0 <= start_step <= end_step"
+            )
 
 
 class ProfilerWindow:
@@ -101,8 +106,9 @@ class ProfilerWindow:
                 torch.cuda.profiler.start()
                 self.capturing = True
             elif not self._said_no_cuda:
-                log.warning("profiler window %d..%d: CUDA is not available, nothing is captured",
-                            self.start_step, self.end_step)
+                log.warning(
+                    "profiler window %d..%d: CUDA is not available, nothing is captured", self.start_step, self.end_step
+                )
                 self._said_no_cuda = True
         elif not inside and self.capturing:
             self.close()

@@ -1,6 +1,7 @@
 """Rollouts: the joint Euler ODE on the LTX-2 schedule, optional batched CFG, and the noise levels the
 loss is trained at. The V2A attention mass that region-wise reweighting needs is recorded on the fly
 by the recorder the caller passes (engine.algorithm.reweighting), never as an N_a x N_v map."""
+
 from __future__ import annotations
 
 import math
@@ -83,10 +84,20 @@ class RolloutResult:
 
 
 @torch.no_grad()
-def sample(model: LTX2AVTransformer, video_noise: Tensor, audio_noise: Tensor, video_context: Tensor,
-           audio_context: Tensor, video_grid: tuple[int, int, int], fps: float, sigmas: Tensor,
-           cfg_video: float = 1.0, cfg_audio: float = 1.0, uncond_context: tuple[Tensor, Tensor] | None = None,
-           v2a_recorder: V2AMassRecorder | None = None) -> RolloutResult:
+def sample(
+    model: LTX2AVTransformer,
+    video_noise: Tensor,
+    audio_noise: Tensor,
+    video_context: Tensor,
+    audio_context: Tensor,
+    video_grid: tuple[int, int, int],
+    fps: float,
+    sigmas: Tensor,
+    cfg_video: float = 1.0,
+    cfg_audio: float = 1.0,
+    uncond_context: tuple[Tensor, Tensor] | None = None,
+    v2a_recorder: V2AMassRecorder | None = None,
+) -> RolloutResult:
     """Euler steps x <- x + (sigma_next - sigma) v on both streams from the given noise. `model` is
     the transformer or anything with its call signature (engine.parallel.PipelinedForward).
 

@@ -1,4 +1,5 @@
 """`python -m engine.train [--config FILE] key=value ...`: the training entry point (also for torchrun)."""
+
 import sys
 
 from .cli import main

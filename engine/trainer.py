@@ -7,6 +7,7 @@ Where each idea lives: routing `engine.algorithm.advantages`, loss `engine.algor
 torchrun, `engine.parallel.ProcessLayout` decides which samples this rank handles and does every
 reduction.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,8 @@ from .sampler import SIGMA_MODES, sample, training_sigmas
 if TYPE_CHECKING:  # config.py composes TrainConfig from here
     from .config import Config
 
+LOSS_KEYS = ("loss", "loss/video", "loss/audio", "loss/kl")
+
 
 @dataclass
 class TrainConfig:
@@ -70,16 +73,19 @@ class Trainer:
         self.ref_model = frozen_copy(cfg.model, self.model) if cfg.loss.kl_weight > 0 else None
         self.grad_sync = grad_sync(self.model, self.layout, cfg.parallel.distributed_optimizer)
         self.optimizer = make_optimizer(cfg.optim, self.model, self.grad_sync, cfg.parallel.distributed_optimizer)
-        self.checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint_format, self.layout,
-                                             cfg.parallel.distributed_optimizer)
+        self.checkpoints = CheckpointManager(
+            cfg.run_dir, cfg.checkpoint_format, self.layout, cfg.parallel.distributed_optimizer
+        )
         self.rewards = build_rewards(cfg.rewards)
         self.reward_names = [r.name for r in self.rewards]
         self.grid = tuple(cfg.task.video_grid)
         self.geometry = self.model.config.geometry
         self.num_audio = self.geometry.audio_tokens_for(self.grid[0], cfg.task.fps)
         self.sigmas = cfg.sampler.sigmas()
-        self.contexts = {p: prompt_features(p, cfg.task.context_tokens, self.model.config.caption_channels)
-                         for p in [*cfg.task.prompts, ""]}
+        self.contexts = {
+            p: prompt_features(p, cfg.task.context_tokens, self.model.config.caption_channels)
+            for p in [*cfg.task.prompts, ""]
+        }
         self.frame_ids = frame_ids(self.grid, self.device)
         self.state = TrainState(iteration=-1, step=0)
         self.dtype = DTYPES[cfg.model.dtype]
@@ -87,8 +93,10 @@ class Trainer:
         m, n = cfg.train.micro_batch_size, cfg.train.prompts_per_iteration * cfg.train.group_size
         shares = {len(b) for b in self.layout.local_indices(n, cfg.train.batch_size)}
         if m and any(share % m for share in shares):
-            raise ConfigError(f"train.micro_batch_size={m} must divide each rank's share of a mini-batch "
-                              f"({', '.join(map(str, sorted(shares)))} samples here)")
+            raise ConfigError(
+                f"train.micro_batch_size={m} must divide each rank's share of a mini-batch "
+                f"({', '.join(map(str, sorted(shares)))} samples here)"
+            )
 
     # ---- one iteration, phase by phase -------------------------------------------------------------
     def prompts_for(self, iteration: int) -> list[str]:
@@ -103,8 +111,17 @@ class Trainer:
         g = cfg.train.group_size
         f, h, w = self.grid
         texts = [prompts[i // g] for i in indices]
-        noise = [rollout_noise(cfg.seed, iteration, prompts[i // g], i % g, (f * h * w, mc.in_channels),
-                               (self.num_audio, mc.audio_in_channels)) for i in indices]
+        noise = [
+            rollout_noise(
+                cfg.seed,
+                iteration,
+                prompts[i // g],
+                i % g,
+                (f * h * w, mc.in_channels),
+                (self.num_audio, mc.audio_in_channels),
+            )
+            for i in indices
+        ]
         on = {"device": self.device, "dtype": self.dtype}
         ctx = torch.stack([self.contexts[p] for p in texts]).to(**on)
         uncond = self.contexts[""].to(**on).expand_as(ctx)
@@ -112,85 +129,140 @@ class Trainer:
         if cfg.reweight.mode != "off":
             recorder = V2AMassRecorder(
                 steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step),
-                blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block), rows=len(indices),
-                num_video_tokens=f * h * w, device=self.device)
+                blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block),
+                rows=len(indices),
+                num_video_tokens=f * h * w,
+                device=self.device,
+            )
         result = sample(
             PipelinedForward(self.pipeline, self.old_model, cfg.train.micro_batch_size),
-            torch.stack([n[0] for n in noise]).to(**on), torch.stack([n[1] for n in noise]).to(**on), ctx, ctx,
-            self.grid, cfg.task.fps, self.sigmas, cfg.sampler.cfg_video, cfg.sampler.cfg_audio, (uncond, uncond),
-            v2a_recorder=recorder)
-        rollout = Rollout(video=result.video.float().cpu(), audio=result.audio.float().cpu(), video_grid=self.grid,
-                          fps=cfg.task.fps, prompts=tuple(texts), geometry=self.geometry)
+            torch.stack([n[0] for n in noise]).to(**on),
+            torch.stack([n[1] for n in noise]).to(**on),
+            ctx,
+            ctx,
+            self.grid,
+            cfg.task.fps,
+            self.sigmas,
+            cfg.sampler.cfg_video,
+            cfg.sampler.cfg_audio,
+            (uncond, uncond),
+            v2a_recorder=recorder,
+        )
+        rollout = Rollout(
+            video=result.video.float().cpu(),
+            audio=result.audio.float().cpu(),
+            video_grid=self.grid,
+            fps=cfg.task.fps,
+            prompts=tuple(texts),
+            geometry=self.geometry,
+        )
         score = None if recorder is None else recorder.score()
         if score is not None:  # a rank saw its heads of its stage's blocks
             score = layout.sum_over("pp", layout.mean_over("tp", score))
         return rollout, ctx, score
 
-    def train(self, iteration: int, batches: list[list[int]], rollout: Rollout, ctx: Tensor, r_video: Tensor,
-              r_audio: Tensor, token_weights: Tensor | None) -> dict[str, float]:
-        """One optimizer step per global mini-batch: the loss is accumulated over the training sigmas and
-        the microbatches of this rank's share of the batch (through the pipeline when there are stages),
-        gradients are reduced over ranks, clipped, AdamW steps, and the old policy moves by EMA.
-        Tensors are indexed by position in this rank's rollout."""
-        cfg, layout = self.cfg, self.layout
-        on = {"device": self.device, "dtype": self.dtype}
-        sigmas = training_sigmas(self.sigmas, cfg.train.sigma_mode, cfg.train.sigma_fraction, cfg.train.num_sigmas,
-                                 cfg.seed, iteration)
-        g = cfg.train.group_size
-        keys = ("loss", "loss/video", "loss/audio", "loss/kl")
-        totals = dict.fromkeys(keys, 0.0)
+    def train(
+        self,
+        iteration: int,
+        batches: list[list[int]],
+        rollout: Rollout,
+        ctx: Tensor,
+        r_video: Tensor,
+        r_audio: Tensor,
+        token_weights: Tensor | None,
+    ) -> dict[str, float]:
+        """One optimizer step per global mini-batch (`train_step`), then the logged means over the
+        steps and the data-parallel ranks. Tensors are indexed by position in this rank's rollout."""
+        cfg = self.cfg
+        sigmas = training_sigmas(
+            self.sigmas, cfg.train.sigma_mode, cfg.train.sigma_fraction, cfg.train.num_sigmas, cfg.seed, iteration
+        )
+        totals = dict.fromkeys(LOSS_KEYS, 0.0)
         norms, t_ema, start = [], 0.0, 0
         for batch in batches:
             pos = list(range(start, start + len(batch)))
             start += len(batch)
-            x0_v, x0_a = rollout.video[pos].to(**on), rollout.audio[pos].to(**on)
-            c, rv, ra = ctx[pos], r_video[pos], r_audio[pos]
-            tw = None if token_weights is None else token_weights[pos]
-            microbatches, rows = [], []
-            for j, s in enumerate(sigmas):
-                noise = [training_noise(cfg.seed, iteration, rollout.prompts[p], i % g, j, x0_v.shape[1:],
-                                        x0_a.shape[1:]) for p, i in zip(pos, batch)]
-                eps_v, eps_a = (torch.stack([n[k] for n in noise]).to(**on) for k in (0, 1))
-                sig = torch.full((len(pos),), s, **on)
-                xt_v, xt_a = (1 - s) * x0_v + s * eps_v, (1 - s) * x0_a + s * eps_a
-                split = split_batch((xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps), {}, cfg.train.micro_batch_size)
-                microbatches += split
-                rows += [slice(k * mb.size, (k + 1) * mb.size) for k, mb in enumerate(split)]
-            m = microbatches[0].size
-            with profiling.nvtx_range(profiling.TRAIN_FWD):
-                v_old = self.pipeline.forward(self.old_model, microbatches)
-                v_ref = self.pipeline.forward(self.ref_model, microbatches) if self.ref_model is not None else None
-            # Each microbatch's loss is its share of the mean over the batch and the sigmas.
-            w = m / len(pos) / len(sigmas)
-
-            def loss_fn(i: int, v_theta: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-                rs, (xt_v, xt_a, sig) = rows[i], microbatches[i].args[:3]
-                out = nft_loss(
-                    {"x0": x0_v[rs], "x_t": xt_v, "sigma": sig, "v_old": v_old[i][0], "v_theta": v_theta[0]},
-                    {"x0": x0_a[rs], "x_t": xt_a, "sigma": sig, "v_old": v_old[i][1], "v_theta": v_theta[1]},
-                    rv[rs], ra[rs], beta=cfg.loss.beta, adv_clip=cfg.advantage.adv_clip,
-                    video_token_weights=None if tw is None else tw[rs], kl_weight=cfg.loss.kl_weight,
-                    v_ref=None if v_ref is None else v_ref[i])
-                # Logged as tensors: a float() here would stall the pipeline on a host sync per microbatch.
-                return out.total * w, {k: v.detach() * w for k, v in zip(keys, (out.total, out.video, out.audio,
-                                                                              out.kl))}
-
-            self.grad_sync.start()
-            logged = self.pipeline.forward_backward(self.model, microbatches, loss_fn, self.grad_sync.no_sync)
-            step_totals = layout.from_last_stage([float(sum(values[k] for values in logged)) if logged else 0.0
-                                                  for k in keys])
-            for k, v in zip(keys, step_totals):
+            step_totals, norm = self.train_step(
+                iteration, sigmas, batch, pos, rollout, ctx, r_video, r_audio, token_weights
+            )
+            for k, v in zip(LOSS_KEYS, step_totals):
                 totals[k] += v / len(batches)
-            with profiling.nvtx_range(profiling.OPTIMIZER):
-                self.grad_sync.finish()
-                norms.append(clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip, layout))
-            self.state.step += 1
+            norms.append(norm)
             t0 = time.perf_counter()
             with profiling.nvtx_range(profiling.EMA):
-                ema_update(self.old_model, self.model, ema_decay(self.state.step, cfg.ema.decay_rate, cfg.ema.max_decay))
+                eta = ema_decay(self.state.step, cfg.ema.decay_rate, cfg.ema.max_decay)
+                ema_update(self.old_model, self.model, eta)
             t_ema += time.perf_counter() - t0
-        totals = {k: layout.mean_over("dp", v) for k, v in totals.items()}
+        totals = {k: self.layout.mean_over("dp", v) for k, v in totals.items()}
         return {**totals, "grad_norm": sum(norms) / len(norms), "time/ema": t_ema, "train_sigmas": len(sigmas)}
+
+    def train_step(
+        self,
+        iteration: int,
+        sigmas: list[float],
+        batch: list[int],
+        pos: list[int],
+        rollout: Rollout,
+        ctx: Tensor,
+        r_video: Tensor,
+        r_audio: Tensor,
+        token_weights: Tensor | None,
+    ) -> tuple[list[float], float]:
+        """One optimizer step on global mini-batch `batch` (this rank's samples, at rollout positions
+        `pos`): the loss is accumulated over the training sigmas and the microbatches (through the
+        pipeline when there are stages), gradients are reduced over ranks, clipped, and AdamW steps.
+        Returns the step's loss parts (LOSS_KEYS, on every stage) and the gradient norm."""
+        cfg = self.cfg
+        on = {"device": self.device, "dtype": self.dtype}
+        g = cfg.train.group_size
+        x0_v, x0_a = rollout.video[pos].to(**on), rollout.audio[pos].to(**on)
+        c, rv, ra = ctx[pos], r_video[pos], r_audio[pos]
+        tw = None if token_weights is None else token_weights[pos]
+        microbatches, rows = [], []
+        for j, s in enumerate(sigmas):
+            noise = [
+                training_noise(cfg.seed, iteration, rollout.prompts[p], i % g, j, x0_v.shape[1:], x0_a.shape[1:])
+                for p, i in zip(pos, batch)
+            ]
+            eps_v, eps_a = (torch.stack([n[k] for n in noise]).to(**on) for k in (0, 1))
+            sig = torch.full((len(pos),), s, **on)
+            xt_v, xt_a = (1 - s) * x0_v + s * eps_v, (1 - s) * x0_a + s * eps_a
+            split = split_batch((xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps), {}, cfg.train.micro_batch_size)
+            microbatches += split
+            rows += [slice(k * mb.size, (k + 1) * mb.size) for k, mb in enumerate(split)]
+        with profiling.nvtx_range(profiling.TRAIN_FWD):
+            v_old = self.pipeline.forward(self.old_model, microbatches)
+            v_ref = self.pipeline.forward(self.ref_model, microbatches) if self.ref_model is not None else None
+        # Each microbatch's loss is its share of the mean over the batch and the sigmas.
+        w = microbatches[0].size / len(pos) / len(sigmas)
+
+        def loss_fn(i: int, v_theta: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+            rs, (xt_v, xt_a, sig) = rows[i], microbatches[i].args[:3]
+            out = nft_loss(
+                {"x0": x0_v[rs], "x_t": xt_v, "sigma": sig, "v_old": v_old[i][0], "v_theta": v_theta[0]},
+                {"x0": x0_a[rs], "x_t": xt_a, "sigma": sig, "v_old": v_old[i][1], "v_theta": v_theta[1]},
+                rv[rs],
+                ra[rs],
+                beta=cfg.loss.beta,
+                adv_clip=cfg.advantage.adv_clip,
+                video_token_weights=None if tw is None else tw[rs],
+                kl_weight=cfg.loss.kl_weight,
+                v_ref=None if v_ref is None else v_ref[i],
+            )
+            # Logged as tensors: a float() here would stall the pipeline on a host sync per microbatch.
+            parts = (out.total, out.video, out.audio, out.kl)
+            return out.total * w, {k: v.detach() * w for k, v in zip(LOSS_KEYS, parts)}
+
+        self.grad_sync.start()
+        logged = self.pipeline.forward_backward(self.model, microbatches, loss_fn, self.grad_sync.no_sync)
+        step_totals = self.layout.from_last_stage(
+            [float(sum(values[k] for values in logged)) if logged else 0.0 for k in LOSS_KEYS]
+        )
+        with profiling.nvtx_range(profiling.OPTIMIZER):
+            self.grad_sync.finish()
+            norm = clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip, self.layout)
+        self.state.step += 1
+        return step_totals, norm
 
     def iteration(self, iteration: int) -> dict:
         cfg, layout, times = self.cfg, self.layout, {}
@@ -205,22 +277,36 @@ class Trainer:
 
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.REWARD):
-            scores = {k: layout.gather_samples(v.to(self.device), local, n)
-                      for k, v in score_rewards(self.rewards, rollout).items()}
+            scores = {
+                k: layout.gather_samples(v.to(self.device), local, n)
+                for k, v in score_rewards(self.rewards, rollout).items()
+            }
         times["time/reward"] = time.perf_counter() - t
 
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.ADVANTAGE):
             group_ids = torch.arange(len(prompts), device=self.device).repeat_interleave(cfg.train.group_size)
-            routed = route_advantages(scores, {r.name: r.modality for r in self.rewards},
-                                      {r.name: r.weight for r in self.rewards}, group_ids, cfg.advantage.routing,
-                                      cfg.advantage.std, cfg.advantage.eps)
+            routed = route_advantages(
+                scores,
+                {r.name: r.modality for r in self.rewards},
+                {r.name: r.weight for r in self.rewards},
+                group_ids,
+                cfg.advantage.routing,
+                cfg.advantage.std,
+                cfg.advantage.eps,
+            )
             r_video = optimality_probability(routed.video, cfg.advantage.adv_clip)[local]
             r_audio = optimality_probability(routed.audio, cfg.advantage.adv_clip)[local]
             weights = None
             if v2a_score is not None:
-                weights = region_weights(v2a_score, cfg.reweight.mode, cfg.reweight.lam, self.frame_ids,
-                                         step=self.state.step, warmup_steps=cfg.reweight.warmup_steps)
+                weights = region_weights(
+                    v2a_score,
+                    cfg.reweight.mode,
+                    cfg.reweight.lam,
+                    self.frame_ids,
+                    step=self.state.step,
+                    warmup_steps=cfg.reweight.warmup_steps,
+                )
         times["time/advantage"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -229,14 +315,25 @@ class Trainer:
         times["time/train"] = time.perf_counter() - t - train_metrics["time/ema"]
         self.state.iteration = iteration
 
-        metrics = {"iteration": iteration, "step": self.state.step, **train_metrics, **times,
-                   "time/iteration": time.perf_counter() - t0}
+        metrics = {
+            "iteration": iteration,
+            "step": self.state.step,
+            **train_metrics,
+            **times,
+            "time/iteration": time.perf_counter() - t0,
+        }
         for name, value in scores.items():
             metrics[f"reward/{name}"] = float(value.mean())
             metrics[f"reward_std/{name}"] = float(value.std(unbiased=False))
         for branch, adv in (("video", routed.video), ("audio", routed.audio)):
-            metrics.update({f"adv/{branch}_mean": float(adv.mean()), f"adv/{branch}_std": float(adv.std(unbiased=False)),
-                            f"adv/{branch}_min": float(adv.min()), f"adv/{branch}_max": float(adv.max())})
+            metrics.update(
+                {
+                    f"adv/{branch}_mean": float(adv.mean()),
+                    f"adv/{branch}_std": float(adv.std(unbiased=False)),
+                    f"adv/{branch}_min": float(adv.min()),
+                    f"adv/{branch}_max": float(adv.max()),
+                }
+            )
         for name, adv in routed.per_reward.items():
             metrics[f"adv/{name}_abs_mean"] = float(adv.abs().mean())
         if weights is not None:  # over all samples: each data-parallel rank holds an equal share
@@ -251,20 +348,30 @@ class Trainer:
             console(f"resumed from {path} (iteration {self.state.iteration}, step {self.state.step})")
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.state, self.model, self.old_model, self.optimizer,
-                                     dataclasses.asdict(self.cfg))
+        return self.checkpoints.save(
+            self.state, self.model, self.old_model, self.optimizer, dataclasses.asdict(self.cfg)
+        )
 
     def run(self) -> list[dict]:
         cfg, main = self.cfg, self.layout.is_main
         if cfg.resume:
             self.resume()
-        logger = MetricsLogger(cfg.run_dir, cfg.log.tensorboard, self.state.iteration if cfg.resume else None) \
-            if main else None
+        logger = (
+            MetricsLogger(cfg.run_dir, cfg.log.tensorboard, self.state.iteration if cfg.resume else None)
+            if main
+            else None
+        )
         window = profiling.ProfilerWindow(cfg.profile.start_step, cfg.profile.end_step)
         start = self.state.iteration + 1
         history = []
-        bar = tqdm(range(start, cfg.iterations), desc="omninft", unit="it", disable=not (cfg.log.progress and main),
-                   initial=start, total=cfg.iterations)
+        bar = tqdm(
+            range(start, cfg.iterations),
+            desc="omninft",
+            unit="it",
+            disable=not (cfg.log.progress and main),
+            initial=start,
+            total=cfg.iterations,
+        )
         try:
             for it in bar:
                 window.step(it)

@@ -7,6 +7,7 @@ else (CPU tensors, float64, other head dims, no triton) goes to the torch refere
 interpreter is for tests, which call `kernels.triton_attention` and `kernels.triton_mass` directly
 on CPU tensors. Triton is an optional extra, so it is imported only when a CUDA tensor needs it.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,12 +24,15 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def uses_triton(q: Tensor) -> bool:
     """Whether `cross_attention` and `attention_mass` send this query tensor to Triton."""
-    return (HAS_TRITON and q.is_cuda and q.dim() == 4 and q.dtype in TRITON_DTYPES
-            and q.shape[-1] in TRITON_HEAD_DIMS)
+    return HAS_TRITON and q.is_cuda and q.dim() == 4 and q.dtype in TRITON_DTYPES and q.shape[-1] in TRITON_HEAD_DIMS
 
 
 def cross_attention(
-    q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float = 1.0, key_mask: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_grad_scale: float = 1.0,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """`kernels.reference.cross_attention`, on Triton where `uses_triton(q)`."""
     if uses_triton(q):
@@ -39,7 +43,11 @@ def cross_attention(
 
 
 def cross_attention_lse(
-    q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float = 1.0, key_mask: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_grad_scale: float = 1.0,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`cross_attention` and its row log-sum-exp (B, H, Nq) (no gradient), for `attention_mass(lse=...)`:
     the Triton forward writes it anyway, so the mass needs no second pass over the logits."""
@@ -51,8 +59,13 @@ def cross_attention_lse(
 
 
 def attention_mass(
-    q: Tensor, k: Tensor, *, key_mask: Tensor | None = None, lse: Tensor | None = None,
-    out: Tensor | None = None, chunk_size: int = 1024,
+    q: Tensor,
+    k: Tensor,
+    *,
+    key_mask: Tensor | None = None,
+    lse: Tensor | None = None,
+    out: Tensor | None = None,
+    chunk_size: int = 1024,
 ) -> Tensor:
     """`kernels.reference.attention_mass`, on Triton where `uses_triton(q)`."""
     if uses_triton(q):

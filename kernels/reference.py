@@ -33,9 +33,7 @@ def _check_qk(q: Tensor, k: Tensor) -> None:
     _check_4d("q", q)
     _check_4d("k", k)
     if (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
-        raise ValueError(
-            f"k shape {tuple(k.shape)} must match q shape {tuple(q.shape)} in B, H and D"
-        )
+        raise ValueError(f"k shape {tuple(k.shape)} must match q shape {tuple(q.shape)} in B, H and D")
 
 
 def _check_key_mask(key_mask: Tensor, k: Tensor) -> None:
@@ -65,8 +63,9 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float
         _check_key_mask(key_mask, k)
 
 
-def check_mass_inputs(q: Tensor, k: Tensor, key_mask: Tensor | None, lse: Tensor | None, out: Tensor | None,
-                      chunk_size: int) -> None:
+def check_mass_inputs(
+    q: Tensor, k: Tensor, key_mask: Tensor | None, lse: Tensor | None, out: Tensor | None, chunk_size: int
+) -> None:
     """Every backend's input checks for `attention_mass`."""
     _check_qk(q, k)
     if k.dtype != q.dtype:

@@ -16,6 +16,7 @@ IEEE precision, not TF32). Under TRITON_INTERPRET=1 (read when this module is im
 run on CPU tensors; dot operands are then widened to fp32, because the interpreter's bf16 `tl.dot`
 multiplies bit patterns as integers (triton-lang/triton#11584).
 """
+
 from __future__ import annotations
 
 import math
@@ -88,22 +89,49 @@ def key_valid(MASK, off_b, cols, stride_mb, stride_mn, n_k):
     return in_range & (tl.load(MASK + off_b * stride_mb + cols * stride_mn, mask=in_range, other=0) != 0)
 
 
-@autotune([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
-          key=["n_q", "n_k", "HEAD_DIM", "WRITE_O"])
-@triton.heuristics({
-    "HAS_MASK": lambda a: a["MASK"] is not None,
-    "MASK_N": lambda a: a["MASK"] is not None or a["n_k"] % a["BLOCK_N"] != 0,
-})
+@autotune(
+    [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
+    key=["n_q", "n_k", "HEAD_DIM", "WRITE_O"],
+)
+@triton.heuristics(
+    {
+        "HAS_MASK": lambda a: a["MASK"] is not None,
+        "MASK_N": lambda a: a["MASK"] is not None or a["n_k"] % a["BLOCK_N"] != 0,
+    }
+)
 @triton.jit
 def _attn_fwd(
-    Q, K, V, MASK, O, LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_mb, stride_mn,
-    n_heads, n_q, n_k, n_split, qk_scale,
-    HEAD_DIM: tl.constexpr, WRITE_O: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, MASK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    MASK,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mn,
+    n_heads,
+    n_q,
+    n_k,
+    n_split,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    WRITE_O: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_N: tl.constexpr,
 ):
     """One query block against key blocks pid_z, pid_z + n_split, ...: O (when WRITE_O) and the LSE.
 
@@ -159,10 +187,17 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_delta(
-    O, DO, DELTA,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    n_heads, n_q,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    n_heads,
+    n_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO * O) in fp32, the softmax-Jacobian term both gradient kernels need."""
     pid_m = tl.program_id(0)
@@ -171,8 +206,13 @@ def _attn_bwd_delta(
     offs_d = tl.arange(0, HEAD_DIM)
     in_rows = rows[:, None] < n_q
     o = tl.load(O + (bh * n_q + rows[:, None]) * HEAD_DIM + offs_d[None, :], mask=in_rows, other=0.0)
-    do_ptrs = (DO + (bh // n_heads) * stride_dob + (bh % n_heads) * stride_doh
-               + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod)
+    do_ptrs = (
+        DO
+        + (bh // n_heads) * stride_dob
+        + (bh % n_heads) * stride_doh
+        + rows[:, None] * stride_dom
+        + offs_d[None, :] * stride_dod
+    )
     do = tl.load(do_ptrs, mask=in_rows, other=0.0)
     tl.store(DELTA + bh * n_q + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < n_q)
 
@@ -181,14 +221,43 @@ def _attn_bwd_delta(
 @triton.heuristics({"HAS_MASK": lambda a: a["MASK"] is not None})
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, MASK, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_mb, stride_mn,
-    n_heads, n_q, n_k, n_split, sm_scale, kv_grad_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    MASK,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_mb,
+    stride_mn,
+    n_heads,
+    n_q,
+    n_k,
+    n_split,
+    sm_scale,
+    kv_grad_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """dK and dV of one key block over query blocks pid_z, pid_z + n_split, ..., times kv_grad_scale.
 
@@ -240,21 +309,50 @@ def _attn_bwd_dkdv(
 
 
 @autotune([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)], key=["n_q", "n_k", "HEAD_DIM"])
-@triton.heuristics({
-    "HAS_MASK": lambda a: a["MASK"] is not None,
-    "MASK_N": lambda a: a["MASK"] is not None or a["n_k"] % a["BLOCK_N"] != 0,
-})
+@triton.heuristics(
+    {
+        "HAS_MASK": lambda a: a["MASK"] is not None,
+        "MASK_N": lambda a: a["MASK"] is not None or a["n_k"] % a["BLOCK_N"] != 0,
+    }
+)
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, MASK, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_mb, stride_mn,
-    n_heads, n_q, n_k, n_split, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    MASK,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_mb,
+    stride_mn,
+    n_heads,
+    n_q,
+    n_k,
+    n_split,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    MASK_N: tl.constexpr,
 ):
     """dQ of one query block over key blocks pid_z, pid_z + n_split, ... (fp32 partials when split)."""
     pid_m = tl.program_id(0)
@@ -268,8 +366,7 @@ def _attn_bwd_dq(
     in_rows = rows < n_q
 
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom
-               + offs_d[None, :] * stride_dod)
+    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod
     q = tl.load(q_ptrs, mask=in_rows[:, None], other=0.0)
     do = tl.load(do_ptrs, mask=in_rows[:, None], other=0.0)
     lse2 = tl.load(LSE + bh * n_q + rows, mask=in_rows, other=float("inf")) * _LOG2E
@@ -322,15 +419,30 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor | None, key_mask: Tensor |
     lse = torch.empty(splits, batch, heads, n_q, device=q.device, dtype=torch.float32)
     o = None
     if v is not None:
-        o = torch.empty(splits, batch, heads, n_q, dim, device=q.device,
-                        dtype=q.dtype if splits == 1 else torch.float32)
+        o = torch.empty(
+            splits, batch, heads, n_q, dim, device=q.device, dtype=q.dtype if splits == 1 else torch.float32
+        )
     mask, stride_mb, stride_mn = mask_args(key_mask)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads, splits)  # noqa: E731
     _attn_fwd[grid](
-        q, k, vv, mask, o, lse,
-        *q.stride(), *k.stride(), *vv.stride(), stride_mb, stride_mn,
-        heads, n_q, n_k, splits, LOG2E / math.sqrt(dim),
-        HEAD_DIM=dim, WRITE_O=v is not None,
+        q,
+        k,
+        vv,
+        mask,
+        o,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *vv.stride(),
+        stride_mb,
+        stride_mn,
+        heads,
+        n_q,
+        n_k,
+        splits,
+        LOG2E / math.sqrt(dim),
+        HEAD_DIM=dim,
+        WRITE_O=v is not None,
     )
     if splits == 1:
         return (None if o is None else o[0]), lse[0]
@@ -342,8 +454,16 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor | None, key_mask: Tensor |
 
 
 def _attention_backward(
-    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, key_mask: Tensor | None,
-    kv_grad_scale: float, need_dq: bool, need_dkdv: bool,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    key_mask: Tensor | None,
+    kv_grad_scale: float,
+    need_dq: bool,
+    need_dkdv: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """dQ, dK, dV in the input dtype (None where not needed). With kv_grad_scale 0, dK and dV are
     zeros without a launch (the authors' preset stops block 0's K/V gradient entirely)."""
@@ -353,7 +473,14 @@ def _attention_backward(
     mask, stride_mb, stride_mn = mask_args(key_mask)
     delta = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     _attn_bwd_delta[(triton.cdiv(n_q, 64), batch * heads)](
-        o, do, delta, *do.stride(), heads, n_q, HEAD_DIM=dim, BLOCK_M=64,
+        o,
+        do,
+        delta,
+        *do.stride(),
+        heads,
+        n_q,
+        HEAD_DIM=dim,
+        BLOCK_M=64,
     )
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), stride_mb, stride_mn, heads, n_q, n_k)
 
@@ -375,7 +502,20 @@ def _attention_backward(
         dv = torch.empty(splits, *k.shape, device=k.device, dtype=dtype)
         grid = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads, splits)  # noqa: E731
         _attn_bwd_dkdv[grid](
-            q, k, v, do, lse, delta, mask, dk, dv, *common, splits, sm_scale, kv_grad_scale, HEAD_DIM=dim,
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            mask,
+            dk,
+            dv,
+            *common,
+            splits,
+            sm_scale,
+            kv_grad_scale,
+            HEAD_DIM=dim,
         )
         dk, dv = (dk.sum(dim=0).to(k.dtype), dv.sum(dim=0).to(k.dtype)) if splits > 1 else (dk[0], dv[0])
     return dq, dk, dv
@@ -385,8 +525,9 @@ class _CrossAttention(torch.autograd.Function):
     """Saves q, k, v, O and the LSE; the backward recomputes the probabilities tile by tile."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float,
-                key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float, key_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         o, lse = attention_forward(q, k, v, key_mask)
         ctx.save_for_backward(q, k, v, o, lse, key_mask)
         ctx.kv_grad_scale = kv_grad_scale
@@ -397,13 +538,16 @@ class _CrossAttention(torch.autograd.Function):
     def backward(ctx, do: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, o, lse, key_mask = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = _attention_backward(q, k, v, o, lse, do, key_mask, ctx.kv_grad_scale,
-                                         need_q, need_k or need_v)
+        dq, dk, dv = _attention_backward(q, k, v, o, lse, do, key_mask, ctx.kv_grad_scale, need_q, need_k or need_v)
         return dq, dk, dv, None, None
 
 
 def cross_attention_lse(
-    q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float = 1.0, key_mask: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_grad_scale: float = 1.0,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`cross_attention` that also returns the row LSE (fp32 (B, H, Nq), not differentiable), which
     `attention_mass(..., lse=...)` takes to skip its first pass."""
@@ -412,7 +556,11 @@ def cross_attention_lse(
 
 
 def cross_attention(
-    q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float = 1.0, key_mask: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_grad_scale: float = 1.0,
+    key_mask: Tensor | None = None,
 ) -> Tensor:
     """Triton `kernels.reference.cross_attention`: same signature, checks and results."""
     return cross_attention_lse(q, k, v, kv_grad_scale, key_mask)[0]

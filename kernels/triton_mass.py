@@ -6,6 +6,7 @@ is never written; extra memory is the (B, H, Nq) LSE. Column sums are divided by
 atomically into the fp32 (B, Nk) buffer (one add per head), which is how masses accumulate across
 blocks and steps. Without an LSE from the forward, the forward kernel computes it first (no O).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,19 +30,43 @@ from kernels.triton_attention import (
 _LOG2E = tl.constexpr(LOG2E)
 
 
-@autotune([(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)], key=["n_q", "n_k", "HEAD_DIM"],
-          restore_value=["OUT"])
+@autotune(
+    [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+    key=["n_q", "n_k", "HEAD_DIM"],
+    restore_value=["OUT"],
+)
 @triton.heuristics({"HAS_MASK": lambda a: a["MASK"] is not None})
 @triton.jit
 def _attention_mass_kernel(
-    Q, K, LSE, MASK, OUT,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mn,
-    stride_ob, stride_on,
-    n_heads, n_q, n_k, qk_scale, inv_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    MASK,
+    OUT,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    stride_mb,
+    stride_mn,
+    stride_ob,
+    stride_on,
+    n_heads,
+    n_q,
+    n_k,
+    qk_scale,
+    inv_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """OUT[b, keys] += sum over queries of P[b, h, :, keys] / H, for one key block and one head.
 
@@ -77,8 +102,9 @@ def _attention_mass_kernel(
     tl.atomic_add(OUT + off_b * stride_ob + cols * stride_on, mass * inv_heads, mask=valid)
 
 
-def _check_mass(q: Tensor, k: Tensor, key_mask: Tensor | None, lse: Tensor | None, out: Tensor | None,
-                chunk_size: int) -> None:
+def _check_mass(
+    q: Tensor, k: Tensor, key_mask: Tensor | None, lse: Tensor | None, out: Tensor | None, chunk_size: int
+) -> None:
     check_mass_inputs(q, k, key_mask, lse, out, chunk_size)
     check_supported(q)
 
@@ -105,9 +131,22 @@ def attention_mass(
     mask, stride_mb, stride_mn = mask_args(key_mask)
     grid = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads)  # noqa: E731
     _attention_mass_kernel[grid](
-        q, k, lse, mask, out,
-        *q.stride(), *k.stride(), *lse.stride(), stride_mb, stride_mn, *out.stride(),
-        heads, n_q, n_k, LOG2E / math.sqrt(dim), 1.0 / heads,
+        q,
+        k,
+        lse,
+        mask,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *lse.stride(),
+        stride_mb,
+        stride_mn,
+        *out.stride(),
+        heads,
+        n_q,
+        n_k,
+        LOG2E / math.sqrt(dim),
+        1.0 / heads,
         HEAD_DIM=dim,
     )
     return out

@@ -1,4 +1,5 @@
 """The LTX-2 audio-video DiT (one definition, pluggable layer backends) and its checkpoints."""
+
 from __future__ import annotations
 
 import torch
@@ -13,14 +14,38 @@ from .stage import Stage, stage_layers
 from .transformer import LTX2AVTransformer, V2AProbe
 from .weights import convert_file, load_model_weights, load_state, save_model
 
-__all__ = ["BACKENDS", "PRESETS", "REFERENCE_DEPTH", "CheckpointError", "LTX2AVTransformer", "LatentGeometry",
-           "ModelConfig", "Sharding", "Stage", "TorchBackend", "UserError", "V2AProbe", "build_model", "convert_file",
-           "from_diffusers", "load_model_weights", "reference_block", "save_model", "stage_layers"]
+__all__ = [
+    "BACKENDS",
+    "PRESETS",
+    "REFERENCE_DEPTH",
+    "CheckpointError",
+    "LTX2AVTransformer",
+    "LatentGeometry",
+    "ModelConfig",
+    "Sharding",
+    "Stage",
+    "TorchBackend",
+    "UserError",
+    "V2AProbe",
+    "build_model",
+    "convert_file",
+    "from_diffusers",
+    "load_model_weights",
+    "reference_block",
+    "save_model",
+    "stage_layers",
+]
 
 
-def build_model(name_or_config: str | ModelConfig | dict = "tiny", device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, backend: str | TorchBackend | None = None,
-                stage: Stage | None = None, sharding: Sharding | None = None, **backend_options) -> LTX2AVTransformer:
+def build_model(
+    name_or_config: str | ModelConfig | dict = "tiny",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    backend: str | TorchBackend | None = None,
+    stage: Stage | None = None,
+    sharding: Sharding | None = None,
+    **backend_options,
+) -> LTX2AVTransformer:
     """Builds the DiT (or one pipeline stage of it) with random weights; `device='meta'` builds shapes
     only (e.g. to count the 19B). A backend name is built for `sharding` (default: one process
     holding every head and token) with `backend_options`; a backend instance brings its own."""

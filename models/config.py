@@ -1,4 +1,5 @@
 """Model configuration for the LTX-2 audio-video DiT: one dataclass, named presets."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,13 +48,26 @@ class ModelConfig:
     @property
     def geometry(self) -> LatentGeometry:
         """How this model's latents map to seconds and pixels (models.latents)."""
-        return LatentGeometry(frame_stride=self.vae_scale_factors[0], pixel_stride=tuple(self.vae_scale_factors[1:]),
-                              mel_stride=self.audio_scale_factor, hop_length=self.audio_hop_length,
-                              sampling_rate=self.audio_sampling_rate, causal_offset=self.causal_offset)
+        return LatentGeometry(
+            frame_stride=self.vae_scale_factors[0],
+            pixel_stride=tuple(self.vae_scale_factors[1:]),
+            mel_stride=self.audio_scale_factor,
+            hop_length=self.audio_hop_length,
+            sampling_rate=self.audio_sampling_rate,
+            causal_offset=self.causal_offset,
+        )
 
     def __post_init__(self) -> None:
-        positive = ("num_layers", "num_heads", "video_head_dim", "audio_head_dim", "in_channels",
-                    "audio_in_channels", "caption_channels", "timestep_embed_dim")
+        positive = (
+            "num_layers",
+            "num_heads",
+            "video_head_dim",
+            "audio_head_dim",
+            "in_channels",
+            "audio_in_channels",
+            "caption_channels",
+            "timestep_embed_dim",
+        )
         for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
@@ -69,8 +83,15 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     "ltx2-19b": ModelConfig(),
     # CPU-sized: same topology (dual stream, shared heads, split RoPE on every axis), tiny widths.
-    "tiny": ModelConfig(num_layers=4, num_heads=4, video_head_dim=16, audio_head_dim=8, in_channels=16,
-                        audio_in_channels=16, caption_channels=32),
+    "tiny": ModelConfig(
+        num_layers=4,
+        num_heads=4,
+        video_head_dim=16,
+        audio_head_dim=8,
+        in_channels=16,
+        audio_in_channels=16,
+        caption_channels=32,
+    ),
 }
 
 

@@ -4,6 +4,7 @@
 lowest package that reads user files, because `models` never imports `engine`; `engine.errors` adds
 the engine's kinds (config, reward, data) beside `CheckpointError`.
 """
+
 from __future__ import annotations
 
 

@@ -7,6 +7,7 @@ frames of `hop_length / sampling_rate` seconds (10 ms) to one token, shifted cau
 token i covers mel frames [max(0, 4i-3), 4i+1). Token positions (RoPE), reward timing, audio length
 of a clip and the surgery / reweighting depth rules all read these functions, so they cannot drift.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,8 +48,13 @@ class LatentGeometry:
         s = self.frame_stride
         return torch.stack([(f * s + self.causal_offset - s).clamp(min=0), f * s + self.causal_offset], dim=-1)
 
-    def frame_times(self, latent_frames: int, fps: float, dtype: torch.dtype = torch.float64,
-                    device: torch.device | str | None = None) -> Tensor:
+    def frame_times(
+        self,
+        latent_frames: int,
+        fps: float,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         """(F,) midpoint in seconds of each latent frame's pixel frames at `fps`."""
         spans = self.frame_spans(latent_frames, device).to(dtype)
         return (spans[:, 0] / fps + spans[:, 1] / fps) / 2
@@ -59,8 +65,9 @@ class LatentGeometry:
         s = self.mel_stride
         return torch.stack([(i * s + self.causal_offset - s).clamp(min=0), i * s + self.causal_offset], dim=-1)
 
-    def audio_token_times(self, num_tokens: int, dtype: torch.dtype = torch.float64,
-                          device: torch.device | str | None = None) -> Tensor:
+    def audio_token_times(
+        self, num_tokens: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ) -> Tensor:
         """(T_a,) midpoint in seconds of each audio token's mel frames."""
         seconds = self.mel_spans(num_tokens, device).to(dtype) * self.hop_length / self.sampling_rate
         return (seconds[:, 0] + seconds[:, 1]) / 2

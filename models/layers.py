@@ -1,9 +1,10 @@
 """Layers of the LTX-2 DiT. Module names follow the official checkpoint layout, so a state dict
 needs no renaming to be written in it (diffusers' names are a rename in `models.layouts`)."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +70,7 @@ class AdaLNSingle(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with QK RMSNorm across all heads and optional split RoPE on Q and K."""
 
-    def __init__(self, backend: TorchBackend, query_dim: int, context_dim: int, heads: int, head_dim: int,
-                 eps: float):
+    def __init__(self, backend: TorchBackend, query_dim: int, context_dim: int, heads: int, head_dim: int, eps: float):
         super().__init__()
         inner = heads * head_dim
         self.backend, self.heads = backend, backend.sharding.local_heads(heads)  # this rank's heads
@@ -84,9 +84,17 @@ class Attention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, *, q_rope: Rope | None = None,
-                k_rope: Rope | None = None, key_mask: Tensor | None = None, kv_grad_scale: float = 1.0,
-                probe: AttentionProbe | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        q_rope: Rope | None = None,
+        k_rope: Rope | None = None,
+        key_mask: Tensor | None = None,
+        kv_grad_scale: float = 1.0,
+        probe: AttentionProbe | None = None,
+    ) -> Tensor:
         context = x if context is None else context
         q = self._heads(self.q_norm(self.to_q(x)))
         k = self._heads(self.k_norm(self.to_k(context)))
@@ -118,8 +126,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, backend: TorchBackend, dim: int):
         super().__init__()
-        self.net = nn.ModuleList([_Projection(backend, dim, 4 * dim), nn.Identity(),
-                                  backend.linear(4 * dim, dim, role="row")])
+        self.net = nn.ModuleList(
+            [_Projection(backend, dim, 4 * dim), nn.Identity(), backend.linear(4 * dim, dim, role="row")]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.net:

@@ -4,6 +4,7 @@ Our module names are the official ones, so the official layout is our state dict
 `model.diffusion_model.` prefix; the diffusers layout renames a few path components (the table
 below is the whole difference).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -59,7 +60,7 @@ def our_name(key: str, layout: Layout) -> str | None:
     if layout == "official":
         if not key.startswith(OFFICIAL_PREFIX) or key.startswith(_CONNECTOR_PREFIXES):
             return None
-        return key[len(OFFICIAL_PREFIX):]
+        return key[len(OFFICIAL_PREFIX) :]
     if layout == "diffusers":
         return _rename(key, _FROM_DIFFUSERS)
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -77,28 +78,57 @@ def diffusers_config(cfg: ModelConfig) -> dict:
     if cfg.timestep_embed_dim != 256:
         raise ValueError(f"timestep_embed_dim={cfg.timestep_embed_dim} has no diffusers equivalent (fixed at 256)")
     return dict(
-        in_channels=cfg.in_channels, out_channels=cfg.in_channels, num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.video_head_dim, cross_attention_dim=cfg.video_dim,
-        vae_scale_factors=cfg.vae_scale_factors, pos_embed_max_pos=int(cfg.rope_max_pos[0]),
-        base_height=int(cfg.rope_max_pos[1]), base_width=int(cfg.rope_max_pos[2]),
-        audio_in_channels=cfg.audio_in_channels, audio_out_channels=cfg.audio_in_channels,
-        audio_num_attention_heads=cfg.num_heads, audio_attention_head_dim=cfg.audio_head_dim,
-        audio_cross_attention_dim=cfg.audio_dim, audio_scale_factor=cfg.audio_scale_factor,
-        audio_pos_embed_max_pos=int(cfg.audio_rope_max_pos), audio_sampling_rate=cfg.audio_sampling_rate,
-        audio_hop_length=cfg.audio_hop_length, num_layers=cfg.num_layers, norm_eps=cfg.norm_eps,
-        caption_channels=cfg.caption_channels, rope_theta=cfg.rope_theta, causal_offset=cfg.causal_offset,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        num_attention_heads=cfg.num_heads,
+        attention_head_dim=cfg.video_head_dim,
+        cross_attention_dim=cfg.video_dim,
+        vae_scale_factors=cfg.vae_scale_factors,
+        pos_embed_max_pos=int(cfg.rope_max_pos[0]),
+        base_height=int(cfg.rope_max_pos[1]),
+        base_width=int(cfg.rope_max_pos[2]),
+        audio_in_channels=cfg.audio_in_channels,
+        audio_out_channels=cfg.audio_in_channels,
+        audio_num_attention_heads=cfg.num_heads,
+        audio_attention_head_dim=cfg.audio_head_dim,
+        audio_cross_attention_dim=cfg.audio_dim,
+        audio_scale_factor=cfg.audio_scale_factor,
+        audio_pos_embed_max_pos=int(cfg.audio_rope_max_pos),
+        audio_sampling_rate=cfg.audio_sampling_rate,
+        audio_hop_length=cfg.audio_hop_length,
+        num_layers=cfg.num_layers,
+        norm_eps=cfg.norm_eps,
+        caption_channels=cfg.caption_channels,
+        rope_theta=cfg.rope_theta,
+        causal_offset=cfg.causal_offset,
         timestep_scale_multiplier=int(cfg.timestep_scale_multiplier),
-        cross_attn_timestep_scale_multiplier=int(cfg.av_ca_timestep_scale_multiplier), rope_type="split",
+        cross_attn_timestep_scale_multiplier=int(cfg.av_ca_timestep_scale_multiplier),
+        rope_type="split",
     )
 
 
 # diffusers config values our model does not implement (LTX-2.3/2.5 features, legacy RoPE): key -> required value.
 _DIFFUSERS_REQUIRED = {
-    "patch_size": 1, "patch_size_t": 1, "audio_patch_size": 1, "audio_patch_size_t": 1, "gated_attn": False,
-    "cross_attn_mod": False, "audio_gated_attn": False, "audio_cross_attn_mod": False, "rope_type": "split",
-    "activation_fn": "gelu-approximate", "qk_norm": "rms_norm_across_heads", "norm_elementwise_affine": False,
-    "attention_bias": True, "attention_out_bias": True, "use_prompt_embeddings": True, "rope_double_precision": True,
-    "ff_bias": True, "audio_ff_bias": True, "use_keyframes_abs_pos_embedding": False, "perturbed_attn": False,
+    "patch_size": 1,
+    "patch_size_t": 1,
+    "audio_patch_size": 1,
+    "audio_patch_size_t": 1,
+    "gated_attn": False,
+    "cross_attn_mod": False,
+    "audio_gated_attn": False,
+    "audio_cross_attn_mod": False,
+    "rope_type": "split",
+    "activation_fn": "gelu-approximate",
+    "qk_norm": "rms_norm_across_heads",
+    "norm_elementwise_affine": False,
+    "attention_bias": True,
+    "attention_out_bias": True,
+    "use_prompt_embeddings": True,
+    "rope_double_precision": True,
+    "ff_bias": True,
+    "audio_ff_bias": True,
+    "use_keyframes_abs_pos_embedding": False,
+    "perturbed_attn": False,
 }
 
 
@@ -110,14 +140,22 @@ def config_from_diffusers(dcfg) -> ModelConfig:
     if dcfg["num_attention_heads"] != dcfg["audio_num_attention_heads"]:
         raise ValueError("diffusers config: num_attention_heads must equal audio_num_attention_heads")
     cfg = ModelConfig(
-        num_layers=dcfg["num_layers"], num_heads=dcfg["num_attention_heads"],
-        video_head_dim=dcfg["attention_head_dim"], audio_head_dim=dcfg["audio_attention_head_dim"],
-        in_channels=dcfg["in_channels"], audio_in_channels=dcfg["audio_in_channels"],
-        caption_channels=dcfg["caption_channels"], norm_eps=dcfg["norm_eps"], rope_theta=dcfg["rope_theta"],
+        num_layers=dcfg["num_layers"],
+        num_heads=dcfg["num_attention_heads"],
+        video_head_dim=dcfg["attention_head_dim"],
+        audio_head_dim=dcfg["audio_attention_head_dim"],
+        in_channels=dcfg["in_channels"],
+        audio_in_channels=dcfg["audio_in_channels"],
+        caption_channels=dcfg["caption_channels"],
+        norm_eps=dcfg["norm_eps"],
+        rope_theta=dcfg["rope_theta"],
         rope_max_pos=(float(dcfg["pos_embed_max_pos"]), float(dcfg["base_height"]), float(dcfg["base_width"])),
-        audio_rope_max_pos=float(dcfg["audio_pos_embed_max_pos"]), vae_scale_factors=tuple(dcfg["vae_scale_factors"]),
-        audio_scale_factor=dcfg["audio_scale_factor"], audio_sampling_rate=dcfg["audio_sampling_rate"],
-        audio_hop_length=dcfg["audio_hop_length"], causal_offset=dcfg["causal_offset"],
+        audio_rope_max_pos=float(dcfg["audio_pos_embed_max_pos"]),
+        vae_scale_factors=tuple(dcfg["vae_scale_factors"]),
+        audio_scale_factor=dcfg["audio_scale_factor"],
+        audio_sampling_rate=dcfg["audio_sampling_rate"],
+        audio_hop_length=dcfg["audio_hop_length"],
+        causal_offset=dcfg["causal_offset"],
         timestep_scale_multiplier=float(dcfg["timestep_scale_multiplier"]),
         av_ca_timestep_scale_multiplier=float(dcfg["cross_attn_timestep_scale_multiplier"]),
     )
@@ -128,5 +166,3 @@ def config_from_diffusers(dcfg) -> ModelConfig:
         if dcfg.get(key) not in (None, ours):
             raise ValueError(f"diffusers config {key}={dcfg[key]} must equal the input channels {ours}")
     return cfg
-
-

@@ -4,6 +4,7 @@ Video positions are (time in seconds, height in pixels, width in pixels) and aud
 time in seconds, each the midpoint of the token's causal span (`models.latents`). The cross-modal attentions use the
 time axis alone, so their logits depend on the relative time between a frame and an audio token.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,11 @@ def video_positions(cfg: ModelConfig, grid: tuple[int, int, int], fps: float, de
     """(T, 3) float32 midpoints of each latent token's span: seconds, pixels, pixels; tokens f-major."""
     f, h, w = grid
     geometry = cfg.geometry
-    axes = (geometry.frame_times(f, fps, torch.float32, device), geometry.pixel_centres(h, 0, device),
-            geometry.pixel_centres(w, 1, device))
+    axes = (
+        geometry.frame_times(f, fps, torch.float32, device),
+        geometry.pixel_centres(h, 0, device),
+        geometry.pixel_centres(w, 1, device),
+    )
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
 

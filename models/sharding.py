@@ -12,6 +12,7 @@ The scatter and gather here are megatron's sequence-parallel region functions (d
 tensors instead of dim 0): scatter keeps this rank's chunk and all-gathers in backward, gather
 all-gathers and keeps this rank's chunk of the gradient.
 """
+
 from __future__ import annotations
 
 import dataclasses

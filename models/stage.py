@@ -13,6 +13,7 @@ path): the receiving stage computes L and each part's shape from the inputs it a
 conditioning tensors pass through the middle stages unchanged, so their gradients flow back to the
 first stage's embeddings through the same tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,14 +23,27 @@ import torch
 from torch import Tensor
 
 # The parts of the carry, in packing order.
-CARRY = ("video", "audio", "video_ctx", "audio_ctx", "mod_video", "mod_audio", "mod_video_ca", "mod_audio_ca",
-         "mod_a2v_gate", "mod_v2a_gate", "emb_video", "emb_audio")
+CARRY = (
+    "video",
+    "audio",
+    "video_ctx",
+    "audio_ctx",
+    "mod_video",
+    "mod_audio",
+    "mod_video_ca",
+    "mod_audio_ca",
+    "mod_a2v_gate",
+    "mod_v2a_gate",
+    "emb_video",
+    "emb_audio",
+)
 
 
 @dataclass(frozen=True)
 class Stage:
     """Stage `index` of `count`, holding blocks `layers` (global indices); `group` is the pipeline
     process group connecting the stages (None with one stage)."""
+
     index: int = 0
     count: int = 1
     layers: range | None = None  # None: every block
@@ -62,8 +76,9 @@ def unpack(packed: Tensor, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tens
     """Inverse of `pack`: views of `packed` shaped as `shapes` (each (B, ...)); gradients flow back."""
     sizes = [math.prod(shapes[name][1:]) for name in CARRY]
     if packed.dim() != 3 or packed.shape[0] != sum(sizes) or packed.shape[2] != 1:
-        raise ValueError(f"pipeline input tensor has shape {tuple(packed.shape)}, expected ({sum(sizes)}, B, 1) "
-                         f"for the carry {shapes}")
+        raise ValueError(
+            f"pipeline input tensor has shape {tuple(packed.shape)}, expected ({sum(sizes)}, B, 1) "
+            f"for the carry {shapes}"
+        )
     flat = packed.squeeze(-1).t()
     return {name: part.reshape(shapes[name]) for name, part in zip(CARRY, flat.split(sizes, dim=1))}
-

@@ -5,10 +5,12 @@ the two cross-modal attentions on the pre-A2V snapshots of both streams (A2V: vi
 keys/values; V2A: audio queries, video keys/values, both in the audio head layout), then the FFNs.
 Every sub-layer is modulated by adaLN-single rows plus the block's own table.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -60,8 +62,16 @@ class AVBlock(nn.Module):
         # Layer-wise gradient surgery: dK, dV of the A2V audio keys/values are multiplied by this.
         self.a2v_kv_grad_scale = 1.0
 
-    def forward(self, vx: Tensor, ax: Tensor, ctx: tuple[Tensor, Tensor], masks: dict[str, Tensor | None],
-                mod: dict[str, Tensor], rope: dict[str, Rope], v2a_probe: AttentionProbe | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        vx: Tensor,
+        ax: Tensor,
+        ctx: tuple[Tensor, Tensor],
+        masks: dict[str, Tensor | None],
+        mod: dict[str, Tensor],
+        rope: dict[str, Rope],
+        v2a_probe: AttentionProbe | None,
+    ) -> tuple[Tensor, Tensor]:
         """`masks`: key masks (B, T) by key sequence ('video', 'audio', 'video_ctx', 'audio_ctx'); None = all real."""
         eps = self.eps
         # Self-attention and text cross-attention (no AdaLN, no gate on the latter in the 19B release).
@@ -78,12 +88,22 @@ class AVBlock(nn.Module):
         sc_a_a2v, sh_a_a2v, sc_a_v2a, sh_a_v2a = _rows(self.scale_shift_table_a2v_ca_audio[:4], mod["audio_ca"], 0, 4)
         (g_a2v,) = _rows(self.scale_shift_table_a2v_ca_video[4:], mod["a2v_gate"], 0, 1)
         (g_v2a,) = _rows(self.scale_shift_table_a2v_ca_audio[4:], mod["v2a_gate"], 0, 1)
-        a2v = self.audio_to_video_attn(vn * (1 + sc_v_a2v) + sh_v_a2v, an * (1 + sc_a_a2v) + sh_a_a2v,
-                                       q_rope=rope["video_ca"], k_rope=rope["audio_ca"], key_mask=masks["audio"],
-                                       kv_grad_scale=self.a2v_kv_grad_scale)
-        v2a = self.video_to_audio_attn(an * (1 + sc_a_v2a) + sh_a_v2a, vn * (1 + sc_v_v2a) + sh_v_v2a,
-                                       q_rope=rope["audio_ca"], k_rope=rope["video_ca"], key_mask=masks["video"],
-                                       probe=v2a_probe)
+        a2v = self.audio_to_video_attn(
+            vn * (1 + sc_v_a2v) + sh_v_a2v,
+            an * (1 + sc_a_a2v) + sh_a_a2v,
+            q_rope=rope["video_ca"],
+            k_rope=rope["audio_ca"],
+            key_mask=masks["audio"],
+            kv_grad_scale=self.a2v_kv_grad_scale,
+        )
+        v2a = self.video_to_audio_attn(
+            an * (1 + sc_a_v2a) + sh_a_v2a,
+            vn * (1 + sc_v_v2a) + sh_v_v2a,
+            q_rope=rope["audio_ca"],
+            k_rope=rope["video_ca"],
+            key_mask=masks["video"],
+            probe=v2a_probe,
+        )
         vx = vx + g_a2v * a2v
         ax = ax + g_v2a * v2a
 
@@ -151,7 +171,9 @@ class LTX2AVTransformer(nn.Module):
         for i, block in self.transformer_blocks.items():
             block.a2v_kv_grad_scale = float(scales[int(i)])
 
-    def rope(self, video_grid: tuple[int, int, int], num_audio: int, fps: float, device: torch.device) -> dict[str, Rope]:
+    def rope(
+        self, video_grid: tuple[int, int, int], num_audio: int, fps: float, device: torch.device
+    ) -> dict[str, Rope]:
         """cos/sin tables of the four RoPE uses, cut to this rank's heads (each head has its own frequencies)."""
         cfg, h = self.config, self.config.num_heads
         pv = video_positions(cfg, video_grid, fps, device)
@@ -166,23 +188,52 @@ class LTX2AVTransformer(nn.Module):
         heads = self.sharding.head_slice(h)
         return {name: (cos[:, heads], sin[:, heads]) for name, (cos, sin) in tables.items()}
 
-    def carry_shapes(self, b: int, n_video: int, n_audio: int, n_video_ctx: int, n_audio_ctx: int,
-                     per_token_video: bool, per_token_audio: bool) -> dict[str, tuple[int, ...]]:
+    def carry_shapes(
+        self,
+        b: int,
+        n_video: int,
+        n_audio: int,
+        n_video_ctx: int,
+        n_audio_ctx: int,
+        per_token_video: bool,
+        per_token_audio: bool,
+    ) -> dict[str, tuple[int, ...]]:
         """Shape of each part of the carry on this rank (this rank's tokens under sequence parallelism)."""
         cfg, local = self.config, self.sharding.local_length
         dv, da = cfg.video_dim, cfg.audio_dim
         tv = local(n_video) if per_token_video else 1
         ta = local(n_audio) if per_token_audio else 1
-        return {"video": (b, local(n_video), dv), "audio": (b, local(n_audio), da),
-                "video_ctx": (b, local(n_video_ctx), dv), "audio_ctx": (b, local(n_audio_ctx), da),
-                "mod_video": (b, tv, 6 * dv), "mod_audio": (b, ta, 6 * da), "mod_video_ca": (b, tv, 4 * dv),
-                "mod_audio_ca": (b, ta, 4 * da), "mod_a2v_gate": (b, tv, dv), "mod_v2a_gate": (b, ta, da),
-                "emb_video": (b, tv, dv), "emb_audio": (b, ta, da)}
+        return {
+            "video": (b, local(n_video), dv),
+            "audio": (b, local(n_audio), da),
+            "video_ctx": (b, local(n_video_ctx), dv),
+            "audio_ctx": (b, local(n_audio_ctx), da),
+            "mod_video": (b, tv, 6 * dv),
+            "mod_audio": (b, ta, 6 * da),
+            "mod_video_ca": (b, tv, 4 * dv),
+            "mod_audio_ca": (b, ta, 4 * da),
+            "mod_a2v_gate": (b, tv, dv),
+            "mod_v2a_gate": (b, ta, da),
+            "emb_video": (b, tv, dv),
+            "emb_audio": (b, ta, da),
+        }
 
-    def forward(self, video: Tensor, audio: Tensor, sigma: Tensor, video_context: Tensor, audio_context: Tensor,
-                video_grid: tuple[int, int, int], fps: float = 24.0, *, video_context_mask: Tensor | None = None,
-                audio_context_mask: Tensor | None = None, video_sigma: Tensor | None = None,
-                audio_sigma: Tensor | None = None, v2a_probe: V2AProbe | None = None) -> tuple[Tensor, Tensor] | Tensor:
+    def forward(
+        self,
+        video: Tensor,
+        audio: Tensor,
+        sigma: Tensor,
+        video_context: Tensor,
+        audio_context: Tensor,
+        video_grid: tuple[int, int, int],
+        fps: float = 24.0,
+        *,
+        video_context_mask: Tensor | None = None,
+        audio_context_mask: Tensor | None = None,
+        video_sigma: Tensor | None = None,
+        audio_sigma: Tensor | None = None,
+        v2a_probe: V2AProbe | None = None,
+    ) -> tuple[Tensor, Tensor] | Tensor:
         """video (B, F*H*W, C) f-major, audio (B, T_a, C), sigma (B,); contexts (B, T_ctx, caption_channels)
         with optional bool masks (B, T_ctx) (True = real token). `video_sigma`/`audio_sigma` (B, T) give
         per-token noise levels (conditioning tokens at 0); otherwise every token has `sigma`.
@@ -196,8 +247,10 @@ class LTX2AVTransformer(nn.Module):
         _check("sigma", sigma, (b,))
         _check("video_context", video_context, (b, None, cfg.caption_channels))
         _check("audio_context", audio_context, (b, None, cfg.caption_channels))
-        for name, mask, ctx in (("video_context_mask", video_context_mask, video_context),
-                                ("audio_context_mask", audio_context_mask, audio_context)):
+        for name, mask, ctx in (
+            ("video_context_mask", video_context_mask, video_context),
+            ("audio_context_mask", audio_context_mask, audio_context),
+        ):
             if mask is not None:
                 _check(name, mask, (b, ctx.shape[1]))
                 if mask.dtype != torch.bool or not bool(mask.any(dim=-1).all()):
@@ -213,26 +266,47 @@ class LTX2AVTransformer(nn.Module):
         else:
             if self.input_tensor is None:
                 raise RuntimeError(f"pipeline stage {self.stage.index} has no input tensor (set_input_tensor)")
-            carry = unpack(self.input_tensor, self.carry_shapes(
-                b, n_video, n_audio, video_context.shape[1], audio_context.shape[1], video_sigma is not None,
-                audio_sigma is not None))
+            carry = unpack(
+                self.input_tensor,
+                self.carry_shapes(
+                    b,
+                    n_video,
+                    n_audio,
+                    video_context.shape[1],
+                    audio_context.shape[1],
+                    video_sigma is not None,
+                    audio_sigma is not None,
+                ),
+            )
         shard = self.sharding
-        rope = {name: shard.pad_rope(table, n_audio if name.startswith("audio") else n_video)
-                for name, table in self.rope(video_grid, n_audio, fps, video.device).items()}
-        masks = {"video": shard.key_mask(None, b, n_video, video.device),
-                 "audio": shard.key_mask(None, b, n_audio, video.device),
-                 "video_ctx": shard.key_mask(video_context_mask, b, video_context.shape[1], video.device),
-                 "audio_ctx": shard.key_mask(audio_context_mask, b, audio_context.shape[1], video.device)}
-        mod = {name: carry["mod_" + name] for name in ("video", "audio", "video_ca", "audio_ca", "a2v_gate", "v2a_gate")}
+        rope = {
+            name: shard.pad_rope(table, n_audio if name.startswith("audio") else n_video)
+            for name, table in self.rope(video_grid, n_audio, fps, video.device).items()
+        }
+        masks = {
+            "video": shard.key_mask(None, b, n_video, video.device),
+            "audio": shard.key_mask(None, b, n_audio, video.device),
+            "video_ctx": shard.key_mask(video_context_mask, b, video_context.shape[1], video.device),
+            "audio_ctx": shard.key_mask(audio_context_mask, b, audio_context.shape[1], video.device),
+        }
+        mod = {
+            name: carry["mod_" + name] for name in ("video", "audio", "video_ca", "audio_ca", "a2v_gate", "v2a_gate")
+        }
         ctx = (carry["video_ctx"], carry["audio_ctx"])
         vx, ax = carry["video"], carry["audio"]
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         with self.backend.forward_context():
             for name, block in self.transformer_blocks.items():
                 # The probe sees real tokens only (padded keys are masked, so the LSE is the real tokens').
-                probe = None if v2a_probe is None or not v2a_probe.wants(int(name)) else \
-                    (lambda q, k, lse, i=int(name): v2a_probe.record(i, q[:, :, :n_audio], k[:, :, :n_video],
-                                                                     lse[:, :, :n_audio]))
+                probe = (
+                    None
+                    if v2a_probe is None or not v2a_probe.wants(int(name))
+                    else (
+                        lambda q, k, lse, i=int(name): v2a_probe.record(
+                            i, q[:, :, :n_audio], k[:, :, :n_video], lse[:, :, :n_audio]
+                        )
+                    )
+                )
                 if recompute:
                     vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, use_reentrant=False)
                 else:
@@ -247,8 +321,16 @@ class LTX2AVTransformer(nn.Module):
         v_audio = self.audio_proj_out(nn.functional.layer_norm(ax, (cfg.audio_dim,), eps=1e-6) * (1 + scale) + shift)
         return v_video, self.sharding.gather(v_audio, n_audio)
 
-    def embed(self, video: Tensor, audio: Tensor, sigma: Tensor, video_context: Tensor, audio_context: Tensor,
-              video_sigma: Tensor | None, audio_sigma: Tensor | None) -> dict[str, Tensor]:
+    def embed(
+        self,
+        video: Tensor,
+        audio: Tensor,
+        sigma: Tensor,
+        video_context: Tensor,
+        audio_context: Tensor,
+        video_sigma: Tensor | None,
+        audio_sigma: Tensor | None,
+    ) -> dict[str, Tensor]:
         """First stage: patchified streams, projected contexts and adaLN outputs (this rank's tokens), all
         in the parameter dtype, which is what crosses stage boundaries (autocast still runs the linears
         in its own dtype)."""

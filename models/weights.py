@@ -3,6 +3,7 @@ convert between layouts, and the full (single-process) state of a model of any p
 
 Loading checks every key and shape and reports all problems at once (models.errors.CheckpointError).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,16 +41,24 @@ def open_safetensors(path: str | os.PathLike) -> Iterator:
 def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
     problems = [f"missing: {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
     problems += [f"unexpected: {k} {found[k]}" for k in sorted(set(found) - set(expected))]
-    problems += [f"shape: {k} is {found[k]}, model has {expected[k]}"
-                 for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+    problems += [
+        f"shape: {k} is {found[k]}, model has {expected[k]}"
+        for k in sorted(set(found) & set(expected))
+        if found[k] != expected[k]
+    ]
     if problems:
-        raise CheckpointError(f"{source} does not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+        raise CheckpointError(
+            f"{source} does not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
 
 
 def check_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Raises one CheckpointError naming every missing, unexpected and mis-shaped key."""
-    _check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()},
-                  {k: tuple(v.shape) for k, v in state.items()}, source)
+    _check_shapes(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: tuple(v.shape) for k, v in state.items()},
+        source,
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,11 +66,14 @@ def whole_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     """Name and shape of every tensor of the whole single-process model (built on the meta device):
     what a full checkpoint holds, whatever the layout of the model it is loaded into."""
     from .transformer import LTX2AVTransformer
+
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in LTX2AVTransformer(cfg).state_dict().items()}
 
 
-def load_state(model: nn.Module, state: dict[str, Tensor], layout: Layout | None = None, source: str = "state dict") -> None:
+def load_state(
+    model: nn.Module, state: dict[str, Tensor], layout: Layout | None = None, source: str = "state dict"
+) -> None:
     """Loads a state dict in either layout (detected when `layout` is None) after checking it whole."""
     load_full_state(model, from_layout(state, layout or detect_layout(state.keys())), source)
 
@@ -83,7 +95,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig | None:
         return None
 
 
-def atomic_save_file(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_file(
+    tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """Writes beside the target and renames, so a crash never leaves a half-written file under `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +125,9 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, layout: Layout
         keys = list(f.keys())
         layout = layout or detect_layout(keys)
         names = {n: k for k in keys if (n := our_name(k, layout)) is not None}
-        _check_shapes(whole_shapes(model.config), {n: tuple(f.get_slice(k).get_shape()) for n, k in names.items()},
-                      str(path))
+        _check_shapes(
+            whole_shapes(model.config), {n: tuple(f.get_slice(k).get_shape()) for n, k in names.items()}, str(path)
+        )
         local = {}
         for name in model.state_dict():
             key = names[name]
@@ -144,16 +159,20 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], source: str = "f
     initialisation independent of the layout."""
     _check_shapes(whole_shapes(model.config), {k: tuple(v.shape) for k, v in state.items()}, source)
     sharding, params = model.sharding, dict(model.named_parameters())
-    local = {k: state[k][sharding.weight_slice(params[k])] if sharding.is_split(params.get(k)) else state[k]
-             for k in model.state_dict()}
+    local = {
+        k: state[k][sharding.weight_slice(params[k])] if sharding.is_split(params.get(k)) else state[k]
+        for k in model.state_dict()
+    }
     model.load_state_dict(local, strict=True)
 
 
 def gather_full_state(model: nn.Module) -> dict[str, Tensor]:
     """The single-process state dict of a model of any layout (collective: every rank gets all of it)."""
     sharding, params = model.sharding, dict(model.named_parameters())
-    out = {name: sharding.gather_weight(t, params[name]) if sharding.is_split(params.get(name)) else t
-           for name, t in model.state_dict().items()}
+    out = {
+        name: sharding.gather_weight(t, params[name]) if sharding.is_split(params.get(name)) else t
+        for name, t in model.state_dict().items()
+    }
     stage = model.stage
     if stage.count > 1:
         stages: list[dict[str, Tensor] | None] = [None] * stage.count

@@ -1,5 +1,6 @@
 """Helpers shared by the test modules: the repository root, the small task the multi-process tests
 train on, and the torchrun launcher of the workers in tests/dist/ (importable without the CPU shim)."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 
-TASK = ["train.prompts_per_iteration=2", "train.group_size=4", "train.batch_size=4", "sampler.steps=4",
-        "task.video_grid=[3,2,2]", "reweight.warmup_steps=0", "log.progress=false", "log.tensorboard=false",
-        "log.plot=false", "surgery.schedule=authors",
-        # Adam's first step maps any gradient entry to +-lr * g / (|g| + eps): with eps=1e-8, entries that
-        # are numerically zero (~1e-10 of either sign, depending on summation order) would move by 3e-6.
-        "optim.eps=1e-6"]
+TASK = [
+    "train.prompts_per_iteration=2",
+    "train.group_size=4",
+    "train.batch_size=4",
+    "sampler.steps=4",
+    "task.video_grid=[3,2,2]",
+    "reweight.warmup_steps=0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.plot=false",
+    "surgery.schedule=authors",
+    # Adam's first step maps any gradient entry to +-lr * g / (|g| + eps): with eps=1e-8, entries that
+    # are numerically zero (~1e-10 of either sign, depending on summation order) would move by 3e-6.
+    "optim.eps=1e-6",
+]
 
 
 def free_port() -> int:
@@ -29,11 +39,24 @@ def free_port() -> int:
 def torchrun(script: str, nproc: int, *args: str, out: Path) -> list[dict]:
     """Runs tests/dist/<script> on `nproc` CPU processes (gloo) under a timeout (a failed rank would leave
     its peer waiting) and returns the JSON verdict each rank wrote to <out>/rank<r>.json."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(ROOT / "tests" / "dist" / script), *args, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(ROOT / "tests" / "dist" / script),
+        *args,
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     assert len(results) == nproc, f"expected {nproc} rank reports, got {len(results)}"

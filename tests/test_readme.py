@@ -1,4 +1,5 @@
 """The README's promises that a script can check."""
+
 from tests.helpers import ROOT
 
 

@@ -30,9 +30,7 @@ class AdvantageConfig:
     adv_clip: float = bounded(1e-6, None, default=5.0)
 
 
-def group_advantages(
-    rewards: Tensor, group_ids: Tensor, std_mode: str = "global", eps: float = 1e-4
-) -> Tensor:
+def group_advantages(rewards: Tensor, group_ids: Tensor, std_mode: str = "global", eps: float = 1e-4) -> Tensor:
     """Group-relative advantage `(R - mean_group(R)) / (std + eps)` for rewards (N,) and group_ids (N,).
 
     The mean is always per prompt group (the baseline is "how did this prompt's other samples do");
@@ -43,9 +41,7 @@ def group_advantages(
     if std_mode not in STD_MODES:
         raise ValueError(f"std_mode {std_mode!r} is not one of {STD_MODES}")
     if rewards.dim() != 1 or rewards.shape != group_ids.shape:
-        raise ValueError(
-            f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must both be (N,)"
-        )
+        raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must both be (N,)")
     if group_ids.is_floating_point():
         raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
     r = rewards.detach().to(torch.float64)
@@ -57,9 +53,10 @@ def group_advantages(
     if std_mode == "global":
         std = r.std(unbiased=False)
     else:
-        group_var = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(
-            0, inverse, centred.square()
-        ) / counts
+        group_var = (
+            torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, inverse, centred.square())
+            / counts
+        )
         std = group_var.sqrt()[inverse]
     return (centred / (std + eps)).to(torch.float32)
 
@@ -82,15 +79,11 @@ def _check_reward_config(
         if name not in modalities:
             raise ValueError(f"reward {name!r} has no entry in modalities (one of {MODALITIES})")
         if modalities[name] not in MODALITIES:
-            raise ValueError(
-                f"modalities[{name!r}] = {modalities[name]!r} is not one of {MODALITIES}"
-            )
+            raise ValueError(f"modalities[{name!r}] = {modalities[name]!r} is not one of {MODALITIES}")
         if name not in weights:
             raise ValueError(f"reward {name!r} has no entry in weights")
         if values.shape != group_ids.shape:
-            raise ValueError(
-                f"reward {name!r} has shape {tuple(values.shape)}, group_ids has {tuple(group_ids.shape)}"
-            )
+            raise ValueError(f"reward {name!r} has shape {tuple(values.shape)}, group_ids has {tuple(group_ids.shape)}")
 
 
 def route_advantages(

@@ -71,9 +71,7 @@ def modality_nft_loss(
     if v_old.requires_grad:
         raise ValueError("v_old must come from the old policy without gradient (v_old.requires_grad is True)")
     if token_weights is not None and token_weights.shape != x0.shape[:2]:
-        raise ValueError(
-            f"token_weights {tuple(token_weights.shape)} must be (B, T) = {tuple(x0.shape[:2])}"
-        )
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must be (B, T) = {tuple(x0.shape[:2])}")
     # Squared errors of bf16 tensors lose too much precision; float32 at least.
     dtype = torch.promote_types(v_theta.dtype, torch.float32)
     x0, x_t, sigma, v_old, v_theta, r = (t.to(dtype) for t in (x0, x_t, sigma, v_old, v_theta, r))
@@ -85,10 +83,9 @@ def modality_nft_loss(
     w_plus = err_plus.detach().abs().mean(dim=(1, 2)).clamp(min=1e-5)
     w_minus = err_minus.detach().abs().mean(dim=(1, 2)).clamp(min=1e-5)
 
-    per_token = (
-        (r / w_plus)[:, None] * err_plus.square().mean(dim=2)
-        + ((1.0 - r) / w_minus)[:, None] * err_minus.square().mean(dim=2)
-    )
+    per_token = (r / w_plus)[:, None] * err_plus.square().mean(dim=2) + ((1.0 - r) / w_minus)[
+        :, None
+    ] * err_minus.square().mean(dim=2)
     if token_weights is None:
         per_sample = per_token.mean(dim=1)
     else:
@@ -145,9 +142,7 @@ def nft_loss(
     if kl_weight > 0:
         if v_ref is None:
             raise ValueError("kl_weight > 0 needs v_ref = (v_ref_video, v_ref_audio)")
-        kl = _kl_term(vxt, vsig, vtheta, v_ref[0], "v_ref video") + _kl_term(
-            axt, asig, atheta, v_ref[1], "v_ref audio"
-        )
+        kl = _kl_term(vxt, vsig, vtheta, v_ref[0], "v_ref video") + _kl_term(axt, asig, atheta, v_ref[1], "v_ref audio")
         total = total + kl_weight * kl
     else:
         kl = torch.zeros((), dtype=total.dtype, device=total.device)

@@ -79,8 +79,9 @@ class V2AMassRecorder:
     pipeline stage sees only its own blocks and a tensor-parallel rank only its heads: the trainer
     sums the stages' scores and averages the ranks' (engine.parallel.ProcessLayout)."""
 
-    def __init__(self, steps: Sequence[int], blocks: Sequence[int], rows: int, num_video_tokens: int,
-                 device: torch.device | str):
+    def __init__(
+        self, steps: Sequence[int], blocks: Sequence[int], rows: int, num_video_tokens: int, device: torch.device | str
+    ):
         self.steps, self.blocks = frozenset(steps), frozenset(blocks)
         self.rows = rows
         self.total = torch.zeros(rows, num_video_tokens, dtype=torch.float32, device=device)

@@ -48,8 +48,10 @@ def a2v_grad_scales(schedule: str | Sequence[float], num_layers: int) -> list[fl
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     if isinstance(schedule, str):
         if schedule not in SURGERY_PRESETS:
-            raise ValueError(f"surgery.schedule must be one of {', '.join(SURGERY_PRESETS)} or a list of per-block "
-                             f"gradient scales; got {schedule!r}")
+            raise ValueError(
+                f"surgery.schedule must be one of {', '.join(SURGERY_PRESETS)} or a list of per-block "
+                f"gradient scales; got {schedule!r}"
+            )
         return [_preset_scale(schedule, reference_block(l, num_layers)) for l in range(num_layers)]
     scales = [float(g) for g in schedule]
     if len(scales) != num_layers:

@@ -1,5 +1,6 @@
 """Training checkpoints: one manager (save, resume, latest pointer, format choice) over the full and
 distributed formats, written atomically."""
+
 from .manager import FORMATS, CheckpointManager, is_distributed_checkpoint
 from .state import TrainState
 

@@ -1,4 +1,5 @@
 """Writing so that a crash never leaves half a file or half a checkpoint under its final name."""
+
 from __future__ import annotations
 
 import contextlib

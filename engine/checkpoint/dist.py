@@ -15,6 +15,7 @@ Saving and loading are collectives over torch.distributed (megatron exchanges sh
 even a one-process run needs a process group. On hosts without CUDA, megatron's save calls
 `torch.cuda.synchronize()` (tests/dist/megatron_cpu_shim.py maps it to a no-op); loading does not.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,25 +42,28 @@ MODELS = ("model", "old_model")
 READ_ERRORS = (Exception, dcp.CheckpointException)
 
 
-def _sharded(key: str, tensor: Tensor, param: Tensor | None, sharding: models.Sharding,
-             dp_rank: int) -> ShardedTensor:
+def _sharded(key: str, tensor: Tensor, param: Tensor | None, sharding: models.Sharding, dp_rank: int) -> ShardedTensor:
     """A split parameter's slice sits at offset tp_rank along its partition dim and is written by
     dp rank 0; a replicated tensor is written by tp rank 0 of dp rank 0."""
     tp_rank = sharding.tp_rank
     if param is not None and getattr(param, "tensor_model_parallel", False):
-        return ShardedTensor.from_rank_offsets(key, tensor, (param.partition_dim, tp_rank, sharding.tp_size),
-                                               replica_id=(0, 0, dp_rank))
+        return ShardedTensor.from_rank_offsets(
+            key, tensor, (param.partition_dim, tp_rank, sharding.tp_size), replica_id=(0, 0, dp_rank)
+        )
     return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(0, tp_rank, dp_rank))
 
 
 def _model_state(prefix: str, model: nn.Module, dp_rank: int) -> dict[str, ShardedTensor]:
     params = dict(model.named_parameters())
-    return {name: _sharded(f"{prefix}.{name}", t.detach(), params.get(name), model.sharding, dp_rank)
-            for name, t in model.state_dict(keep_vars=True).items()}
+    return {
+        name: _sharded(f"{prefix}.{name}", t.detach(), params.get(name), model.sharding, dp_rank)
+        for name, t in model.state_dict(keep_vars=True).items()
+    }
 
 
-def _adamw_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, loading: bool,
-                 with_main: bool) -> tuple[dict, list[dict]]:
+def _adamw_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, loading: bool, with_main: bool
+) -> tuple[dict, list[dict]]:
     """{name: {exp_avg, exp_avg_sq[, main_param], step}} of this rank's parameters (whole, or this
     tensor-parallel rank's slice) and the param groups' hyper-parameters. A parameter not stepped
     yet gets zero moments and step 0, which is exactly what AdamW would initialise on its first step.
@@ -76,13 +80,16 @@ def _adamw_state(model: nn.Module, optimizer: torch.optim.Optimizer | Distribute
         groups.append({k: v for k, v in group.items() if k != "params"})
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            out[names[id(p)]] = {**{k: state.get(k, torch.zeros_like(p)).detach() for k in MOMENTS},
-                                 "step": state.get("step", torch.tensor(0.0))}
+            out[names[id(p)]] = {
+                **{k: state.get(k, torch.zeros_like(p)).detach() for k in MOMENTS},
+                "step": state.get("step", torch.tensor(0.0)),
+            }
     return out, groups
 
 
-def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, dp_rank: int,
-                     loading: bool, with_main: bool) -> dict:
+def _optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, dp_rank: int, loading: bool, with_main: bool
+) -> dict:
     """AdamW state as ShardedTensors keyed by parameter name, in the same form whichever optimizer
     (sharded over data-parallel ranks or not) holds it."""
     params = dict(model.named_parameters())
@@ -90,30 +97,49 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer | Distri
     out: dict = {k: {} for k in (*MOMENTS, "step")}
     for name, entry in state.items():
         for k in (k for k in (*MOMENTS, MAIN) if k in entry):
-            out.setdefault(k, {})[name] = _sharded(f"optimizer.{k}.{name}", entry[k], params[name], model.sharding,
-                                                   dp_rank)
+            out.setdefault(k, {})[name] = _sharded(
+                f"optimizer.{k}.{name}", entry[k], params[name], model.sharding, dp_rank
+            )
         out["step"][name] = _sharded(f"optimizer.step.{name}", entry["step"].reshape(1), None, model.sharding, dp_rank)
     out["param_groups"] = groups
     return out
 
 
-def sharded_state(model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW,
-                  dp_rank: int, loading: bool = False, with_main: bool = False) -> dict:
+def sharded_state(
+    model: nn.Module,
+    old_model: nn.Module,
+    optimizer: torch.optim.Optimizer | DistributedAdamW,
+    dp_rank: int,
+    loading: bool = False,
+    with_main: bool = False,
+) -> dict:
     """This rank's megatron ShardedStateDict of both models and the AdamW state (tensors and the
     hyper-parameters of each param group); `loading` builds the buffers a load fills (`with_main`:
     the checkpoint has main copies)."""
-    return {"model": _model_state("model", model, dp_rank), "old_model": _model_state("old_model", old_model, dp_rank),
-            "optimizer": _optimizer_state(model, optimizer, dp_rank, loading, with_main)}
+    return {
+        "model": _model_state("model", model, dp_rank),
+        "old_model": _model_state("old_model", old_model, dp_rank),
+        "optimizer": _optimizer_state(model, optimizer, dp_rank, loading, with_main),
+    }
 
 
 def _require_process_group(path: Path) -> None:
     if not dist.is_initialized():
-        raise CheckpointError(f"{path} is a distributed checkpoint: it needs torch.distributed initialised (run "
-                              f"under torchrun, also with one process: torchrun --nproc-per-node 1 -m engine.train)")
+        raise CheckpointError(
+            f"{path} is a distributed checkpoint: it needs torch.distributed initialised (run "
+            f"under torchrun, also with one process: torchrun --nproc-per-node 1 -m engine.train)"
+        )
 
 
-def save(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer,
-         state: TrainState, config: dict, dp_rank: int) -> Path:
+def save(
+    path: str | Path,
+    model: nn.Module,
+    old_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config: dict,
+    dp_rank: int,
+) -> Path:
     """Collective (every rank calls it, with the same `state` and `config`): writes the directory `path`."""
     path = Path(path)
     _require_process_group(path)
@@ -124,7 +150,6 @@ def save(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
     return path
 
 
-
 def _check_is_checkpoint(path: Path) -> None:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no distributed checkpoint there (no such directory)")
@@ -132,8 +157,9 @@ def _check_is_checkpoint(path: Path) -> None:
         raise CheckpointError(f"{path} is not a complete distributed checkpoint (no metadata.json)")
 
 
-def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer,
-         dp_rank: int) -> tuple[TrainState, dict]:
+def load(
+    path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: torch.optim.Optimizer, dp_rank: int
+) -> tuple[TrainState, dict]:
     """Collective: restores this rank's share of both models and of the AdamW state (any saving
     layout); returns the counters and the run config stored with them. Tensors are read in place,
     so after a failed load the models are partly overwritten."""
@@ -143,8 +169,9 @@ def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
     try:
         saved = dist_checkpointing.load_tensors_metadata(str(path))
         with_main = any(k.startswith(f"optimizer.{MAIN}.") for k in saved)
-        loaded = dist_checkpointing.load(sharded_state(model, old_model, optimizer, dp_rank, loading=True,
-                                                       with_main=with_main), str(path))
+        loaded = dist_checkpointing.load(
+            sharded_state(model, old_model, optimizer, dp_rank, loading=True, with_main=with_main), str(path)
+        )
     except READ_ERRORS as e:
         raise CheckpointError(f"{path}: cannot load the distributed checkpoint: {_one_line(e)}") from e
     with torch.no_grad():
@@ -153,8 +180,9 @@ def load(path: str | Path, model: nn.Module, old_model: nn.Module, optimizer: to
     opt, sharded = loaded["optimizer"], isinstance(optimizer, DistributedAdamW)
     groups = 1 if sharded else len(optimizer.param_groups)
     if len(opt["param_groups"]) != groups:
-        raise CheckpointError(f"{path}: the checkpoint has {len(opt['param_groups'])} optimizer parameter "
-                              f"groups, this optimizer {groups}")
+        raise CheckpointError(
+            f"{path}: the checkpoint has {len(opt['param_groups'])} optimizer parameter groups, this optimizer {groups}"
+        )
     kept = [k for k in (*MOMENTS, MAIN) if k in opt]
     state = {name: {"step": opt["step"][name].reshape(()), **{k: opt[k][name] for k in kept}} for name in opt["step"]}
     if sharded:
@@ -194,12 +222,14 @@ def export_official(path: str | Path, out_file: str | Path, model_config: ModelC
     _check_is_checkpoint(path)
     meta = dist_checkpointing.load_tensors_metadata(str(path))
     prefix = "model."
-    state = {k[len(prefix):]: torch.empty(t.global_shape, dtype=t.dtype)
-             for k, t in meta.items() if k.startswith(prefix)}
+    state = {
+        k[len(prefix) :]: torch.empty(t.global_shape, dtype=t.dtype) for k, t in meta.items() if k.startswith(prefix)
+    }
     check_state(models.build_model(model_config, device="meta"), state, str(path))
     try:
-        dcp.load({prefix + k: v for k, v in state.items()}, storage_reader=dcp.FileSystemReader(str(path)),
-                 no_dist=True)
+        dcp.load(
+            {prefix + k: v for k, v in state.items()}, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True
+        )
     except READ_ERRORS as e:
         raise CheckpointError(f"{path}: cannot read the model weights: {_one_line(e)}") from e
     atomic_save_file(to_layout(state, "official"), out_file, metadata=config_metadata(model_config))

@@ -2,6 +2,7 @@
 ranks gathered), so they load into any parallel layout; optimizer and RNG state per rank, resumable in
 the layout that wrote it. Written as one directory under a temporary name and renamed into place.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,22 +26,37 @@ MODEL_FILES = ("model.safetensors", "old_model.safetensors")
 STATE_FILE = "trainer_state.json"
 
 
-def save(path: Path, state: TrainState, models_state: tuple[dict[str, Tensor], dict[str, Tensor]],
-         model_config: ModelConfig, optimizer: torch.optim.Optimizer, config: dict, rank: int,
-         layout: dict) -> Path:
+def save(
+    path: Path,
+    state: TrainState,
+    models_state: tuple[dict[str, Tensor], dict[str, Tensor]],
+    model_config: ModelConfig,
+    optimizer: torch.optim.Optimizer,
+    config: dict,
+    rank: int,
+    layout: dict,
+) -> Path:
     """Collective: every rank calls it with the gathered (full) model and old-model state dicts and
     writes its optimizer and RNG state; rank 0 writes the models and the counters."""
     with atomic_directory(path) as tmp:
         torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{rank}.pt")
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                   tmp / f"rng.rank{rank}.pt")
+        torch.save(
+            {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            tmp / f"rng.rank{rank}.pt",
+        )
         if rank == 0:
             meta = config_metadata(model_config)
             for name, sd in zip(MODEL_FILES, models_state):
-                save_file({k: v.detach().contiguous().cpu() for k, v in to_layout(sd, "official").items()},
-                          tmp / name, metadata=meta)
-            (tmp / STATE_FILE).write_text(json.dumps(
-                {"iteration": state.iteration, "step": state.step, "layout": layout, "config": config}, indent=1))
+                save_file(
+                    {k: v.detach().contiguous().cpu() for k, v in to_layout(sd, "official").items()},
+                    tmp / name,
+                    metadata=meta,
+                )
+            (tmp / STATE_FILE).write_text(
+                json.dumps(
+                    {"iteration": state.iteration, "step": state.step, "layout": layout, "config": config}, indent=1
+                )
+            )
     return path
 
 
@@ -49,16 +65,19 @@ def is_full_checkpoint(path: Path) -> bool:
     return (path / STATE_FILE).is_file() and (path / MODEL_FILES[0]).is_file()
 
 
-def read(path: str | Path, optimizer: torch.optim.Optimizer, rank: int,
-         layout: dict) -> tuple[TrainState, dict[str, Tensor], dict[str, Tensor]]:
+def read(
+    path: str | Path, optimizer: torch.optim.Optimizer, rank: int, layout: dict
+) -> tuple[TrainState, dict[str, Tensor], dict[str, Tensor]]:
     """Restores optimizer and RNG of this rank; returns the counters and the two full state dicts
     (our names), for the caller to load into its (possibly parallel) models."""
     path = Path(path)
     meta = json.loads((path / STATE_FILE).read_text())
     if meta["layout"] != layout:
-        raise CheckpointError(f"{path} was written with layout {meta['layout']}, this run is {layout}: a full "
-                              f"checkpoint's optimizer state only resumes in the layout that wrote it (use "
-                              f"checkpoint_format=dist to reshard)")
+        raise CheckpointError(
+            f"{path} was written with layout {meta['layout']}, this run is {layout}: a full "
+            f"checkpoint's optimizer state only resumes in the layout that wrote it (use "
+            f"checkpoint_format=dist to reshard)"
+        )
     states = []
     for name in MODEL_FILES:
         raw = load_file(path / name)

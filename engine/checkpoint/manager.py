@@ -6,6 +6,7 @@ optimizer per rank), `dist` (engine.checkpoint.dist: megatron dist_checkpointing
 layout), `auto` (dist when distributed on CUDA or with the distributed optimizer, else full).
 Resume detects the format of the checkpoint it finds.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -70,6 +71,7 @@ class CheckpointManager:
         path = self.path_for(state.iteration)
         if self.format == "dist":
             from . import dist
+
             dist.save(path, model, old_model, optimizer, state, config, self.layout.dp_rank)
         else:
             models_state = (gather_full_state(model), gather_full_state(old_model))
@@ -84,9 +86,12 @@ class CheckpointManager:
             raise CheckpointError(f"resume=true but {self.root} holds no checkpoint (start without --resume)")
         if is_distributed_checkpoint(path):
             if not self.layout.distributed:  # before megatron is imported: its warnings would bury the line
-                raise CheckpointError(f"{path} is a distributed checkpoint: resume it under torchrun (one process "
-                                      f"will do: torchrun --nproc-per-node 1 -m engine.train ...)")
+                raise CheckpointError(
+                    f"{path} is a distributed checkpoint: resume it under torchrun (one process "
+                    f"will do: torchrun --nproc-per-node 1 -m engine.train ...)"
+                )
             from . import dist
+
             state, _ = dist.load(path, model, old_model, optimizer, self.layout.dp_rank)
         elif full.is_full_checkpoint(path):
             state, model_sd, old_sd = full.read(path, optimizer, self.layout.rank, self.layout_key)

@@ -1,4 +1,5 @@
 """The counters a checkpoint restores besides tensors."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """Stand-in text features: what the tiny task feeds the DiT where the real pipeline feeds Gemma 3
 features through the LTX-2 connectors."""
+
 from __future__ import annotations
 
 from torch import Tensor

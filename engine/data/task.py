@@ -1,4 +1,5 @@
 """The rollout task (`task.*`): which prompts, in which order, and the shape of the clip."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if len(self.video_grid) != 3 or any(n < 1 for n in self.video_grid):
-            raise ConfigError(f"task.video_grid must be three positive integers [frames, height, width]; "
-                              f"got {self.video_grid}")
+            raise ConfigError(
+                f"task.video_grid must be three positive integers [frames, height, width]; got {self.video_grid}"
+            )
         if self.video_grid[0] < 3:
             raise ConfigError("task.video_grid needs at least 3 latent frames (av_sync correlates motion over time)")
         if not self.prompts:

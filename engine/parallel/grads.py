@@ -17,10 +17,11 @@ Under sequence parallelism every replicated parameter (adaLN, tables, embeddings
 rank's tokens, so `finish` also sums its gradient over the tensor-parallel group, as megatron's
 `finalize_model_grads` does for LayerNorm weights.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 from torch import nn
 
@@ -33,7 +34,7 @@ class GradSync:
     def __init__(self, model: nn.Module, layout: ProcessLayout):
         self.model, self.layout = model, layout
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         """Around the backward of every microbatch but the step's last (no reduction yet)."""
         return contextlib.nullcontext()
 
@@ -42,8 +43,9 @@ class GradSync:
 
     def finish(self) -> None:
         """After the step's last backward: mean gradients in `p.grad`."""
-        self.layout.sum_over_("dp", [p.grad for p in self.model.parameters() if p.grad is not None],
-                              divide_by=self.layout.dp)
+        self.layout.sum_over_(
+            "dp", [p.grad for p in self.model.parameters() if p.grad is not None], divide_by=self.layout.dp
+        )
         self.sum_sequence_parallel_grads()
 
     def sum_sequence_parallel_grads(self) -> None:
@@ -51,8 +53,9 @@ class GradSync:
         tensor-parallel group."""
         sharding = self.model.sharding
         if sharding.sequence_parallel:
-            self.layout.sum_over_("tp", [p.grad for p in self.model.parameters()
-                                         if p.grad is not None and not sharding.is_split(p)])
+            self.layout.sum_over_(
+                "tp", [p.grad for p in self.model.parameters() if p.grad is not None and not sharding.is_split(p)]
+            )
 
 
 class MegatronGradSync(GradSync):
@@ -63,16 +66,23 @@ class MegatronGradSync(GradSync):
 
         cfg, dtype = model.config, next(model.parameters()).dtype
         # DDP reads the layout and the loss convention from a TransformerConfig; the sizes only label it.
-        config = TransformerConfig(num_layers=cfg.num_layers, hidden_size=cfg.video_dim,
-                                   num_attention_heads=cfg.num_heads, tensor_model_parallel_size=layout.tp,
-                                   pipeline_model_parallel_size=layout.pp, pipeline_dtype=dtype,
-                                   params_dtype=dtype)
-        ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=layout.device.type == "cuda",
-                                                   grad_reduce_in_fp32=False,
-                                                   use_distributed_optimizer=distributed_optimizer)
+        config = TransformerConfig(
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.video_dim,
+            num_attention_heads=cfg.num_heads,
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            pipeline_dtype=dtype,
+            params_dtype=dtype,
+        )
+        ddp_config = DistributedDataParallelConfig(
+            overlap_grad_reduce=layout.device.type == "cuda",
+            grad_reduce_in_fp32=False,
+            use_distributed_optimizer=distributed_optimizer,
+        )
         self.ddp = DistributedDataParallel(config, ddp_config, module=model)
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         return self.ddp.no_sync()
 
     def start(self) -> None:

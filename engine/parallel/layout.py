@@ -12,6 +12,7 @@ The model's `Stage` and `Sharding` are derived from this object (`stage()`, `sha
 reduction the engine owes (the V2A mass averaged over tensor-parallel heads and summed over stages,
 gradient norms, logged means) goes through `sum_over` / `mean_over` / `max_over`.
 """
+
 from __future__ import annotations
 
 import os
@@ -93,8 +94,12 @@ class ProcessLayout:
 
     def sharding(self, sequence_parallel: bool = False) -> Sharding:
         """How this rank's layers and sequences are cut over its tensor-parallel group."""
-        return Sharding(tp_size=self.tp, tp_rank=self.ranks["tp"], tp_group=self.group("tp"),
-                        sequence_parallel=sequence_parallel and self.tp > 1)
+        return Sharding(
+            tp_size=self.tp,
+            tp_rank=self.ranks["tp"],
+            tp_group=self.group("tp"),
+            sequence_parallel=sequence_parallel and self.tp > 1,
+        )
 
     # ---- reductions ----------------------------------------------------------------------------------
     def _all_reduce(self, dim: str, x: Tensor | float, op: dist.ReduceOp) -> Tensor | float:
@@ -153,11 +158,13 @@ class ProcessLayout:
     def local_indices(self, n: int, batch_size: int) -> list[list[int]]:
         """This rank's samples, one list per global mini-batch (the optimizer step they feed)."""
         if self.dp > 1 and (batch_size % self.dp or n % batch_size):
-            raise ConfigError(f"with {self.dp} data-parallel ranks, train.batch_size ({batch_size}) must be a "
-                              f"multiple of {self.dp} and divide the {n} samples of an iteration")
+            raise ConfigError(
+                f"with {self.dp} data-parallel ranks, train.batch_size ({batch_size}) must be a "
+                f"multiple of {self.dp} and divide the {n} samples of an iteration"
+            )
         per = batch_size // self.dp if self.dp > 1 else batch_size
         batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-        return [b[self.dp_rank * per:(self.dp_rank + 1) * per] if self.dp > 1 else b for b in batches]
+        return [b[self.dp_rank * per : (self.dp_rank + 1) * per] if self.dp > 1 else b for b in batches]
 
     def gather_samples(self, local: Tensor, indices: list[int], n: int) -> Tensor:
         """Per-sample values of this rank's samples -> the values of all n samples, on every rank."""
@@ -176,39 +183,66 @@ class ProcessLayout:
     def from_megatron(cls, device: torch.device) -> ProcessLayout:
         """This rank's place in the layout megatron's parallel_state was initialised with."""
         from megatron.core import parallel_state as ps
-        sizes = {"tp": ps.get_tensor_model_parallel_world_size(), "cp": ps.get_context_parallel_world_size(),
-                 "pp": ps.get_pipeline_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
-        ranks = {"tp": ps.get_tensor_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
-                 "pp": ps.get_pipeline_model_parallel_rank(), "dp": ps.get_data_parallel_rank()}
-        groups = {"tp": ps.get_tensor_model_parallel_group(), "cp": ps.get_context_parallel_group(),
-                  "pp": ps.get_pipeline_model_parallel_group(), "dp": ps.get_data_parallel_group()}
-        return cls(sizes=sizes, ranks=ranks, groups=groups, rank=dist.get_rank(), device=device,
-                   pp_last_rank=ps.get_pipeline_model_parallel_last_rank())
+
+        sizes = {
+            "tp": ps.get_tensor_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size(),
+        }
+        ranks = {
+            "tp": ps.get_tensor_model_parallel_rank(),
+            "cp": ps.get_context_parallel_rank(),
+            "pp": ps.get_pipeline_model_parallel_rank(),
+            "dp": ps.get_data_parallel_rank(),
+        }
+        groups = {
+            "tp": ps.get_tensor_model_parallel_group(),
+            "cp": ps.get_context_parallel_group(),
+            "pp": ps.get_pipeline_model_parallel_group(),
+            "dp": ps.get_data_parallel_group(),
+        }
+        return cls(
+            sizes=sizes,
+            ranks=ranks,
+            groups=groups,
+            rank=dist.get_rank(),
+            device=device,
+            pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
+        )
 
 
 def init_layout(parallel: ParallelConfig, backend: str, init_seed: int) -> ProcessLayout:
     """Process groups from the torchrun environment (gloo on CPU, NCCL on GPU) and megatron's
     parallel state; a plain `python` run (no WORLD_SIZE) stays single-process."""
     tp, pp = parallel.tp, parallel.pp
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.cuda.is_available()
         else torch.device("cpu")
+    )
     megatron_layers = backend in ("megatron", "te")
     if "WORLD_SIZE" not in os.environ:
         if tp * pp > 1:
-            raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} needs torchrun "
-                              f"(e.g. torchrun --nproc-per-node {tp * pp} -m engine.train)")
+            raise ConfigError(
+                f"parallel.tp={tp} x parallel.pp={pp} needs torchrun "
+                f"(e.g. torchrun --nproc-per-node {tp * pp} -m engine.train)"
+            )
         if megatron_layers or parallel.distributed_optimizer:
             what = "parallel.distributed_optimizer" if parallel.distributed_optimizer else f"model.backend={backend}"
-            raise ConfigError(f"{what} needs megatron's process groups: run under torchrun "
-                              f"(torchrun --nproc-per-node 1 -m engine.train ... for one process)")
+            raise ConfigError(
+                f"{what} needs megatron's process groups: run under torchrun "
+                f"(torchrun --nproc-per-node 1 -m engine.train ... for one process)"
+            )
         return ProcessLayout(device=device)
     world = int(os.environ["WORLD_SIZE"])
     if world % (tp * pp):
         raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the {world} torchrun processes")
     if device.type == "cpu" and not megatron_cuda_calls_work():
-        for wanted, part in ((pp > 1, f"parallel.pp={pp}: megatron-core's pipeline schedule"),
-                             (parallel.distributed_optimizer, "parallel.distributed_optimizer: megatron-core's "
-                                                              "distributed optimizer")):
+        for wanted, part in (
+            (pp > 1, f"parallel.pp={pp}: megatron-core's pipeline schedule"),
+            (parallel.distributed_optimizer, "parallel.distributed_optimizer: megatron-core's distributed optimizer"),
+        ):
             if wanted:
                 raise ConfigError(f"{part} allocates on CUDA, which this host lacks; run it on GPUs")
     if not dist.is_initialized():
@@ -216,6 +250,7 @@ def init_layout(parallel: ParallelConfig, backend: str, init_seed: int) -> Proce
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     from megatron.core import parallel_state, tensor_parallel
+
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         if device.type == "cuda":  # megatron initialises GPU weight shards under its own RNG tracker
@@ -234,6 +269,7 @@ def init_one_process(device: torch.device) -> ProcessLayout:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     from megatron.core import parallel_state
+
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1)
     return ProcessLayout.from_megatron(device)

@@ -9,13 +9,15 @@ stay on the last stage, where the loss needs them) and, through `PipelinedForwar
 outputs are broadcast, since the next Euler step starts on the first stage). With one stage both are
 a plain loop over the microbatches and need no megatron.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor
@@ -34,6 +36,7 @@ LossFn = Callable[[int, Outputs], tuple[Tensor, dict[str, Tensor]]]
 @dataclass
 class Microbatch:
     """One call of the model: the positional and keyword arguments of LTX2AVTransformer.forward."""
+
     args: tuple
     kwargs: dict = field(default_factory=dict)
 
@@ -48,13 +51,17 @@ def split_batch(args: tuple, kwargs: dict, size: int) -> list[Microbatch]:
     n = args[0].shape[0]
     size = size or n
     if n % size:
-        raise ValueError(f"a batch of {n} samples does not split into microbatches of {size} "
-                         f"(train.micro_batch_size must divide it)")
+        raise ValueError(
+            f"a batch of {n} samples does not split into microbatches of {size} (train.micro_batch_size must divide it)"
+        )
 
     def rows(x, s):
-        return x[s:s + size] if isinstance(x, Tensor) else x
-    return [Microbatch(tuple(rows(a, s) for a in args), {k: rows(v, s) for k, v in kwargs.items()})
-            for s in range(0, n, size)]
+        return x[s : s + size] if isinstance(x, Tensor) else x
+
+    return [
+        Microbatch(tuple(rows(a, s) for a in args), {k: rows(v, s) for k, v in kwargs.items()})
+        for s in range(0, n, size)
+    ]
 
 
 class _ScheduleModel:
@@ -72,7 +79,7 @@ class Pipeline:
     """Runs this rank's stage of a model over microbatches; `autocast` wraps every model call (mixed
     precision), `layout` says where the last stage is (outputs are broadcast from it)."""
 
-    def __init__(self, layout: ProcessLayout, autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+    def __init__(self, layout: ProcessLayout, autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext):
         self.layout, self.autocast = layout, autocast
 
     # ---- the two entry points --------------------------------------------------------------------
@@ -83,8 +90,13 @@ class Pipeline:
                 return [self._call(model, mb) for mb in microbatches]
             return self._schedule(model, microbatches, None, forward_only=True)
 
-    def forward_backward(self, model: LTX2AVTransformer, microbatches: list[Microbatch], loss_fn: LossFn,
-                         no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> list[dict[str, Tensor]]:
+    def forward_backward(
+        self,
+        model: LTX2AVTransformer,
+        microbatches: list[Microbatch],
+        loss_fn: LossFn,
+        no_sync: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    ) -> list[dict[str, Tensor]]:
         """Forward, loss and backward of every microbatch, accumulating into the parameters' gradients;
         `no_sync` is entered around every backward but the last (data-parallel reduction waits for
         the last). Returns loss_fn's logged values per microbatch on the last stage ([] elsewhere)."""
@@ -93,8 +105,10 @@ class Pipeline:
             for i, mb in enumerate(microbatches):
                 with profiling.nvtx_range(profiling.TRAIN_FWD):
                     loss, values = loss_fn(i, self._call(model, mb))
-                with profiling.nvtx_range(profiling.TRAIN_BWD), \
-                        no_sync() if i < len(microbatches) - 1 else contextlib.nullcontext():
+                with (
+                    profiling.nvtx_range(profiling.TRAIN_BWD),
+                    no_sync() if i < len(microbatches) - 1 else contextlib.nullcontext(),
+                ):
                     loss.backward()
                 logged.append(values)
             return logged
@@ -105,25 +119,44 @@ class Pipeline:
         with self.autocast():
             return model(*mb.args, **mb.kwargs)
 
-    def _schedule(self, model: LTX2AVTransformer, microbatches: list[Microbatch], loss_fn: LossFn | None,
-                  forward_only: bool, no_sync: Callable[[], ContextManager] | None = None) -> list:
+    def _schedule(
+        self,
+        model: LTX2AVTransformer,
+        microbatches: list[Microbatch],
+        loss_fn: LossFn | None,
+        forward_only: bool,
+        no_sync: Callable[[], AbstractContextManager] | None = None,
+    ) -> list:
         from megatron.core.model_parallel_config import ModelParallelConfig
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         first = microbatches[0]
         for i, mb in enumerate(microbatches):
-            if mb.size != first.size or any(isinstance(a, Tensor) and a.shape != b.shape
-                                            for a, b in zip(mb.args, first.args)):
-                raise ValueError(f"pipeline microbatch {i} differs in shape from microbatch 0: the schedule sends "
-                                 f"fixed-shape tensors")
+            if mb.size != first.size or any(
+                isinstance(a, Tensor) and a.shape != b.shape for a, b in zip(mb.args, first.args)
+            ):
+                raise ValueError(
+                    f"pipeline microbatch {i} differs in shape from microbatch 0: the schedule sends "
+                    f"fixed-shape tensors"
+                )
         video, audio, _, video_ctx, audio_ctx = first.args[:5]
-        shapes = model.carry_shapes(first.size, video.shape[1], audio.shape[1], video_ctx.shape[1],
-                                    audio_ctx.shape[1], first.kwargs.get("video_sigma") is not None,
-                                    first.kwargs.get("audio_sigma") is not None)
+        shapes = model.carry_shapes(
+            first.size,
+            video.shape[1],
+            audio.shape[1],
+            video_ctx.shape[1],
+            audio_ctx.shape[1],
+            first.kwargs.get("video_sigma") is not None,
+            first.kwargs.get("audio_sigma") is not None,
+        )
         dtype = next(model.parameters()).dtype
-        config = ModelParallelConfig(pipeline_model_parallel_size=model.stage.count, pipeline_dtype=dtype,
-                                     batch_p2p_sync=False, timers=profiling.ScheduleTimers(not forward_only),
-                                     no_sync_func=no_sync)
+        config = ModelParallelConfig(
+            pipeline_model_parallel_size=model.stage.count,
+            pipeline_dtype=dtype,
+            batch_p2p_sync=False,
+            timers=profiling.ScheduleTimers(not forward_only),
+            no_sync_func=no_sync,
+        )
         # TransformerConfig fields the schedule reads: the carry is packed flat, (L, B, 1); each
         # microbatch's loss is already weighted by the trainer (see `_loss`).
         config.hidden_size, config.calculate_per_token_loss = 1, True
@@ -135,10 +168,15 @@ class Pipeline:
 
         run = get_forward_backward_func()
         try:
-            return run(forward_step_func=step, data_iterator=iter(range(len(microbatches))),
-                       model=[_ScheduleModel(model, config)], num_microbatches=len(microbatches),
-                       seq_length=sum(math.prod(s[1:]) for s in shapes.values()), micro_batch_size=first.size,
-                       forward_only=forward_only)
+            return run(
+                forward_step_func=step,
+                data_iterator=iter(range(len(microbatches))),
+                model=[_ScheduleModel(model, config)],
+                num_microbatches=len(microbatches),
+                seq_length=sum(math.prod(s[1:]) for s in shapes.values()),
+                micro_batch_size=first.size,
+                forward_only=forward_only,
+            )
         finally:
             model.set_input_tensor(None)  # neither keep the last carry alive nor let a later call reuse it
 
@@ -149,8 +187,9 @@ class Pipeline:
         loss, values = loss_fn(i, outputs)
         return loss, torch.ones((), dtype=torch.int, device=loss.device), values
 
-    def broadcast_outputs(self, model: LTX2AVTransformer, outputs: list[Outputs],
-                          microbatches: list[Microbatch]) -> Outputs:
+    def broadcast_outputs(
+        self, model: LTX2AVTransformer, outputs: list[Outputs], microbatches: list[Microbatch]
+    ) -> Outputs:
         """The microbatches' outputs concatenated, in the parameter dtype, on every stage (the loss of
         the last stage is where they came from; the first stage needs them for the next step)."""
         dtype = next(model.parameters()).dtype
@@ -178,5 +217,6 @@ class PipelinedForward:
         if v2a_probe is not None:  # tell the recorder which rows of the whole batch each microbatch holds
             for k, mb in enumerate(microbatches):
                 mb.kwargs["v2a_probe"] = v2a_probe.rows_from(k * mb.size)
-        return self.pipeline.broadcast_outputs(self.model, self.pipeline.forward(self.model, microbatches),
-                                               microbatches)
+        return self.pipeline.broadcast_outputs(
+            self.model, self.pipeline.forward(self.model, microbatches), microbatches
+        )

@@ -36,8 +36,7 @@ class Rollout:
         """Rejects inconsistent shapes here, so rewards can index the grid without re-checking."""
         if self.video.ndim != 3 or self.audio.ndim != 3:
             raise ValueError(
-                f"video and audio must be (N, tokens, C); got {tuple(self.video.shape)} "
-                f"and {tuple(self.audio.shape)}"
+                f"video and audio must be (N, tokens, C); got {tuple(self.video.shape)} and {tuple(self.audio.shape)}"
             )
         n = self.video.shape[0]
         f, h, w = self.video_grid

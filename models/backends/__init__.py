@@ -6,6 +6,7 @@ the `models.sharding.Sharding` a backend is built for; collectives belong to the
 layout. Backends are imported on first use, so optional packages (megatron-core, Transformer
 Engine) stay optional.
 """
+
 from __future__ import annotations
 
 import importlib

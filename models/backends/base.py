@@ -4,6 +4,7 @@ The model never constructs `nn.Linear`, a QK norm or an attention call itself; i
 naming each linear layer's parallel role. A tensor-parallel or FP8 backend overrides these methods
 and the model definition stays as it is.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,18 +30,29 @@ class TorchBackend:
     def __init__(self, sharding: Sharding | None = None):
         sharding = sharding or Sharding()
         if sharding.tp_size > 1 and not self.tensor_parallel:
-            raise ValueError(f"model.backend={self.name} builds whole layers; {sharding.tp_size} tensor-parallel "
-                             f"ranks need model.backend=megatron or te")
+            raise ValueError(
+                f"model.backend={self.name} builds whole layers; {sharding.tp_size} tensor-parallel "
+                f"ranks need model.backend=megatron or te"
+            )
         self.sharding = sharding.aligned(max(sharding.row_multiple, self.row_multiple))
 
-    def linear(self, in_features: int, out_features: int, *, bias: bool = True,
-               role: ParallelRole = "replicated") -> nn.Module:
+    def linear(
+        self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
+    ) -> nn.Module:
         """`role` says how a tensor-parallel backend splits it: 'column' (output features:
         Q/K/V and FFN-in), 'row' (input features: attention out, FFN-out) or 'replicated'."""
         return nn.Linear(in_features, out_features, bias=bias)
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None,
-                  kv_grad_scale: float = 1.0, with_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_mask: Tensor | None = None,
+        kv_grad_scale: float = 1.0,
+        with_lse: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """(B, H, N, D) attention; `kv_grad_scale` is the A2V partial stop-gradient on K and V. With
         `with_lse`, also the row log-sum-exp (B, H, Nq) of the scaled logits (for the V2A mass)."""
         if with_lse:

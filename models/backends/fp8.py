@@ -13,6 +13,7 @@ such kernel). The recipe never multiplies two E5M2 operands: dgrad and wgrad are
 every E4M3/E5M2 pairing, layout and shape works, with no dequantize-and-matmul fallback needed. The
 layer applies the CUDA rules on CPU too, so CPU tests take the same path a GPU run does.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,8 +71,9 @@ class _Fp8Matmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # dgrad (M, N) @ (N, K)
             grad_x = torch._scaled_mm(g_q, _col_major(w_q), scale_a=g_scale, scale_b=w_scale, out_dtype=x_dtype)
         if ctx.needs_input_grad[1]:  # wgrad (N, M) @ (M, K)
-            grad_w = torch._scaled_mm(g_q.t().contiguous(), _col_major(x_q), scale_a=g_scale, scale_b=x_scale,
-                                      out_dtype=w_dtype)
+            grad_w = torch._scaled_mm(
+                g_q.t().contiguous(), _col_major(x_q), scale_a=g_scale, scale_b=x_scale, out_dtype=w_dtype
+            )
         return grad_x, grad_w
 
 
@@ -107,8 +109,9 @@ class Fp8Backend(TorchBackend):
 
     name = "fp8"
 
-    def linear(self, in_features: int, out_features: int, *, bias: bool = True,
-               role: ParallelRole = "replicated") -> nn.Module:
+    def linear(
+        self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
+    ) -> nn.Module:
         if role == "replicated":
             return super().linear(in_features, out_features, bias=bias, role=role)
         return Fp8Linear(in_features, out_features, bias=bias)

@@ -14,6 +14,7 @@ sequence parallelism.
 `parallel_state.initialize_model_parallel` must have run before the backend is built, with the
 tensor-parallel group of the sharding the backend is built for.
 """
+
 from __future__ import annotations
 
 import torch
@@ -83,21 +84,40 @@ class MegatronBackend(TorchBackend):
             raise RuntimeError("MegatronBackend needs megatron.core.parallel_state.initialize_model_parallel() first")
         # megatron's layers read the tensor-parallel group from parallel_state; it must be the sharding's.
         if parallel_state.get_tensor_model_parallel_world_size() != self.sharding.tp_size:
-            raise ValueError(f"the sharding has {self.sharding.tp_size} tensor-parallel ranks, megatron's parallel "
-                             f"state {parallel_state.get_tensor_model_parallel_world_size()}")
+            raise ValueError(
+                f"the sharding has {self.sharding.tp_size} tensor-parallel ranks, megatron's parallel "
+                f"state {parallel_state.get_tensor_model_parallel_world_size()}"
+            )
         self.config = ModelParallelConfig(
-            tensor_model_parallel_size=self.sharding.tp_size, sequence_parallel=self.sharding.sequence_parallel,
-            use_cpu_initialization=not torch.cuda.is_available(), gradient_accumulation_fusion=False,
-            params_dtype=params_dtype)
+            tensor_model_parallel_size=self.sharding.tp_size,
+            sequence_parallel=self.sharding.sequence_parallel,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            gradient_accumulation_fusion=False,
+            params_dtype=params_dtype,
+        )
 
-    def linear(self, in_features: int, out_features: int, *, bias: bool = True,
-               role: ParallelRole = "replicated") -> nn.Module:
+    def linear(
+        self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
+    ) -> nn.Module:
         if role == "column":
-            return _ColumnLinear(in_features, out_features, config=self.config, init_method=_init_like_torch,
-                                 bias=bias, gather_output=False)
+            return _ColumnLinear(
+                in_features,
+                out_features,
+                config=self.config,
+                init_method=_init_like_torch,
+                bias=bias,
+                gather_output=False,
+            )
         if role == "row":
-            return _RowLinear(in_features, out_features, config=self.config, init_method=_init_like_torch,
-                              bias=bias, input_is_parallel=True, skip_bias_add=False)
+            return _RowLinear(
+                in_features,
+                out_features,
+                config=self.config,
+                init_method=_init_like_torch,
+                bias=bias,
+                input_is_parallel=True,
+                skip_bias_add=False,
+            )
         return nn.Linear(in_features, out_features, bias=bias)
 
     def qk_norm(self, dim: int, eps: float) -> nn.Module:

@@ -13,10 +13,11 @@ would have to be reset after every optimizer step), so every forward casts the c
 
 TE's FP8 GEMMs need token rows in multiples of 16 (`row_multiple`): the backend's sharding pads every
 stream to a multiple of 16 (times tp under sequence parallelism) with the model's one padding path
-(models.sharding: padded keys masked, identity RoPE, outputs trimmed), so any token count works. TE keeps its FP8 scaling state in
-`_extra_state`, which our checkpoints leave out (they keep the official layout's keys): delayed
-scaling restarts its amax history on resume.
+(models.sharding: padded keys masked, identity RoPE, outputs trimmed), so any token count works.
+TE keeps its FP8 scaling state in `_extra_state`, which our checkpoints leave out (they keep the
+official layout's keys): delayed scaling restarts its amax history on resume.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,9 +27,11 @@ import torch
 from torch import nn
 
 if importlib.util.find_spec("transformer_engine") is None:
-    raise ImportError("model.backend=te needs NVIDIA Transformer Engine (pip install transformer-engine[pytorch], "
-                      "or an NGC PyTorch container); it is not installed here. model.backend=fp8 is the "
-                      "torch-native FP8 backend for machines without it.")
+    raise ImportError(
+        "model.backend=te needs NVIDIA Transformer Engine (pip install transformer-engine[pytorch], "
+        "or an NGC PyTorch container); it is not installed here. model.backend=fp8 is the "
+        "torch-native FP8 backend for machines without it."
+    )
 
 from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear  # noqa: E402
 from megatron.core.fp8_utils import get_fp8_context  # noqa: E402
@@ -53,27 +56,56 @@ class TEBackend(MegatronBackend):
     name = "te"
     row_multiple = 16  # TE's FP8 GEMMs want row counts in multiples of 16
 
-    def __init__(self, sharding: Sharding | None = None, params_dtype: torch.dtype = torch.float32,
-                 fp8_recipe: str = "tensorwise"):
+    def __init__(
+        self,
+        sharding: Sharding | None = None,
+        params_dtype: torch.dtype = torch.float32,
+        fp8_recipe: str = "tensorwise",
+    ):
         super().__init__(sharding, params_dtype)
         if fp8_recipe not in FP8_RECIPES:
             raise ValueError(f"model.fp8_recipe must be one of {', '.join(FP8_RECIPES)}; got {fp8_recipe!r}")
         # TE layers read their settings from a TransformerConfig; the width and head count only label it
         # (each layer gets its own sizes).
         self.te_config = TransformerConfig(
-            num_layers=1, hidden_size=self.sharding.tp_size, num_attention_heads=self.sharding.tp_size,
-            tensor_model_parallel_size=self.sharding.tp_size, sequence_parallel=self.sharding.sequence_parallel,
-            params_dtype=params_dtype, gradient_accumulation_fusion=False, normalization="RMSNorm",
-            fp8="hybrid", fp8_recipe=fp8_recipe, disable_parameter_transpose_cache=True)
+            num_layers=1,
+            hidden_size=self.sharding.tp_size,
+            num_attention_heads=self.sharding.tp_size,
+            tensor_model_parallel_size=self.sharding.tp_size,
+            sequence_parallel=self.sharding.sequence_parallel,
+            params_dtype=params_dtype,
+            gradient_accumulation_fusion=False,
+            normalization="RMSNorm",
+            fp8="hybrid",
+            fp8_recipe=fp8_recipe,
+            disable_parameter_transpose_cache=True,
+        )
 
-    def linear(self, in_features: int, out_features: int, *, bias: bool = True,
-               role: ParallelRole = "replicated") -> nn.Module:
+    def linear(
+        self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
+    ) -> nn.Module:
         if role == "column":
-            return _TEColumnLinear(in_features, out_features, config=self.te_config, init_method=_init_like_torch,
-                                   gather_output=False, bias=bias, skip_bias_add=False, is_expert=False)
+            return _TEColumnLinear(
+                in_features,
+                out_features,
+                config=self.te_config,
+                init_method=_init_like_torch,
+                gather_output=False,
+                bias=bias,
+                skip_bias_add=False,
+                is_expert=False,
+            )
         if role == "row":
-            return _TERowLinear(in_features, out_features, config=self.te_config, init_method=_init_like_torch,
-                                bias=bias, input_is_parallel=True, skip_bias_add=False, is_expert=False)
+            return _TERowLinear(
+                in_features,
+                out_features,
+                config=self.te_config,
+                init_method=_init_like_torch,
+                bias=bias,
+                input_is_parallel=True,
+                skip_bias_add=False,
+                is_expert=False,
+            )
         return nn.Linear(in_features, out_features, bias=bias)
 
     def qk_norm(self, dim: int, eps: float) -> nn.Module:

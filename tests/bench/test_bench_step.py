@@ -6,6 +6,7 @@ as `forward_flops`; addmm's bias add is left out by both. It has no formula for 
 and PV are two bmm's that it does count. With nothing else in the model multiplying matrices (norms,
 RoPE, softmax, GELU and modulation are elementwise), the two counts must be equal, not merely close.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,13 @@ from bench.step import Shapes, forward_flops, make_batch
 from tests.helpers import ROOT
 
 
-@pytest.mark.parametrize("layers, shapes", [
-    (2, Shapes(batch=1, video_grid=(4, 8, 8), audio_tokens=26, text_tokens=32)),
-    (1, Shapes(batch=2, video_grid=(3, 4, 5), audio_tokens=7, text_tokens=11)),  # batch > 1, all lengths differ
-])
+@pytest.mark.parametrize(
+    "layers, shapes",
+    [
+        (2, Shapes(batch=1, video_grid=(4, 8, 8), audio_tokens=26, text_tokens=32)),
+        (1, Shapes(batch=2, video_grid=(3, 4, 5), audio_tokens=7, text_tokens=11)),  # batch > 1, all lengths differ
+    ],
+)
 def test_forward_flops_match_flop_counter(layers: int, shapes: Shapes) -> None:
     cfg = models.resolve_config({"preset": "tiny", "num_layers": layers})
     model = models.build_model(cfg)
@@ -46,8 +50,14 @@ def test_cpu_run_writes_json(tmp_path: Path) -> None:
     cores make the tiny model's small ops tens of times slower."""
     out = tmp_path / "step.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "bench.step", "--blocks", "1", "--steps", "1", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.step", "--blocks", "1", "--steps", "1", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "CPU figures" in proc.stdout and "Transformer Engine" in proc.stdout
     result = json.loads(out.read_text())

@@ -5,6 +5,7 @@ needed. The tool runs in a subprocess without TRITON_INTERPRET: under the interp
 tests set before importing triton) the kernels would not be compiled at all. A second run feeds the
 tool a launcher call that no longer matches its kernel and expects a reported failure.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -61,7 +62,8 @@ def test_quick_compile_for_sm90(tmp_path: Path) -> None:
     assert report["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32}
     assert report["variants"] == report["compiled"] == len(records) and report["failed"] == 0
     assert {(r["kernel"], r["head_dim"]) for r in records} == {
-        (k, d) for k in ("_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dq", "_attn_bwd_dkdv", "_attention_mass_kernel")
+        (k, d)
+        for k in ("_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dq", "_attn_bwd_dkdv", "_attention_mass_kernel")
         for d in (64, 128)
     }
     for r in records:

@@ -1,5 +1,6 @@
 """The CLI's one error path: every mistake a user can make ends as one line on stderr and exit
 status 2, never a traceback (engine.errors.UserError)."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,17 @@ from safetensors.torch import load_file
 import models
 from engine.cli import main
 
-SMALL = ["train.prompts_per_iteration=2", "train.group_size=3", "train.batch_size=6", "sampler.steps=4",
-         "task.video_grid=[3,2,2]", "log.tensorboard=false", "log.progress=false", "log.plot=false",
-         "checkpoint_every=0"]
+SMALL = [
+    "train.prompts_per_iteration=2",
+    "train.group_size=3",
+    "train.batch_size=6",
+    "sampler.steps=4",
+    "task.video_grid=[3,2,2]",
+    "log.tensorboard=false",
+    "log.progress=false",
+    "log.plot=false",
+    "checkpoint_every=0",
+]
 
 
 def _one_line_error(capsys, *words: str) -> str:
@@ -24,11 +33,14 @@ def _one_line_error(capsys, *words: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("override, words", [
-    ("surgery.schedule=[0.5, 1.0]", ["config error", "surgery.schedule has 2 entries"]),
-    ("surgery.schedule=[0.5, 1.0, 1.0, 7.0]", ["config error", "surgery.schedule entries must be in [0, 1]"]),
-    ("rewards=[{name: av_sync, modality: audio}]", ["rewards[0].modality", "cannot be set"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("surgery.schedule=[0.5, 1.0]", ["config error", "surgery.schedule has 2 entries"]),
+        ("surgery.schedule=[0.5, 1.0, 1.0, 7.0]", ["config error", "surgery.schedule entries must be in [0, 1]"]),
+        ("rewards=[{name: av_sync, modality: audio}]", ["rewards[0].modality", "cannot be set"]),
+    ],
+)
 def test_config_mistakes_are_one_line(tmp_path, capsys, override, words):
     assert main(["train", f"run_dir={tmp_path}", *SMALL, override]) == 2
     _one_line_error(capsys, *words)
@@ -56,8 +68,9 @@ def test_convert_accepts_a_full_checkpoint_directory(trained, tmp_path, capsys):
     assert "model.safetensors" in capsys.readouterr().out
     model = models.build_model("tiny")
     models.load_model_weights(model, out)  # every key and shape checked
-    assert model.state_dict().keys() == {k[len("model.diffusion_model."):]
-                                         for k in load_file(ckpt / "model.safetensors")}
+    assert model.state_dict().keys() == {
+        k[len("model.diffusion_model.") :] for k in load_file(ckpt / "model.safetensors")
+    }
 
 
 def test_convert_of_a_directory_that_is_no_checkpoint(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Config loading: files, overrides, and errors that name the key and what it allows."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,30 +21,43 @@ def test_ltx2_19b_yaml_loads():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(None, ["iterations=2", "seed=7", "run_dir=out", "train.group_size=4", "optim.lr=1e-3",
-                             "surgery.schedule=[0.0, 1, 1, 1]", "sampler.shift=1.5"])
+    cfg = load_config(
+        None,
+        [
+            "iterations=2",
+            "seed=7",
+            "run_dir=out",
+            "train.group_size=4",
+            "optim.lr=1e-3",
+            "surgery.schedule=[0.0, 1, 1, 1]",
+            "sampler.shift=1.5",
+        ],
+    )
     assert (cfg.iterations, cfg.seed, cfg.run_dir, cfg.train.group_size) == (2, 7, "out", 4)
     assert cfg.optim.lr == 1e-3 and cfg.surgery.schedule == [0.0, 1.0, 1.0, 1.0] and cfg.sampler.shift == 1.5
 
 
-@pytest.mark.parametrize("override, words", [
-    ("advantage.routing=vanilla", ["advantage.routing", "omninft", "global", "gdpo"]),
-    ("reweight.mode=soft", ["reweight.mode", "minmax", "zscore_sigmoid"]),
-    ("train.sigma_mode=random", ["train.sigma_mode", "highest", "uniform", "logit_normal"]),
-    ("model.preset=huge", ["model.preset", "ltx2-19b", "tiny"]),
-    ("train.group_size=1", ["train.group_size", ">= 2"]),
-    ("train.group_size=two", ["train.group_size", "integer"]),
-    ("optim.lr=-1", ["optim.lr", ">= 0"]),
-    ("train.gruop_size=4", ["train.gruop_size", "group_size"]),
-    ("colour=red", ["colour", "iterations"]),
-    ("surgery.schedule=gentle", ["surgery.schedule", "paper", "authors", "off"]),
-    ("task.video_grid=[2,3,4]", ["task.video_grid", "3 latent frames"]),
-    ("log.progress=maybe", ["log.progress", "true or false"]),
-    ("rewards=[{name: aesthetics}]", ["aesthetics", "video_sharpness"]),
-    ("iterations", ["key=value"]),
-    ("model.init=/no/such/file.safetensors", ["model.init", "/no/such/file.safetensors"]),
-    ("parallel.tp=2", ["parallel.tp", "megatron"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("advantage.routing=vanilla", ["advantage.routing", "omninft", "global", "gdpo"]),
+        ("reweight.mode=soft", ["reweight.mode", "minmax", "zscore_sigmoid"]),
+        ("train.sigma_mode=random", ["train.sigma_mode", "highest", "uniform", "logit_normal"]),
+        ("model.preset=huge", ["model.preset", "ltx2-19b", "tiny"]),
+        ("train.group_size=1", ["train.group_size", ">= 2"]),
+        ("train.group_size=two", ["train.group_size", "integer"]),
+        ("optim.lr=-1", ["optim.lr", ">= 0"]),
+        ("train.gruop_size=4", ["train.gruop_size", "group_size"]),
+        ("colour=red", ["colour", "iterations"]),
+        ("surgery.schedule=gentle", ["surgery.schedule", "paper", "authors", "off"]),
+        ("task.video_grid=[2,3,4]", ["task.video_grid", "3 latent frames"]),
+        ("log.progress=maybe", ["log.progress", "true or false"]),
+        ("rewards=[{name: aesthetics}]", ["aesthetics", "video_sharpness"]),
+        ("iterations", ["key=value"]),
+        ("model.init=/no/such/file.safetensors", ["model.init", "/no/such/file.safetensors"]),
+        ("parallel.tp=2", ["parallel.tp", "megatron"]),
+    ],
+)
 def test_bad_values_name_the_key_and_the_allowed_values(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -64,19 +78,27 @@ def test_cli_reports_config_errors_with_exit_code_2(capsys):
 def test_cli_reports_missing_files_without_a_traceback(tmp_path, capsys):
     assert main(["train", "--resume", f"run_dir={tmp_path}"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert main(["convert", str(tmp_path / "nope.safetensors"), str(tmp_path / "out.safetensors"),
-                 "--to", "diffusers"]) == 2
+    assert (
+        main(["convert", str(tmp_path / "nope.safetensors"), str(tmp_path / "out.safetensors"), "--to", "diffusers"])
+        == 2
+    )
     assert "nope.safetensors" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override, words", [
-    ("surgery.schedule=[0.5, 1.0]", ["surgery.schedule has 2 entries", "4 blocks", "tiny"]),
-    ("surgery.schedule=[0.5, 1.0, 2.0, -0.1]", ["surgery.schedule entries must be in [0, 1]", "(2, 2.0)", "(3, -0.1)"]),
-    ("reweight.first_step=19", ["reweight.last_step must be >= reweight.first_step"]),
-    ("profile.start_step=3", ["profile.start_step and profile.end_step must be set together"]),
-    ("parallel.sequence_parallel=true", ["parallel.sequence_parallel needs parallel.tp > 1"]),
-    ("rewards=[]", ["rewards must name at least one reward", "av_sync"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("surgery.schedule=[0.5, 1.0]", ["surgery.schedule has 2 entries", "4 blocks", "tiny"]),
+        (
+            "surgery.schedule=[0.5, 1.0, 2.0, -0.1]",
+            ["surgery.schedule entries must be in [0, 1]", "(2, 2.0)", "(3, -0.1)"],
+        ),
+        ("reweight.first_step=19", ["reweight.last_step must be >= reweight.first_step"]),
+        ("profile.start_step=3", ["profile.start_step and profile.end_step must be set together"]),
+        ("parallel.sequence_parallel=true", ["parallel.sequence_parallel needs parallel.tp > 1"]),
+        ("rewards=[]", ["rewards must name at least one reward", "av_sync"]),
+    ],
+)
 def test_section_and_cross_section_rules_are_checked_when_the_config_is_read(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])

@@ -1,4 +1,5 @@
 """NVTX ranges and the CUDA profiler window: safe on CPU, start/stop exactly at the window's edges."""
+
 from __future__ import annotations
 
 import logging
@@ -46,13 +47,25 @@ def test_pipeline_schedule_phases_become_ranges(monkeypatch):
     monkeypatch.setattr(profiling.nvtx, "push_range", lambda message: pushed.append(message))
     monkeypatch.setattr(profiling.nvtx, "pop_range", lambda: pushed.append(None))
     train, forward_only = profiling.ScheduleTimers(True), profiling.ScheduleTimers(False)
-    for timers, phase in ((train, "forward-compute"), (train, "backward-compute"), (train, "forward-send"),
-                          (forward_only, "forward-compute")):
+    for timers, phase in (
+        (train, "forward-compute"),
+        (train, "backward-compute"),
+        (train, "forward-send"),
+        (forward_only, "forward-compute"),
+    ):
         timer = timers(phase, log_level=2)
         timer.start(barrier=False)
         timer.stop()
-    assert pushed == [profiling.TRAIN_FWD, None, profiling.TRAIN_BWD, None, "omninft.pipeline.forward-send", None,
-                      "omninft.pipeline.forward-compute", None]
+    assert pushed == [
+        profiling.TRAIN_FWD,
+        None,
+        profiling.TRAIN_BWD,
+        None,
+        "omninft.pipeline.forward-send",
+        None,
+        "omninft.pipeline.forward-compute",
+        None,
+    ]
 
 
 def test_ranges_nest_on_cpu_and_pass_values_and_errors_through():

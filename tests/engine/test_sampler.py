@@ -1,4 +1,5 @@
 """Rollout sampler: the LTX-2 schedule, the Euler loop, batched CFG and the V2A attention mass recorder."""
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- schedule
+
 
 def _reference_sigmas(n: int, shift: float, terminal: float) -> np.ndarray:
     """The LTX2Scheduler formula, written out independently in float64."""
@@ -130,8 +132,9 @@ def _hand_loop(model, vn, an, ctx, sigmas, cfg_v=1.0, cfg_a=1.0, unc=None, recor
 
 def _recorded(model, vn, an, ctx, sigmas, steps=(), blocks=(), **kw):
     """`sample` with a V2A mass recorder of `steps` x `blocks`: (result, score)."""
-    recorder = V2AMassRecorder(steps=steps, blocks=blocks, rows=vn.shape[0], num_video_tokens=vn.shape[1],
-                               device=vn.device)
+    recorder = V2AMassRecorder(
+        steps=steps, blocks=blocks, rows=vn.shape[0], num_video_tokens=vn.shape[1], device=vn.device
+    )
     res = sample(model, vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas, v2a_recorder=recorder, **kw)
     return res, recorder.score()
 
@@ -157,8 +160,9 @@ def test_sample_batched_cfg_equals_separate_passes(setup) -> None:
     # Guidance does something, and the two scales are applied to their own streams.
     plain = sample(model, vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas)
     assert (res.video - plain.video).abs().max() > 1e-2 and (res.audio - plain.audio).abs().max() > 1e-2
-    swapped = sample(model, vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas, cfg_video=7.0, cfg_audio=3.0,
-                     uncond_context=unc)
+    swapped = sample(
+        model, vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas, cfg_video=7.0, cfg_audio=3.0, uncond_context=unc
+    )
     assert (swapped.video - res.video).abs().max() > 1e-3
 
 
@@ -174,14 +178,16 @@ def test_v2a_score_matches_materialised_softmax(setup, guided: bool) -> None:
     steps, blocks = (0, 2), (1, 3)
     kw = dict(cfg_video=3.0, cfg_audio=7.0, uncond_context=unc) if guided else {}
     res, score = _recorded(model, vn, an, ctx, sigmas, steps, blocks, **kw)
-    x, a, ref = _hand_loop(model, vn, an, ctx, sigmas, *((3.0, 7.0, unc) if guided else ()),
-                           record_steps=steps, record_blocks=blocks)
+    x, a, ref = _hand_loop(
+        model, vn, an, ctx, sigmas, *((3.0, 7.0, unc) if guided else ()), record_steps=steps, record_blocks=blocks
+    )
     assert ref is not None and score is not None
     assert score.shape == (N, TV)
     torch.testing.assert_close(score.double(), ref, rtol=1e-5, atol=1e-5)
     # Each audio query's probabilities sum to one: the mass over video tokens is T_a.
-    torch.testing.assert_close(score.sum(-1).double(), torch.full((N,), float(TA), dtype=torch.float64),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        score.sum(-1).double(), torch.full((N,), float(TA), dtype=torch.float64), rtol=0, atol=1e-4
+    )
     assert (score > 0).all()
     # Not uniform, and the two samples differ (the score is per sample, not pooled).
     assert (score - TA / TV).abs().max() > 1e-3

@@ -1,4 +1,5 @@
 """The training loop end to end on a small task: metrics, checkpoints, exact resume, reward errors."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,18 @@ from engine.metrics import read_metrics
 from engine.rewards import Reward
 from engine.trainer import Trainer
 
-SMALL = ["train.prompts_per_iteration=2", "train.group_size=3", "train.batch_size=4", "sampler.steps=4",
-         "task.video_grid=[3,2,2]", "log.tensorboard=false", "log.progress=false", "log.plot=false",
-         "reweight.warmup_steps=0", "checkpoint_every=0"]
+SMALL = [
+    "train.prompts_per_iteration=2",
+    "train.group_size=3",
+    "train.batch_size=4",
+    "sampler.steps=4",
+    "task.video_grid=[3,2,2]",
+    "log.tensorboard=false",
+    "log.progress=false",
+    "log.plot=false",
+    "reweight.warmup_steps=0",
+    "checkpoint_every=0",
+]
 
 
 def _cfg(tmp_path, *extra):
@@ -30,8 +40,17 @@ def test_train_cli_two_iterations_writes_metrics_checkpoint_and_plot(tmp_path, c
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1]
     for row in rows:
-        assert {"loss", "reward/video_sharpness", "reward/audio_steadiness", "reward/av_sync", "grad_norm",
-                "adv/video_mean", "adv/audio_std", "time/rollout", "time/train"} <= set(row)
+        assert {
+            "loss",
+            "reward/video_sharpness",
+            "reward/audio_steadiness",
+            "reward/av_sync",
+            "grad_norm",
+            "adv/video_mean",
+            "adv/audio_std",
+            "time/rollout",
+            "time/train",
+        } <= set(row)
         assert torch.isfinite(torch.tensor(row["loss"]))
     assert (tmp_path / "rewards.png").stat().st_size > 0
     assert list((tmp_path / "tensorboard").iterdir())
@@ -115,8 +134,11 @@ def test_sample_cli_writes_scored_latents(tmp_path, capsys):
     assert main(["sample", "--out", str(out), *SMALL]) == 0
     data = load_file(out)
     assert data["video"].shape == (6, 12, 16) and data["audio"].shape[0] == 6
-    assert set(k for k in data if k.startswith("reward/")) == {"reward/video_sharpness", "reward/audio_steadiness",
-                                                                 "reward/av_sync"}
+    assert set(k for k in data if k.startswith("reward/")) == {
+        "reward/video_sharpness",
+        "reward/audio_steadiness",
+        "reward/av_sync",
+    }
     assert "video_sharpness" in capsys.readouterr().out
 
 

@@ -114,8 +114,9 @@ def test_cross_attention_lse_is_the_forward_and_its_row_logsumexp(nq: int, nk: i
         logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, dim=-1), rtol=1e-5, atol=1e-5)
     # The mass from the attention's LSE is exactly the mass that computes its own.
-    assert torch.equal(attention_mass(q.detach(), k, key_mask=mask, lse=lse),
-                       attention_mass(q.detach(), k, key_mask=mask))
+    assert torch.equal(
+        attention_mass(q.detach(), k, key_mask=mask, lse=lse), attention_mass(q.detach(), k, key_mask=mask)
+    )
 
 
 def test_attention_mass_accumulates_into_out() -> None:

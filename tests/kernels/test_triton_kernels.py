@@ -8,6 +8,7 @@ usually imported triton already, and `test_interpreter_in_subprocess` runs this 
 fresh process with the variable set. With CUDA the same tests run compiled, plus `gpu` tests at
 LTX-2 shapes. The small shapes take both the split and the unsplit paths of each loop kernel.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -35,8 +36,15 @@ if IN_PROCESS:
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # (Nq, Nk, heads, head dim): odd sizes on either side of the 64-wide interpreter blocks.
-SHAPES = [(1, 1, 1, 64), (1, 300, 2, 128), (13, 37, 3, 64), (37, 13, 4, 128), (126, 129, 1, 128),
-          (129, 126, 2, 64), (300, 1, 3, 128)]
+SHAPES = [
+    (1, 1, 1, 64),
+    (1, 300, 2, 128),
+    (13, 37, 3, 64),
+    (37, 13, 4, 128),
+    (126, 129, 1, 128),
+    (129, 126, 2, 64),
+    (300, 1, 3, 128),
+]
 
 needs_kernels = pytest.mark.skipif(
     not IN_PROCESS,
@@ -65,8 +73,7 @@ def _logits64(q: Tensor, k: Tensor, key_mask: Tensor | None) -> Tensor:
     return logits
 
 
-def _attention64(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None,
-                 do: Tensor) -> list[tuple[Tensor, Tensor]]:
+def _attention64(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, do: Tensor) -> list[tuple[Tensor, Tensor]]:
     """Float64 O, LSE, dQ, dK, dV (through autograd on the materialised softmax), each paired with
     the size of its summands: the same sums over absolute values, which bound the rounding error of
     a correct kernel also where the result cancels to about 0 (dQ and dK with a single key)."""
@@ -80,9 +87,13 @@ def _attention64(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None,
     ds_size = p * (ado @ av.transpose(-1, -2) + (ado * out_size).sum(dim=-1, keepdim=True))
     scale = 1.0 / math.sqrt(q.shape[-1])
     lse = logits.detach().logsumexp(dim=-1)
-    return [(out.detach(), out_size), (lse, lse.abs().clamp_min(1.0)),
-            (dq, scale * ds_size @ ak), (dk, scale * ds_size.transpose(-1, -2) @ aq),
-            (dv, p.transpose(-1, -2) @ ado)]
+    return [
+        (out.detach(), out_size),
+        (lse, lse.abs().clamp_min(1.0)),
+        (dq, scale * ds_size @ ak),
+        (dk, scale * ds_size.transpose(-1, -2) @ aq),
+        (dv, p.transpose(-1, -2) @ ado),
+    ]
 
 
 def _mass64(q: Tensor, k: Tensor, key_mask: Tensor | None) -> Tensor:
@@ -101,8 +112,9 @@ def _run(q: Tensor, k: Tensor, v: Tensor, g: float, key_mask: Tensor | None, do:
     return out.detach(), lse, *torch.autograd.grad(out, leaves, do)
 
 
-def _check_attention(b: int, h: int, nq: int, nk: int, d: int, dtype: torch.dtype, g: float,
-                     use_mask: bool, seed: int) -> None:
+def _check_attention(
+    b: int, h: int, nq: int, nk: int, d: int, dtype: torch.dtype, g: float, use_mask: bool, seed: int
+) -> None:
     q, k, v = _inputs(b, h, nq, nk, d, dtype, seed)
     mask = _random_mask(b, nk, seed + 1) if use_mask else None
     do = torch.randn(b, h, nq, d, generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE, dtype)
@@ -223,7 +235,8 @@ def test_cross_attention_rejects_like_reference(override: dict) -> None:
 @pytest.mark.parametrize("override", BAD_MASS)
 def test_attention_mass_rejects_like_reference(override: dict) -> None:
     args = {"q": _good()["q"], "k": _good()["k"]} | {
-        name: t.to(DEVICE) if isinstance(t, Tensor) else t for name, t in override.items()}
+        name: t.to(DEVICE) if isinstance(t, Tensor) else t for name, t in override.items()
+    }
     ours = _error(triton_mass.attention_mass, **args)
     assert ours == _error(reference.attention_mass, **args)
 
@@ -263,8 +276,13 @@ def test_kernels_work_without_triton() -> None:
 def test_interpreter_in_subprocess() -> None:
     """triton was imported before TRITON_INTERPRET could be set: run this file in a fresh process."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
@@ -283,8 +301,7 @@ LTX2_ATTENTION = [
 @requires_cuda
 @needs_kernels
 @pytest.mark.parametrize("nq,nk,d,dtype,g,use_mask", LTX2_ATTENTION)
-def test_ltx2_attention_matches_float64(nq: int, nk: int, d: int, dtype: torch.dtype, g: float,
-                                        use_mask: bool) -> None:
+def test_ltx2_attention_matches_float64(nq: int, nk: int, d: int, dtype: torch.dtype, g: float, use_mask: bool) -> None:
     _check_attention(1, 32, nq, nk, d, dtype, g, use_mask, seed=nq + nk)
 
 

@@ -7,6 +7,7 @@ product of two rounded operands has the root-sum-square of both, and a dot produ
 random terms keeps that relative size: ~3.6% forward (E4M3 x E4M3), ~5.7% dgrad and wgrad (E5M2 x
 E4M3). The bounds below (8%, 15%) leave about 2.5x margin; the lower bound shows rounding happened.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -126,12 +127,14 @@ def test_backend_roles():
 
 def _tiny_inputs(cfg: models.ModelConfig) -> dict:
     g = torch.Generator().manual_seed(1)
-    return dict(video=torch.randn(2, 24, cfg.in_channels, generator=g),
-                audio=torch.randn(2, 9, cfg.audio_in_channels, generator=g),
-                sigma=torch.rand(2, generator=g) * 0.9 + 0.05,
-                video_context=torch.randn(2, 7, cfg.caption_channels, generator=g),
-                audio_context=torch.randn(2, 6, cfg.caption_channels, generator=g),
-                video_grid=(2, 3, 4))
+    return dict(
+        video=torch.randn(2, 24, cfg.in_channels, generator=g),
+        audio=torch.randn(2, 9, cfg.audio_in_channels, generator=g),
+        sigma=torch.rand(2, generator=g) * 0.9 + 0.05,
+        video_context=torch.randn(2, 7, cfg.caption_channels, generator=g),
+        audio_context=torch.randn(2, 6, cfg.caption_channels, generator=g),
+        video_grid=(2, 3, 4),
+    )
 
 
 def test_tiny_model_on_fp8_backend():

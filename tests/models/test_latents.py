@@ -1,5 +1,6 @@
 """LTX-2 latent geometry: what each latent token covers in time and pixels, the audio length of a
 clip, and the 48-block depth scale."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """The LTX-2 DiT: parity with diffusers' reference implementation, the 19B shapes, the backend spec,
 A2V gradient surgery, input validation and the V2A probe."""
+
 from __future__ import annotations
 
 import re
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def _perturbed_diffusers_model(seed: int = 0):
     """diffusers' LTX-2 transformer at the tiny shape, fp32, eval, with no identity-initialised parameter left."""
@@ -47,8 +49,9 @@ def pair():
     return dm, ours
 
 
-def _inputs(cfg: models.ModelConfig, b: int, grid: tuple[int, int, int], ta: int, seed: int,
-            t_vctx: int = 7, t_actx: int = 6) -> dict[str, Tensor]:
+def _inputs(
+    cfg: models.ModelConfig, b: int, grid: tuple[int, int, int], ta: int, seed: int, t_vctx: int = 7, t_actx: int = 6
+) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(seed)
     f, h, w = grid
     return dict(
@@ -60,15 +63,33 @@ def _inputs(cfg: models.ModelConfig, b: int, grid: tuple[int, int, int], ta: int
     )
 
 
-def _diffusers_forward(dm, x: dict[str, Tensor], grid, video_t: Tensor, audio_t: Tensor,
-                       vmask: Tensor | None = None, amask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _diffusers_forward(
+    dm,
+    x: dict[str, Tensor],
+    grid,
+    video_t: Tensor,
+    audio_t: Tensor,
+    vmask: Tensor | None = None,
+    amask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     f, h, w = grid
     with torch.no_grad():
-        out = dm(x["video"], x["audio"], x["video_context"], x["audio_context"],
-                 timestep=video_t, audio_timestep=audio_t,
-                 encoder_attention_mask=None if vmask is None else vmask.float(),
-                 audio_encoder_attention_mask=None if amask is None else amask.float(),
-                 num_frames=f, height=h, width=w, fps=24.0, audio_num_frames=x["audio"].shape[1], return_dict=False)
+        out = dm(
+            x["video"],
+            x["audio"],
+            x["video_context"],
+            x["audio_context"],
+            timestep=video_t,
+            audio_timestep=audio_t,
+            encoder_attention_mask=None if vmask is None else vmask.float(),
+            audio_encoder_attention_mask=None if amask is None else amask.float(),
+            num_frames=f,
+            height=h,
+            width=w,
+            fps=24.0,
+            audio_num_frames=x["audio"].shape[1],
+            return_dict=False,
+        )
     return out[0], out[1]
 
 
@@ -84,6 +105,7 @@ def _max_diff(a: Tensor, b: Tensor) -> float:
 
 # ---------------------------------------------------------------- 1. parity with diffusers
 
+
 @pytest.mark.parametrize("grid", [(3, 2, 2), (4, 3, 5), (1, 2, 3)])
 def test_parity_with_diffusers_per_sample_sigma(pair, grid) -> None:
     dm, ours = pair
@@ -91,8 +113,9 @@ def test_parity_with_diffusers_per_sample_sigma(pair, grid) -> None:
     x = _inputs(ours.config, b, grid, ta, seed=sum(grid))
     assert x["sigma"][0] != x["sigma"][1]
     tv = grid[0] * grid[1] * grid[2]
-    ref_v, ref_a = _diffusers_forward(dm, x, grid, (x["sigma"][:, None] * 1000).expand(b, tv),
-                                      (x["sigma"][:, None] * 1000).expand(b, ta))
+    ref_v, ref_a = _diffusers_forward(
+        dm, x, grid, (x["sigma"][:, None] * 1000).expand(b, tv), (x["sigma"][:, None] * 1000).expand(b, ta)
+    )
     v, a = _ours_forward(ours, x, grid)
     assert ref_v.abs().max() > 0.1 and ref_a.abs().max() > 0.1  # not a degenerate comparison
     assert _max_diff(v, ref_v) < TOL
@@ -110,8 +133,15 @@ def test_parity_with_diffusers_text_masks(pair) -> None:
     amask[1, 2:] = False
     amask[0, 5] = False
     tv = grid[0] * grid[1] * grid[2]
-    ref_v, ref_a = _diffusers_forward(dm, x, grid, (x["sigma"][:, None] * 1000).expand(b, tv),
-                                      (x["sigma"][:, None] * 1000).expand(b, ta), vmask, amask)
+    ref_v, ref_a = _diffusers_forward(
+        dm,
+        x,
+        grid,
+        (x["sigma"][:, None] * 1000).expand(b, tv),
+        (x["sigma"][:, None] * 1000).expand(b, ta),
+        vmask,
+        amask,
+    )
     v, a = _ours_forward(ours, x, grid, video_context_mask=vmask, audio_context_mask=amask)
     assert _max_diff(v, ref_v) < TOL
     assert _max_diff(a, ref_a) < TOL
@@ -144,8 +174,13 @@ def test_constant_per_token_sigma_equals_shared_sigma(pair) -> None:
     b, ta, grid = 2, 13, (3, 2, 2)
     x = _inputs(ours.config, b, grid, ta, seed=8)
     v0, a0 = _ours_forward(ours, x, grid)
-    v1, a1 = _ours_forward(ours, x, grid, video_sigma=x["sigma"][:, None].expand(b, 12).clone(),
-                           audio_sigma=x["sigma"][:, None].expand(b, ta).clone())
+    v1, a1 = _ours_forward(
+        ours,
+        x,
+        grid,
+        video_sigma=x["sigma"][:, None].expand(b, 12).clone(),
+        audio_sigma=x["sigma"][:, None].expand(b, ta).clone(),
+    )
     assert _max_diff(v0, v1) < 1e-6 and _max_diff(a0, a1) < 1e-6
 
 
@@ -159,6 +194,7 @@ def test_from_diffusers_copies_weights(pair) -> None:
 
 
 # ---------------------------------------------------------------- 2. 19B shapes
+
 
 def _parse_keys_file() -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], int]:
     sections: dict[str, dict[str, tuple[int, ...]]] = {}
@@ -196,20 +232,24 @@ def test_19b_keys_and_shapes(model_19b) -> None:
     assert len(block0) == 72 and len(nonblock) == 54
     state = to_layout(model_19b.state_dict(), "official")
     assert all(k.startswith(OFFICIAL_PREFIX) for k in state)
-    shapes = {k[len(OFFICIAL_PREFIX):]: tuple(v.shape) for k, v in state.items()}
+    shapes = {k[len(OFFICIAL_PREFIX) :]: tuple(v.shape) for k, v in state.items()}
     ours_block0 = {k: s for k, s in shapes.items() if k.startswith("transformer_blocks.0.")}
     ours_nonblock = {k: s for k, s in shapes.items() if not k.startswith("transformer_blocks.")}
     assert ours_block0 == block0
     assert ours_nonblock == nonblock
     # Every block has block 0's keys and shapes, and there are exactly 48 of them.
     for i in range(48):
-        bi = {k.replace(f"transformer_blocks.{i}.", "transformer_blocks.0.", 1): s
-              for k, s in shapes.items() if k.startswith(f"transformer_blocks.{i}.")}
+        bi = {
+            k.replace(f"transformer_blocks.{i}.", "transformer_blocks.0.", 1): s
+            for k, s in shapes.items()
+            if k.startswith(f"transformer_blocks.{i}.")
+        }
         assert bi == block0, i
     assert len(shapes) == 48 * len(block0) + len(nonblock)
 
 
 # ---------------------------------------------------------------- 3. backend spec
+
 
 class CountingLinear(nn.Linear):
     def __init__(self, *args, role: str = "replicated", **kw):
@@ -248,8 +288,9 @@ def test_backend_builds_every_linear() -> None:
     torch.manual_seed(0)
     model = models.build_model("tiny", backend=backend)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert linears and all(type(m) is CountingLinear for m in linears.values()), \
-        [n for n, m in linears.items() if type(m) is not CountingLinear]
+    assert linears and all(type(m) is CountingLinear for m in linears.values()), [
+        n for n, m in linears.items() if type(m) is not CountingLinear
+    ]
     assert sum(backend.role_counts.values()) == len(linears)
     for name, m in linears.items():
         assert m.role == _expected_role(name), name
@@ -276,7 +317,7 @@ def test_backend_attention_sees_kv_grad_scales() -> None:
     v, a = _ours_forward(model, x, (2, 2, 2))
     # Six attentions per block; the A2V one (5th in forward order) carries the block's scale.
     assert len(backend.kv_grad_scales) == 6 * model.config.num_layers
-    per_block = [backend.kv_grad_scales[6 * i:6 * i + 6] for i in range(model.config.num_layers)]
+    per_block = [backend.kv_grad_scales[6 * i : 6 * i + 6] for i in range(model.config.num_layers)]
     for i, calls in enumerate(per_block):
         assert sorted(calls) == sorted([1.0] * 5 + [scales[i]])
         assert calls[4] == scales[i]
@@ -295,6 +336,7 @@ def test_backend_by_name_and_unknown_name() -> None:
 
 # ---------------------------------------------------------------- 4. gradient surgery
 
+
 def _grads(model, x, grid, names):
     model.zero_grad(set_to_none=True)
     v, a = model(x["video"], x["audio"], x["sigma"], x["video_context"], x["audio_context"], grid, 24.0)
@@ -312,9 +354,17 @@ def test_a2v_grad_scale_only_scales_kv_grads(g: float) -> None:
     grid = (3, 2, 2)
     x = _inputs(model.config, 2, grid, 9, seed=4)
     pre = "transformer_blocks.0.audio_to_video_attn."
-    names = [pre + "to_k.weight", pre + "to_k.bias", pre + "to_v.weight", pre + "to_v.bias", pre + "to_q.weight",
-             pre + "to_out.0.weight", "transformer_blocks.1.audio_to_video_attn.to_k.weight",
-             "patchify_proj.weight", "audio_patchify_proj.weight"]
+    names = [
+        pre + "to_k.weight",
+        pre + "to_k.bias",
+        pre + "to_v.weight",
+        pre + "to_v.bias",
+        pre + "to_q.weight",
+        pre + "to_out.0.weight",
+        "transformer_blocks.1.audio_to_video_attn.to_k.weight",
+        "patchify_proj.weight",
+        "audio_patchify_proj.weight",
+    ]
     n = model.config.num_layers
     model.set_a2v_grad_scales([1.0] * n)
     out1, g1 = _grads(model, x, grid, names)
@@ -359,6 +409,7 @@ def test_a2v_grad_scales_wrong_length(scales) -> None:
 
 # ---------------------------------------------------------------- 5. shape errors
 
+
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -369,16 +420,19 @@ def _call(model, x, grid=(2, 2, 2), **kw):
     return model(x["video"], x["audio"], x["sigma"], x["video_context"], x["audio_context"], grid, 24.0, **kw)
 
 
-@pytest.mark.parametrize("field,bad,name", [
-    ("video", lambda x: x[:, :-1], "video"),                      # token count does not match the grid
-    ("video", lambda x: torch.cat([x, x[..., :1]], -1), "video"),  # channel count
-    ("audio", lambda x: x[..., :-2], "audio"),
-    ("audio", lambda x: x[0], "audio"),
-    ("sigma", lambda x: x[:, None], "sigma"),
-    ("sigma", lambda x: x[:1], "sigma"),
-    ("video_context", lambda x: x[..., :-1], "video_context"),
-    ("audio_context", lambda x: x[:1], "audio_context"),
-])
+@pytest.mark.parametrize(
+    "field,bad,name",
+    [
+        ("video", lambda x: x[:, :-1], "video"),  # token count does not match the grid
+        ("video", lambda x: torch.cat([x, x[..., :1]], -1), "video"),  # channel count
+        ("audio", lambda x: x[..., :-2], "audio"),
+        ("audio", lambda x: x[0], "audio"),
+        ("sigma", lambda x: x[:, None], "sigma"),
+        ("sigma", lambda x: x[:1], "sigma"),
+        ("video_context", lambda x: x[..., :-1], "video_context"),
+        ("audio_context", lambda x: x[:1], "audio_context"),
+    ],
+)
 def test_shape_errors_name_the_tensor(tiny, field, bad, name) -> None:
     x = _inputs(tiny.config, 2, (2, 2, 2), 5, seed=0)
     x[field] = bad(x[field])
@@ -412,6 +466,7 @@ def test_a_context_mask_without_real_tokens_is_an_error(tiny) -> None:
 
 
 # ---------------------------------------------------------------- 6. V2A probe
+
 
 class _SeeAll:
     """A V2A probe that wants every block but `skip` and keeps what it sees."""
@@ -456,9 +511,14 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
     model.set_a2v_grad_scales([0.5, 1.0, 1.0, 1.0])
     g = torch.Generator().manual_seed(3)
     cfg = model.config
-    args = (torch.randn(2, 12, cfg.in_channels, generator=g), torch.randn(2, 9, cfg.audio_in_channels, generator=g),
-            torch.rand(2, generator=g), torch.randn(2, 5, cfg.caption_channels, generator=g),
-            torch.randn(2, 5, cfg.caption_channels, generator=g), (3, 2, 2))
+    args = (
+        torch.randn(2, 12, cfg.in_channels, generator=g),
+        torch.randn(2, 9, cfg.audio_in_channels, generator=g),
+        torch.rand(2, generator=g),
+        torch.randn(2, 5, cfg.caption_channels, generator=g),
+        torch.randn(2, 5, cfg.caption_channels, generator=g),
+        (3, 2, 2),
+    )
     grads = []
     for recompute in (False, True):
         model.zero_grad()

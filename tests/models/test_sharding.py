@@ -1,5 +1,6 @@
 """The sequence and head cuts a Sharding makes, in one process (the parallel runs are in
 tests/engine/parallel/test_parallel.py)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """The Transformer Engine backend. Its layers need TE and a CUDA GPU (neither exists in CPU CI nor on
 the lent GPU machines), so the model tests skip with that reason; the config rules and the error
 for a missing TE run everywhere."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,12 +23,16 @@ def test_missing_transformer_engine_is_a_clear_error():
         models.backends.backend_class("te")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.backend=te"], "model.backend=te needs megatron's process groups: run under torchrun"),
-    (["model.backend=te", "train.activation_checkpointing=true"], "activation_checkpointing is not supported"),
-    (["model.backend=fp8", "model.fp8_recipe=delayed"], "fp8_recipe=delayed needs model.backend=te"),
-    (["model.fp8_recipe=mxfp8"], "model.fp8_recipe must be one of tensorwise, delayed"),
-    (["parallel.tp=2"], "needs model.backend=megatron or te")])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.backend=te"], "model.backend=te needs megatron's process groups: run under torchrun"),
+        (["model.backend=te", "train.activation_checkpointing=true"], "activation_checkpointing is not supported"),
+        (["model.backend=fp8", "model.fp8_recipe=delayed"], "fp8_recipe=delayed needs model.backend=te"),
+        (["model.fp8_recipe=mxfp8"], "model.fp8_recipe must be one of tensorwise, delayed"),
+        (["parallel.tp=2"], "needs model.backend=megatron or te"),
+    ],
+)
 def test_config_rules(overrides, message):
     with pytest.raises(ConfigError, match=message):
         cfg = load_config(None, overrides)
@@ -37,6 +42,7 @@ def test_config_rules(overrides, message):
 def test_one_process_megatron_layout():
     """The process groups the te backend (and bench.step's te row) get outside torchrun."""
     import torch.distributed as dist
+
     parallel_state = pytest.importorskip("megatron.core.parallel_state", reason="megatron-core is not installed")
     before = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     try:
@@ -58,6 +64,7 @@ def process_group():
     """TE's layers come from megatron-core, which needs its parallel state even in one process."""
     import torch.distributed as dist
     from megatron.core import parallel_state
+
     init_one_process(torch.device("cuda"))
     yield
     parallel_state.destroy_model_parallel()
@@ -78,10 +85,15 @@ def test_te_model_matches_fp32_within_fp8_error(process_group, recipe):
     g = torch.Generator(device="cuda").manual_seed(1)
     cfg, b = ref.config, 2
     # Odd token counts: the backend pads every stream to the 16 rows TE's FP8 GEMMs need.
-    args = (torch.randn(b, 12, cfg.in_channels, device="cuda", generator=g),
-            torch.randn(b, 5, cfg.audio_in_channels, device="cuda", generator=g),
-            torch.rand(b, device="cuda", generator=g), torch.randn(b, 7, cfg.caption_channels, device="cuda", generator=g),
-            torch.randn(b, 7, cfg.caption_channels, device="cuda", generator=g), (3, 2, 2), 24.0)
+    args = (
+        torch.randn(b, 12, cfg.in_channels, device="cuda", generator=g),
+        torch.randn(b, 5, cfg.audio_in_channels, device="cuda", generator=g),
+        torch.rand(b, device="cuda", generator=g),
+        torch.randn(b, 7, cfg.caption_channels, device="cuda", generator=g),
+        torch.randn(b, 7, cfg.caption_channels, device="cuda", generator=g),
+        (3, 2, 2),
+        24.0,
+    )
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out_ref, out_te = ref(*args), te(*args)
     for r, t in zip(out_ref, out_te):

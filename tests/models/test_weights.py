@@ -1,4 +1,5 @@
 """Checkpoints: official and diffusers layouts, conversion, whole-file validation, diffusers configs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,9 +44,17 @@ def _assert_differs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> N
 
 # ---------------------------------------------------------------- official layout
 
-@pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, timestep_embed_dim=32),
-                                 models.resolve_config({"preset": "tiny", "num_layers": 2, "rope_theta": 5000.0,
-                                                        "rope_max_pos": [10, 1024, 512], "norm_eps": 1e-5})])
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TINY,
+        dataclasses.replace(TINY, timestep_embed_dim=32),
+        models.resolve_config(
+            {"preset": "tiny", "num_layers": 2, "rope_theta": 5000.0, "rope_max_pos": [10, 1024, 512], "norm_eps": 1e-5}
+        ),
+    ],
+)
 def test_official_round_trip(tmp_path, cfg) -> None:
     m = _model(cfg, seed=0)
     path = tmp_path / "official.safetensors"
@@ -77,6 +86,7 @@ def test_official_file_with_vae_and_connector_keys_loads(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- diffusers layout
+
 
 def test_diffusers_round_trip_and_strict_load_into_diffusers(tmp_path) -> None:
     m = _model(TINY)
@@ -139,6 +149,7 @@ def test_diffusers_config_refuses_what_diffusers_cannot_express() -> None:
 
 # ---------------------------------------------------------------- conversion
 
+
 def test_convert_file_round_trip(tmp_path) -> None:
     m = _model(TINY)
     src = tmp_path / "a.safetensors"
@@ -166,6 +177,7 @@ def test_convert_same_layout_is_identity(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- bad checkpoints
+
 
 @pytest.mark.parametrize("layout", ["official", "diffusers"])
 def test_bad_checkpoint_lists_every_problem(tmp_path, layout) -> None:
@@ -211,9 +223,18 @@ def test_shape_mismatch_against_other_config(tmp_path) -> None:
 
 # ---------------------------------------------------------------- diffusers configs
 
-@pytest.mark.parametrize("key,value", [("gated_attn", True), ("audio_gated_attn", True), ("cross_attn_mod", True),
-                                       ("rope_type", "interleaved"), ("patch_size", 2),
-                                       ("use_keyframes_abs_pos_embedding", True)])
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("gated_attn", True),
+        ("audio_gated_attn", True),
+        ("cross_attn_mod", True),
+        ("rope_type", "interleaved"),
+        ("patch_size", 2),
+        ("use_keyframes_abs_pos_embedding", True),
+    ],
+)
 def test_config_from_diffusers_rejects_unsupported_variants(key, value) -> None:
     dcfg = {**diffusers_config(TINY), key: value}
     with pytest.raises(ValueError, match=key):
@@ -230,7 +251,6 @@ def test_config_from_diffusers_model_config() -> None:
     dm = diffusers.LTX2VideoTransformer3DModel(**diffusers_config(TINY))
     assert config_from_diffusers(dm.config) == TINY
     # diffusers' own defaults are the legacy interleaved RoPE: refused by name.
-    dm_default = diffusers.LTX2VideoTransformer3DModel(
-        **{**diffusers_config(TINY), "rope_type": "interleaved"})
+    dm_default = diffusers.LTX2VideoTransformer3DModel(**{**diffusers_config(TINY), "rope_type": "interleaved"})
     with pytest.raises(ValueError, match="rope_type"):
         config_from_diffusers(dm_default.config)

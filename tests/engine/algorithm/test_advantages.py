@@ -164,8 +164,6 @@ def test_missing_weight_and_shape_mismatch_name_the_reward() -> None:
 
 def test_optimality_probability_clips() -> None:
     adv = torch.tensor([-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 10.0])
-    torch.testing.assert_close(
-        optimality_probability(adv), torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
-    )
+    torch.testing.assert_close(optimality_probability(adv), torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
     clipped_at_2 = optimality_probability(torch.tensor([1.0, -3.0]), adv_clip=2.0)
     torch.testing.assert_close(clipped_at_2, torch.tensor([0.75, 0.0]))

@@ -10,9 +10,7 @@ from engine.algorithm.reweighting import REWEIGHT_MODES, reference_blocks, refer
 
 def test_minmax_hand_example() -> None:
     score = torch.tensor([[1.0, 2.0, 3.0, 5.0], [40.0, 10.0, 30.0, 20.0], [7.0, 7.0, 7.0, 7.0]])
-    expected = torch.tensor(
-        [[1.0, 1.375, 1.75, 2.5], [2.5, 1.0, 2.0, 1.5], [1.0, 1.0, 1.0, 1.0]]
-    )
+    expected = torch.tensor([[1.0, 1.375, 1.75, 2.5], [2.5, 1.0, 2.0, 1.5], [1.0, 1.0, 1.0, 1.0]])
     out = region_weights(score, "minmax", lam=1.5)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected)

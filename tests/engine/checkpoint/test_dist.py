@@ -4,6 +4,7 @@ Three torchrun runs chained so each layout saves once and loads once (tests/dist
 TP=1 saves; TP=2 (2 ranks) loads it and saves; TP=1 loads that. The export to the official file and
 the errors for missing or corrupt checkpoints are checked here, in one process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,11 @@ def test_one_writer_per_replicated_tensor():
     optimizer = build_optimizer(model, 1e-3, 0.0, (0.9, 0.999), 1e-8)
     n = len(model.state_dict())
     for dp_rank in (0, 1):
-        tensors = [t for t in nested_values(sharded_state(model, models.build_model("tiny"), optimizer, dp_rank))
-                   if isinstance(t, ShardedTensor)]
+        tensors = [
+            t
+            for t in nested_values(sharded_state(model, models.build_model("tiny"), optimizer, dp_rank))
+            if isinstance(t, ShardedTensor)
+        ]
         assert len(tensors) == 5 * n  # model, old model, exp_avg, exp_avg_sq, step
         assert len({t.key for t in tensors}) == 5 * n
         assert all(is_main_replica(t.replica_id) == (dp_rank == 0) for t in tensors)
@@ -62,8 +66,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_ckpt")
     ckpts = root / "checkpoints"
     tp1_save = torchrun("ckpt_reshard.py", 1, "--tp", "1", "--save", str(ckpts / "tp1"), out=root / "run1")
-    tp2 = torchrun("ckpt_reshard.py", 2, "--tp", "2", "--load", str(ckpts / "tp1"), "--save", str(ckpts / "tp2"),
-                   out=root / "run2")
+    tp2 = torchrun(
+        "ckpt_reshard.py", 2, "--tp", "2", "--load", str(ckpts / "tp1"), "--save", str(ckpts / "tp2"), out=root / "run2"
+    )
     tp1_load = torchrun("ckpt_reshard.py", 1, "--tp", "1", "--load", str(ckpts / "tp2"), out=root / "run3")
     return {"ckpts": ckpts, "tp1_save": tp1_save, "tp2": tp2, "tp1_load": tp1_load}
 

@@ -3,6 +3,7 @@
 Each case launches `torchrun` (tests.helpers.torchrun) and reads one JSON verdict per rank written
 by the worker in tests/dist/.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,16 @@ from engine.trainer import Trainer  # noqa: E402
 from tests.helpers import ROOT, TASK, TIMEOUT_S, free_port, torchrun  # noqa: E402
 
 
-@pytest.mark.parametrize("nproc, args", [
-    (2, ["--tp", "2"]),
-    (2, ["--tp", "2", "--sp"]),
-    (2, ["--tp", "1", "--pp", "2", "--backend", "torch"]),
-    (4, ["--tp", "2", "--pp", "2", "--sp"])], ids=["tp2", "tp2-sp", "pp2", "tp2xpp2-sp"])
+@pytest.mark.parametrize(
+    "nproc, args",
+    [
+        (2, ["--tp", "2"]),
+        (2, ["--tp", "2", "--sp"]),
+        (2, ["--tp", "1", "--pp", "2", "--backend", "torch"]),
+        (4, ["--tp", "2", "--pp", "2", "--sp"]),
+    ],
+    ids=["tp2", "tp2-sp", "pp2", "tp2xpp2-sp"],
+)
 def test_parallel_model_matches_single_process(tmp_path, nproc, args):
     """Outputs, loss and (gathered) gradients of a parallel layout equal the single-process model's;
     with pp=2 through megatron's 1F1B schedule, every parameter's gradient on exactly one stage."""
@@ -41,19 +47,30 @@ def test_parallel_model_matches_single_process(tmp_path, nproc, args):
         assert r["file_load_equal"], r
 
 
-@pytest.mark.parametrize("nproc, args, dp", [
-    (4, ["--tp", "2"], 2),
-    # 27 video and 7 text tokens: sequence parallelism pads them to split over 2 ranks.
-    (4, ["--tp", "2", "--sp", "--recompute", "task.video_grid=[3,3,3]", "task.context_tokens=7"], 2),
-    (2, ["--tp", "1"], 2),
-    # Pipelines: one-sample microbatches through megatron's schedule (sampling and training).
-    (4, ["--tp", "1", "--pp", "2", "--micro", "1"], 2),
-    (4, ["--tp", "2", "--pp", "2", "--sp", "--micro", "2"], 1),
-    # megatron's distributed optimizer: AdamW state sharded over the data-parallel ranks.
-    (2, ["--tp", "1", "--dist-opt"], 2),
-    (4, ["--tp", "2", "--sp", "--dist-opt"], 2)],
-    ids=["tp2xdp2", "tp2xdp2-sp-odd-recompute", "dp2", "pp2xdp2-micro1", "tp2xpp2-sp-micro2", "dp2-distopt",
-         "tp2xdp2-sp-distopt"])
+@pytest.mark.parametrize(
+    "nproc, args, dp",
+    [
+        (4, ["--tp", "2"], 2),
+        # 27 video and 7 text tokens: sequence parallelism pads them to split over 2 ranks.
+        (4, ["--tp", "2", "--sp", "--recompute", "task.video_grid=[3,3,3]", "task.context_tokens=7"], 2),
+        (2, ["--tp", "1"], 2),
+        # Pipelines: one-sample microbatches through megatron's schedule (sampling and training).
+        (4, ["--tp", "1", "--pp", "2", "--micro", "1"], 2),
+        (4, ["--tp", "2", "--pp", "2", "--sp", "--micro", "2"], 1),
+        # megatron's distributed optimizer: AdamW state sharded over the data-parallel ranks.
+        (2, ["--tp", "1", "--dist-opt"], 2),
+        (4, ["--tp", "2", "--sp", "--dist-opt"], 2),
+    ],
+    ids=[
+        "tp2xdp2",
+        "tp2xdp2-sp-odd-recompute",
+        "dp2",
+        "pp2xdp2-micro1",
+        "tp2xpp2-sp-micro2",
+        "dp2-distopt",
+        "tp2xdp2-sp-distopt",
+    ],
+)
 def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
     """Rollouts, rewards, routed advantages, loss, gradient norm and the updated weights (model and
     EMA old policy) of a parallel iteration equal the single-process iteration. Data-parallel
@@ -67,10 +84,15 @@ def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
         assert r["weights_moved"] > 1e-5, r  # training did change the weights
 
 
-@pytest.mark.parametrize("save, resume", [
-    ((4, ["--tp", "2", "--pp", "2"]), (1, ["--tp", "1"])),
-    ((2, ["--tp", "1", "--dist-opt"]), (1, ["--tp", "1"])),
-    ((1, ["--tp", "1"]), (2, ["--tp", "1", "--dist-opt"]))], ids=["tp2xpp2-to-1", "distopt-to-1", "1-to-distopt"])
+@pytest.mark.parametrize(
+    "save, resume",
+    [
+        ((4, ["--tp", "2", "--pp", "2"]), (1, ["--tp", "1"])),
+        ((2, ["--tp", "1", "--dist-opt"]), (1, ["--tp", "1"])),
+        ((1, ["--tp", "1"]), (2, ["--tp", "1", "--dist-opt"])),
+    ],
+    ids=["tp2xpp2-to-1", "distopt-to-1", "1-to-distopt"],
+)
 def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, save, resume):
     """Train 2 iterations with megatron distributed checkpoints in one layout, resume in another:
     iteration 2 equals the one an uninterrupted single-process run takes (weights and AdamW state
@@ -78,11 +100,21 @@ def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, sa
     run_dir = tmp_path / "run"
     torchrun("train_resume.py", save[0], "--phase", "save", *save[1], "--run-dir", str(run_dir), out=tmp_path / "save")
     assert (run_dir / "checkpoints" / "iter_000001" / "metadata.json").is_file()
-    torchrun("train_resume.py", resume[0], "--phase", "resume", *resume[1], "--run-dir", str(run_dir),
-             out=tmp_path / "resume")
+    torchrun(
+        "train_resume.py",
+        resume[0],
+        "--phase",
+        "resume",
+        *resume[1],
+        "--run-dir",
+        str(run_dir),
+        out=tmp_path / "resume",
+    )
     (resumed,) = json.loads((tmp_path / "resume" / "resume.json").read_text())
-    straight = Trainer(load_config(None, [*TASK, "iterations=3", f"run_dir={tmp_path / 'straight'}",
-                                          "checkpoint_every=0"]), layout=ProcessLayout()).run()[2]
+    straight = Trainer(
+        load_config(None, [*TASK, "iterations=3", f"run_dir={tmp_path / 'straight'}", "checkpoint_every=0"]),
+        layout=ProcessLayout(),
+    ).run()[2]
     assert resumed["iteration"] == straight["iteration"] == 2
     for key in [k for k in straight if not k.startswith("time/")]:
         assert abs(resumed[key] - straight[key]) <= 1e-5 * max(1.0, abs(straight[key])), key
@@ -100,22 +132,41 @@ def test_distributed_optimizer_on_bf16_parameters_resumes_exactly(tmp_path):
     runs = {phase: tmp_path / phase for phase in ("save", "straight")}
     torchrun("train_resume.py", 2, "--phase", "save", *layout, "--run-dir", str(runs["save"]), out=tmp_path / "o1")
     torchrun("train_resume.py", 2, "--phase", "resume", *layout, "--run-dir", str(runs["save"]), out=tmp_path / "o2")
-    torchrun("train_resume.py", 2, "--phase", "straight", *layout, "--run-dir", str(runs["straight"]),
-             out=tmp_path / "o3")
+    torchrun(
+        "train_resume.py", 2, "--phase", "straight", *layout, "--run-dir", str(runs["straight"]), out=tmp_path / "o3"
+    )
     (resumed,) = json.loads((tmp_path / "o2" / "resume.json").read_text())
     straight = json.loads((tmp_path / "o3" / "straight.json").read_text())[2]
     assert resumed["iteration"] == straight["iteration"] == 2
-    assert {k: v for k, v in resumed.items() if not k.startswith("time/")} == \
-        {k: v for k, v in straight.items() if not k.startswith("time/")}
+    assert {k: v for k, v in resumed.items() if not k.startswith("time/")} == {
+        k: v for k, v in straight.items() if not k.startswith("time/")
+    }
 
 
 def test_torchrun_launch_of_the_cli(tmp_path):
     """The documented launch, end to end, without any test shim: TP=2 on 2 CPU processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "engine.train", "model.backend=megatron", "parallel.tp=2",
-           "iterations=2", f"run_dir={tmp_path}", "log.progress=false", *TASK]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "engine.train",
+        "model.backend=megatron",
+        "parallel.tp=2",
+        "iterations=2",
+        f"run_dir={tmp_path}",
+        "log.progress=false",
+        *TASK,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("reward means, iteration 0 -> 1") == 1  # printed by rank 0 only
     assert [json.loads(line)["iteration"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]

@@ -1,6 +1,7 @@
 """Pipeline stages and microbatches in one process: stage split, the packed carry, stages chained by
 hand against the whole model, microbatched sampling and training against whole batches. The
 multi-process schedule runs in tests/engine/parallel/test_parallel.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -56,9 +57,14 @@ def test_chained_stages_equal_the_whole_model():
         models.weights.load_full_state(s, whole.state_dict())
     g = torch.Generator().manual_seed(1)
     cfg, b = whole.config, 2
-    args = (torch.randn(b, 12, cfg.in_channels, generator=g), torch.randn(b, 5, cfg.audio_in_channels, generator=g),
-            torch.rand(b, generator=g), torch.randn(b, 6, cfg.caption_channels, generator=g),
-            torch.randn(b, 6, cfg.caption_channels, generator=g), (3, 2, 2))
+    args = (
+        torch.randn(b, 12, cfg.in_channels, generator=g),
+        torch.randn(b, 5, cfg.audio_in_channels, generator=g),
+        torch.rand(b, generator=g),
+        torch.randn(b, 6, cfg.caption_channels, generator=g),
+        torch.randn(b, 6, cfg.caption_channels, generator=g),
+        (3, 2, 2),
+    )
     kwargs = {"audio_sigma": torch.rand(b, 5, generator=g)}  # per-token sigma: a (B, T, k*D) modulation crosses
     ref = whole(*args, **kwargs)
     packed = stages[0](*args, **kwargs)
@@ -86,21 +92,31 @@ def test_microbatched_sampling_equals_one_batch():
     cfg, n = model.config, 4
     noise = (torch.randn(n, 12, cfg.in_channels, generator=g), torch.randn(n, 5, cfg.audio_in_channels, generator=g))
     ctx = torch.randn(n, 6, cfg.caption_channels, generator=g)
-    common = dict(video_grid=(3, 2, 2), fps=24.0, sigmas=ltx2_sigmas(4), cfg_video=2.0, cfg_audio=1.5,
-                  uncond_context=(ctx * 0, ctx * 0))
-    recorders = [V2AMassRecorder(steps=(1, 2), blocks=(2, 3), rows=n, num_video_tokens=12, device="cpu")
-                 for _ in range(2)]
+    common = dict(
+        video_grid=(3, 2, 2),
+        fps=24.0,
+        sigmas=ltx2_sigmas(4),
+        cfg_video=2.0,
+        cfg_audio=1.5,
+        uncond_context=(ctx * 0, ctx * 0),
+    )
+    recorders = [
+        V2AMassRecorder(steps=(1, 2), blocks=(2, 3), rows=n, num_video_tokens=12, device="cpu") for _ in range(2)
+    ]
     whole = sample(model, *noise, ctx, ctx, v2a_recorder=recorders[0], **common)
-    split = sample(PipelinedForward(Pipeline(ProcessLayout()), model, 1), *noise, ctx, ctx,
-                   v2a_recorder=recorders[1], **common)
+    split = sample(
+        PipelinedForward(Pipeline(ProcessLayout()), model, 1), *noise, ctx, ctx, v2a_recorder=recorders[1], **common
+    )
     torch.testing.assert_close(split.video, whole.video, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(recorders[1].score(), recorders[0].score(), rtol=1e-5, atol=1e-7)
     assert float(recorders[0].score().sum()) > 0
 
 
 def test_microbatched_iteration_equals_whole_batches(tmp_path, single_thread):
-    runs = [Trainer(load_config(None, [*TASK, f"train.micro_batch_size={m}", f"run_dir={tmp_path / str(m)}"]))
-            for m in (0, 1)]
+    runs = [
+        Trainer(load_config(None, [*TASK, f"train.micro_batch_size={m}", f"run_dir={tmp_path / str(m)}"]))
+        for m in (0, 1)
+    ]
     whole, micro = (r.iteration(0) for r in runs)
     for key in ("loss", "loss/video", "loss/audio", "grad_norm", "reward/video_sharpness"):
         assert micro[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
