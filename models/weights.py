@@ -38,6 +38,9 @@ def open_safetensors(path: str | os.PathLike) -> Iterator:
         yield f
 
 
+MAX_LISTED_PROBLEMS = 12  # a 19B checkpoint for another model would list thousands of keys
+
+
 def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
     problems = [f"missing: {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
     problems += [f"unexpected: {k} {found[k]}" for k in sorted(set(found) - set(expected))]
@@ -47,8 +50,12 @@ def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: s
         if found[k] != expected[k]
     ]
     if problems:
+        shown = problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - len(shown)
         raise CheckpointError(
-            f"{source} does not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+            f"{source} does not fit the model ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(shown)
+            + (f"\n  ... and {more} more" if more else "")
         )
 
 

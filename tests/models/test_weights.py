@@ -221,6 +221,17 @@ def test_shape_mismatch_against_other_config(tmp_path) -> None:
         models.load_model_weights(other, path)
 
 
+def test_a_checkpoint_of_another_model_lists_a_dozen_problems_and_counts_the_rest(tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    models.save_model(_model(TINY), path)
+    with pytest.raises(models.CheckpointError) as info:
+        models.load_model_weights(models.build_model("ltx2-19b", device="meta"), path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 1 + 12 + 1 and "problem(s)" in lines[0] and str(path) in lines[0]
+    total = int(lines[0].split("(")[1].split(" ")[0])
+    assert lines[-1] == f"  ... and {total - 12} more"
+
+
 # ---------------------------------------------------------------- diffusers configs
 
 
