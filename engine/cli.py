@@ -44,7 +44,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.checkpoint:
         overrides.append(f"model.init={args.checkpoint}")
     cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, for_training=False)
     trainer.old_model.load_state_dict(trainer.model.state_dict())
     prompts = trainer.prompts_for(args.iteration)
     rollout, _, _ = trainer.rollout(args.iteration, prompts, list(range(len(prompts) * cfg.train.group_size)))
@@ -93,8 +93,20 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    """The installed package's version (the source tree's when run from a checkout)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("omninft")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omninft", description="OmniNFT training for the LTX-2 audio-video DiT")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run OmniNFT training (default: the embedded tiny CPU task)")
     train.add_argument("--config", help="YAML config (e.g. configs/ltx2-19b.yaml); defaults are configs/tiny.yaml")

@@ -45,7 +45,9 @@ class Config:
     iterations: int = bounded(1, None, default=60)
     seed: int = 0
     run_dir: str = "runs/omninft"
-    resume: bool = False
+    resume: bool | str = False  # true: continue run_dir's latest checkpoint; auto: if there is one
+    overwrite: bool = False  # a fresh run may delete a previous run in run_dir
+    resume_overrides: bool = False  # resume although seed or model changed (engine.run_dir.PROTECTED)
     checkpoint_every: int = bounded(0, None, default=20)  # iterations; 0 = only at the end
     # full: both models whole (official layout) + per-rank optimizer; dist: megatron dist_checkpointing,
     # every rank writes its shards, reshards on load; auto: dist when distributed on CUDA, else full.
@@ -65,24 +67,40 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.resume, str) and self.resume != "auto":
+            raise ConfigError(f"resume must be true, false or auto; got {self.resume!r}")
+
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 scalars: only true/false are booleans (so `reweight.mode=off` stays a string) and
-    `1e-3` is a float (YAML 1.1 needs a dot)."""
+    """YAML 1.2 scalars: only true/false are booleans (so `reweight.mode=off` stays a string), `1e-3`
+    is a float (YAML 1.1 needs a dot), and integers are read as written: `010` is 10, not octal 8, and
+    `1:30` is the string it looks like, not sexagesimal 90."""
 
 
+_CORE_TAGS = tuple(f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float"))
 _Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in _CORE_TAGS]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+# In this order: a scalar that is an integer is not a float.
+_Loader.add_implicit_resolver(_CORE_TAGS[0], re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    _CORE_TAGS[1], re.compile(r"^[-+]?[0-9]+$|^0o[0-7]+$|^0x[0-9a-fA-F]+$"), list("-+0123456789")
 )
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
+    _CORE_TAGS[2],
     re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."),
 )
+
+
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0 if text[:2] in ("0o", "0x") else 10)
+
+
+_Loader.add_constructor(_CORE_TAGS[1], _construct_int)
 
 
 def _yaml(text: str, source: str):

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,8 +24,9 @@ class LogConfig:
 
 
 class MetricsLogger:
-    """Appends one JSON object per iteration; on resume, drops lines past the checkpoint so the file
-    reads as if the run had never stopped."""
+    """Appends one JSON object per iteration. On resume it drops the lines past the checkpoint (and a
+    last line cut short by a crash mid-write), and TensorBoard purges the steps past it, so both read
+    as if the run had never stopped."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool, resume_after: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -28,17 +34,14 @@ class MetricsLogger:
         if resume_after is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= resume_after
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(self.path) if row["iteration"] <= resume_after]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            purge = None if resume_after is None else resume_after + 1
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, metrics: dict) -> None:
         with self.path.open("a") as f:
@@ -65,7 +68,20 @@ def format_line(m: dict, reward_names: list[str]) -> str:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl; a last line cut short (a crash while writing it) is dropped with a
+    warning, a damaged line before it is an error."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise DataError(
+                    f"{path}: line {i + 1} is not JSON ({e.msg}); only a cut-short last line is dropped"
+                ) from e
+            log.warning("%s: dropped its last line, cut short by a crash: %r", path, line[:80])
+    return rows
 
 
 def plot_rewards(metrics_path: str | Path, png_path: str | Path, reward_names: list[str]) -> None:

@@ -56,6 +56,17 @@ def make_optimizer(
     return build_optimizer(model, cfg.lr, cfg.weight_decay, betas, cfg.eps)
 
 
+def apply_hyper_parameters(optimizer: torch.optim.Optimizer | DistributedAdamW, cfg: OptimConfig) -> None:
+    """Sets the config's lr, betas, eps and weight decay on a (resumed) optimizer, whose state dict
+    brought the values it was saved with: a resumed run takes the settings it was started with."""
+    values = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    if isinstance(optimizer, DistributedAdamW):
+        optimizer.set_hyper_parameters(values)
+    else:
+        for group in optimizer.param_groups:
+            group.update(values)
+
+
 def clip_and_step(
     model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, max_norm: float, layout: ProcessLayout
 ) -> float:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from models.latents import frame_ids
 
-from . import profiling
+from . import profiling, run_dir
 from .algorithm.advantages import optimality_probability, route_advantages
 from .algorithm.loss import nft_loss
 from .algorithm.reweighting import V2AMassRecorder, reference_blocks, reference_steps, region_weights
@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .fields import bounded, choice
 from .metrics import MetricsLogger, console, format_line, plot_rewards
 from .noise import rollout_noise, training_noise
-from .optim import clip_and_step, make_optimizer
+from .optim import apply_hyper_parameters, clip_and_step, make_optimizer
 from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init_layout, split_batch
 from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy
 from .rewards import Rollout, build_rewards, score_rewards
@@ -62,10 +62,19 @@ class TrainConfig:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, layout: ProcessLayout | None = None):
+    """One OmniNFT run of `cfg` on this rank. With `for_training` (not for `omninft sample`), the run
+    directory is checked first (engine.run_dir): whether it resumes, and what it may overwrite."""
+
+    def __init__(self, cfg: Config, layout: ProcessLayout | None = None, for_training: bool = True):
         self.cfg = cfg
         self.layout = layout or init_layout(cfg.parallel, cfg.model.backend, cfg.model.init_seed)
         self.device = self.layout.device
+        self.checkpoints = CheckpointManager(
+            cfg.run_dir, cfg.checkpoint_format, self.layout, cfg.parallel.distributed_optimizer
+        )
+        self.resuming = for_training and run_dir.prepare(
+            dataclasses.asdict(cfg), cfg.run_dir, self.checkpoints, self.layout
+        )
         self.model = build_policy(cfg.model, self.layout, cfg.parallel.sequence_parallel)
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -73,9 +82,6 @@ class Trainer:
         self.ref_model = frozen_copy(cfg.model, self.model) if cfg.loss.kl_weight > 0 else None
         self.grad_sync = grad_sync(self.model, self.layout, cfg.parallel.distributed_optimizer)
         self.optimizer = make_optimizer(cfg.optim, self.model, self.grad_sync, cfg.parallel.distributed_optimizer)
-        self.checkpoints = CheckpointManager(
-            cfg.run_dir, cfg.checkpoint_format, self.layout, cfg.parallel.distributed_optimizer
-        )
         self.rewards = build_rewards(cfg.rewards)
         self.reward_names = [r.name for r in self.rewards]
         self.grid = tuple(cfg.task.video_grid)
@@ -344,6 +350,7 @@ class Trainer:
     # ---- the run -----------------------------------------------------------------------------------
     def resume(self) -> None:
         self.state, path = self.checkpoints.resume(self.model, self.old_model, self.optimizer)
+        apply_hyper_parameters(self.optimizer, self.cfg.optim)
         if self.layout.is_main:
             console(f"resumed from {path} (iteration {self.state.iteration}, step {self.state.step})")
 
@@ -354,10 +361,10 @@ class Trainer:
 
     def run(self) -> list[dict]:
         cfg, main = self.cfg, self.layout.is_main
-        if cfg.resume:
+        if self.resuming:
             self.resume()
         logger = (
-            MetricsLogger(cfg.run_dir, cfg.log.tensorboard, self.state.iteration if cfg.resume else None)
+            MetricsLogger(cfg.run_dir, cfg.log.tensorboard, self.state.iteration if self.resuming else None)
             if main
             else None
         )

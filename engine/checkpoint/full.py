@@ -65,6 +65,14 @@ def is_full_checkpoint(path: Path) -> bool:
     return (path / STATE_FILE).is_file() and (path / MODEL_FILES[0]).is_file()
 
 
+def read_run_config(path: Path) -> dict:
+    """The run config stored with the checkpoint."""
+    try:
+        return json.loads((Path(path) / STATE_FILE).read_text())["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path / STATE_FILE}: cannot read the run config ({e})") from e
+
+
 def read(
     path: str | Path, optimizer: torch.optim.Optimizer, rank: int, layout: dict
 ) -> tuple[TrainState, dict[str, Tensor], dict[str, Tensor]]:

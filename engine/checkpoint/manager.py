@@ -16,7 +16,7 @@ from torch import nn
 
 from models.weights import gather_full_state, load_full_state
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..parallel.layout import ProcessLayout
 from . import full
 from .atomic import barrier, write_text_atomic
@@ -41,6 +41,11 @@ class CheckpointManager:
         sharded = distributed_optimizer
         if fmt == "auto":
             fmt = "dist" if layout.distributed and (torch.cuda.is_available() or sharded) else "full"
+        if fmt == "dist" and not layout.distributed:
+            raise ConfigError(
+                "checkpoint_format=dist writes through torch.distributed: run under torchrun (one process will "
+                "do: torchrun --nproc-per-node 1 -m engine.train ...), or use checkpoint_format=full"
+            )
         self.format = fmt
 
     @property
@@ -79,24 +84,38 @@ class CheckpointManager:
         self.point_latest(path)
         return path
 
-    def resume(self, model: nn.Module, old_model: nn.Module, optimizer) -> tuple[TrainState, Path]:
-        """Restores both models and the optimizer from the latest checkpoint, whatever its format."""
-        path = self.latest()
-        if path is None:
-            raise CheckpointError(f"resume=true but {self.root} holds no checkpoint (start without --resume)")
+    def format_of(self, path: Path) -> str:
+        """`full` or `dist`: the format of the checkpoint at `path`, if this run can resume it."""
         if is_distributed_checkpoint(path):
             if not self.layout.distributed:  # before megatron is imported: its warnings would bury the line
                 raise CheckpointError(
                     f"{path} is a distributed checkpoint: resume it under torchrun (one process "
                     f"will do: torchrun --nproc-per-node 1 -m engine.train ...)"
                 )
+            return "dist"
+        if full.is_full_checkpoint(path):
+            return "full"
+        raise CheckpointError(f"{path} is neither a full nor a distributed checkpoint")
+
+    def stored_config(self, path: Path) -> dict:
+        """The run config a checkpoint was written with (read without building anything)."""
+        if self.format_of(path) == "dist":
+            from .dist import read_run_config
+
+            return read_run_config(path)
+        return full.read_run_config(path)
+
+    def resume(self, model: nn.Module, old_model: nn.Module, optimizer) -> tuple[TrainState, Path]:
+        """Restores both models and the optimizer from the latest checkpoint, whatever its format."""
+        path = self.latest()
+        if path is None:
+            raise CheckpointError(f"resume=true but {self.root} holds no checkpoint (start without --resume)")
+        if self.format_of(path) == "dist":
             from . import dist
 
             state, _ = dist.load(path, model, old_model, optimizer, self.layout.dp_rank)
-        elif full.is_full_checkpoint(path):
+        else:
             state, model_sd, old_sd = full.read(path, optimizer, self.layout.rank, self.layout_key)
             load_full_state(model, model_sd, str(path / full.MODEL_FILES[0]))
             load_full_state(old_model, old_sd, str(path / full.MODEL_FILES[1]))
-        else:
-            raise CheckpointError(f"{path} is neither a full nor a distributed checkpoint")
         return state, path
