@@ -67,22 +67,32 @@ def apply_hyper_parameters(optimizer: torch.optim.Optimizer | DistributedAdamW, 
             group.update(values)
 
 
-def clip_and_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer | DistributedAdamW, max_norm: float, layout: ProcessLayout
-) -> float:
-    """Clips the global gradient norm (0 = no clipping) and steps; returns the norm before clipping.
+def grad_norm(model: nn.Module, layout: ProcessLayout) -> Tensor:
+    """The global gradient norm, a 0-d tensor (no host sync). Under tensor parallelism a split
+    parameter's squares are summed over the group and a replicated one is counted once; pipeline
+    stages add their sums. So it equals the single-process norm."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    split = [p.grad.float().pow(2).sum() for p in params if getattr(p, "tensor_model_parallel", False)]
+    whole = [p.grad.float().pow(2).sum() for p in params if not getattr(p, "tensor_model_parallel", False)]
+    zero = torch.zeros((), device=params[0].device if params else layout.device)
+    split_sq = layout.sum_over("tp", torch.stack(split).sum() if split else zero)
+    return torch.sqrt(layout.sum_over("pp", split_sq + (torch.stack(whole).sum() if whole else 0.0)))
 
-    Under tensor parallelism a split parameter's squares are summed over the group and a replicated
-    one is counted once; pipeline stages add their sums. So the norm (and the clipping) equals the
-    single-process one. megatron's distributed optimizer clips itself, alike."""
+
+def clip_and_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | DistributedAdamW,
+    max_norm: float,
+    layout: ProcessLayout,
+    norm: Tensor | None = None,
+) -> float:
+    """Clips the global gradient norm (0 = no clipping) and steps; returns the norm before clipping
+    (`grad_norm`, unless the caller computed it already). megatron's distributed optimizer computes
+    and clips its own, alike."""
     if isinstance(optimizer, DistributedAdamW):
         return optimizer.step()
     grads = [p for p in model.parameters() if p.grad is not None]
-    split = [p.grad.float().pow(2).sum() for p in grads if getattr(p, "tensor_model_parallel", False)]
-    whole = [p.grad.float().pow(2).sum() for p in grads if not getattr(p, "tensor_model_parallel", False)]
-    split_sq = layout.sum_over("tp", torch.stack(split).sum() if split else torch.zeros(()))
-    total = layout.sum_over("pp", split_sq + (torch.stack(whole).sum() if whole else 0.0))
-    norm = torch.sqrt(total)
+    norm = grad_norm(model, layout) if norm is None else norm
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in grads:
@@ -127,6 +137,10 @@ class DistributedAdamW:
         (self.optimizer,) = chained.chained_optimizers
         self.chained, self.model, self.layout = chained, sync.model, sync.layout
         self.masters = config.params_dtype != torch.float32
+
+    def zero_grad(self) -> None:
+        """Drops the gradients of a step that is not taken."""
+        self.chained.zero_grad()
 
     def step(self) -> float:
         """Clip (0 = no clipping) and step; the gradient norm before clipping. (Without a loss scaler

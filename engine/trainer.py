@@ -31,9 +31,10 @@ from .checkpoint import CheckpointManager, TrainState
 from .data import prompt_features, prompts_for
 from .errors import ConfigError
 from .fields import bounded, choice
+from .guard import NonFiniteError, StepGuard
 from .metrics import MetricsLogger, console, format_line, plot_rewards
 from .noise import rollout_noise, training_noise
-from .optim import apply_hyper_parameters, clip_and_step, make_optimizer
+from .optim import apply_hyper_parameters, clip_and_step, grad_norm, make_optimizer
 from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init_layout, split_batch
 from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy
 from .rewards import Rollout, build_rewards, score_rewards
@@ -56,6 +57,8 @@ class TrainConfig:
     sigma_fraction: float = bounded(1e-6, 1.0, default=0.4)  # 'highest': share of the schedule's steps
     num_sigmas: int = bounded(1, None, default=4)  # 'uniform'/'logit_normal': draws per iteration
     activation_checkpointing: bool = False  # recompute each block in backward (LTX-2 trainer does, for 19B)
+    # Optimizer steps with a non-finite output, loss or gradient that are skipped before the run stops.
+    max_bad_steps: int = bounded(0, None, default=0)
     # Samples per forward/backward (gradient accumulation; the pipeline's microbatches); 0 = a rank's
     # whole share of the mini-batch. It must divide that share.
     micro_batch_size: int = bounded(0, None, default=0)
@@ -193,6 +196,8 @@ class Trainer:
             )
             for k, v in zip(LOSS_KEYS, step_totals):
                 totals[k] += v / len(batches)
+            if norm is None:  # a non-finite step, skipped: nothing moved, so neither does the old policy
+                continue
             norms.append(norm)
             t0 = time.perf_counter()
             with profiling.nvtx_range(profiling.EMA):
@@ -200,7 +205,13 @@ class Trainer:
                 ema_update(self.old_model, self.model, eta)
             t_ema += time.perf_counter() - t0
         totals = {k: self.layout.mean_over("dp", v) for k, v in totals.items()}
-        return {**totals, "grad_norm": sum(norms) / len(norms), "time/ema": t_ema, "train_sigmas": len(sigmas)}
+        return {
+            **totals,
+            "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
+            "bad_steps": self.state.bad_steps,
+            "time/ema": t_ema,
+            "train_sigmas": len(sigmas),
+        }
 
     def train_step(
         self,
@@ -213,11 +224,12 @@ class Trainer:
         r_video: Tensor,
         r_audio: Tensor,
         token_weights: Tensor | None,
-    ) -> tuple[list[float], float]:
+    ) -> tuple[list[float], float | None]:
         """One optimizer step on global mini-batch `batch` (this rank's samples, at rollout positions
         `pos`): the loss is accumulated over the training sigmas and the microbatches (through the
         pipeline when there are stages), gradients are reduced over ranks, clipped, and AdamW steps.
-        Returns the step's loss parts (LOSS_KEYS, on every stage) and the gradient norm."""
+        Returns the step's loss parts (LOSS_KEYS, on every stage) and the gradient norm; None for
+        the norm when a non-finite value skipped the step (engine.guard)."""
         cfg = self.cfg
         on = {"device": self.device, "dtype": self.dtype}
         g = cfg.train.group_size
@@ -236,9 +248,13 @@ class Trainer:
             split = split_batch((xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps), {}, cfg.train.micro_batch_size)
             microbatches += split
             rows += [slice(k * mb.size, (k + 1) * mb.size) for k, mb in enumerate(split)]
+        guard = StepGuard(len(microbatches), self.device)
         with profiling.nvtx_range(profiling.TRAIN_FWD):
             v_old = self.pipeline.forward(self.old_model, microbatches)
             v_ref = self.pipeline.forward(self.ref_model, microbatches) if self.ref_model is not None else None
+        for i, (video, audio) in enumerate(v_old):  # outputs live on the last pipeline stage
+            guard.check("old-policy video output", i, video)
+            guard.check("old-policy audio output", i, audio)
         # Each microbatch's loss is its share of the mean over the batch and the sigmas.
         w = microbatches[0].size / len(pos) / len(sigmas)
 
@@ -255,6 +271,10 @@ class Trainer:
                 kl_weight=cfg.loss.kl_weight,
                 v_ref=None if v_ref is None else v_ref[i],
             )
+            guard.check("policy video output", i, v_theta[0])
+            guard.check("policy audio output", i, v_theta[1])
+            for part, value in zip(LOSS_KEYS[1:], (out.video, out.audio, out.kl)):
+                guard.check(part, i, value)
             # Logged as tensors: a float() here would stall the pipeline on a host sync per microbatch.
             parts = (out.total, out.video, out.audio, out.kl)
             return out.total * w, {k: v.detach() * w for k, v in zip(LOSS_KEYS, parts)}
@@ -266,9 +286,33 @@ class Trainer:
         )
         with profiling.nvtx_range(profiling.OPTIMIZER):
             self.grad_sync.finish()
-            norm = clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip, self.layout)
+            norm = grad_norm(self.model, self.layout)  # under the distributed optimizer: its finiteness only
+            guard.check("gradient", 0, norm)
+            bad = guard.verdict(self.layout)
+            if bad is not None:
+                self.skip_step(iteration, *bad, sigma=float(microbatches[bad[1]].args[2][0]))
+                return step_totals, None
+            norm = clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip, self.layout, norm)
         self.state.step += 1
         return step_totals, norm
+
+    def skip_step(self, iteration: int, site: str, microbatch: int, sigma: float) -> None:
+        """Drops the gradients of a step with a non-finite `site`, counts it, and stops the run once
+        more than `train.max_bad_steps` were skipped (the last checkpoint is from before them)."""
+        where = f"iteration {iteration}"
+        if site == "gradient":
+            names = [n for n, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+            site = f"gradient of {names[0]}" if names else "gradient (on another rank)"
+        else:
+            where += f", training sigma {sigma:.4f} (microbatch {microbatch})"
+        self.optimizer.zero_grad()
+        self.state.bad_steps += 1
+        limit = self.cfg.train.max_bad_steps
+        message = f"non-finite {site} at {where}: the step was not applied ({self.state.bad_steps} skipped"
+        if self.state.bad_steps > limit:
+            raise NonFiniteError(f"{message}, train.max_bad_steps={limit}); the run stops, its checkpoints are intact")
+        if self.layout.is_main:
+            console(f"warning: {message} of at most {limit})")
 
     def iteration(self, iteration: int) -> dict:
         cfg, layout, times = self.cfg, self.layout, {}
@@ -280,6 +324,8 @@ class Trainer:
         with profiling.nvtx_range(profiling.ROLLOUT):
             rollout, ctx, v2a_score = self.rollout(iteration, prompts, local)
         times["time/rollout"] = time.perf_counter() - t0
+        if not (rollout.video.isfinite().all() and rollout.audio.isfinite().all()):  # before a reward is blamed
+            raise NonFiniteError(f"the old policy's rollout at iteration {iteration} has non-finite latents")
 
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.REWARD):

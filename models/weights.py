@@ -59,6 +59,17 @@ def _check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: s
         )
 
 
+def check_finite(state: dict[str, Tensor], source: str) -> None:
+    """Refuses weights holding NaN or infinite entries, naming the tensors (a diverged run's weights
+    must never become anyone's starting point)."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:MAX_LISTED_PROBLEMS]) + (
+            f" and {len(bad) - MAX_LISTED_PROBLEMS} more" if len(bad) > MAX_LISTED_PROBLEMS else ""
+        )
+        raise CheckpointError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}")
+
+
 def check_state(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Raises one CheckpointError naming every missing, unexpected and mis-shaped key."""
     _check_shapes(
@@ -143,6 +154,7 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, layout: Layout
                 local[name] = f.get_slice(key)[sharding.weight_slice(p)]
             else:
                 local[name] = f.get_tensor(key)
+    check_finite(local, str(path))
     model.load_state_dict(local, strict=True)
 
 
@@ -170,6 +182,7 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], source: str = "f
         k: state[k][sharding.weight_slice(params[k])] if sharding.is_split(params.get(k)) else state[k]
         for k in model.state_dict()
     }
+    check_finite(local, source)
     model.load_state_dict(local, strict=True)
 
 

@@ -18,6 +18,7 @@ even a one-process run needs a process group. On hosts without CUDA, megatron's 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 import models
 from models.config import ModelConfig
 from models.layouts import to_layout
-from models.weights import atomic_save_file, check_state, config_metadata
+from models.weights import atomic_save_file, check_finite, check_state, config_metadata
 
 from ..errors import CheckpointError
 from ..optim import MAIN, MOMENTS, DistributedAdamW
@@ -145,7 +146,7 @@ def save(
     _require_process_group(path)
     with atomic_directory(path) as tmp:
         sd = sharded_state(model, old_model, optimizer, dp_rank)
-        sd.update(iteration=state.iteration, step=state.step, config=config)
+        sd.update(**dataclasses.asdict(state), config=config)
         dist_checkpointing.save(sd, str(tmp))
     return path
 
@@ -176,6 +177,7 @@ def load(
         raise CheckpointError(f"{path}: cannot load the distributed checkpoint: {_one_line(e)}") from e
     with torch.no_grad():
         for key, m in zip(MODELS, (model, old_model)):
+            check_finite(loaded[key], f"{path} ({key})")
             m.load_state_dict(loaded[key], strict=True)
     opt, sharded = loaded["optimizer"], isinstance(optimizer, DistributedAdamW)
     groups = 1 if sharded else len(optimizer.param_groups)
@@ -194,7 +196,8 @@ def load(
             group.update(saved)
             for p in group["params"]:
                 optimizer.state[p] = state[names[id(p)]]
-    return TrainState(iteration=loaded["iteration"], step=loaded["step"]), loaded["config"]
+    state = TrainState(iteration=loaded["iteration"], step=loaded["step"], bad_steps=loaded.get("bad_steps", 0))
+    return state, loaded["config"]
 
 
 def _one_line(error: BaseException) -> str:

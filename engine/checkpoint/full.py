@@ -5,6 +5,7 @@ the layout that wrote it. Written as one directory under a temporary name and re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -53,9 +54,7 @@ def save(
                     metadata=meta,
                 )
             (tmp / STATE_FILE).write_text(
-                json.dumps(
-                    {"iteration": state.iteration, "step": state.step, "layout": layout, "config": config}, indent=1
-                )
+                json.dumps({**dataclasses.asdict(state), "layout": layout, "config": config}, indent=1)
             )
     return path
 
@@ -97,4 +96,5 @@ def read(
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    return TrainState(iteration=meta["iteration"], step=meta["step"]), states[0], states[1]
+    state = TrainState(iteration=meta["iteration"], step=meta["step"], bad_steps=meta.get("bad_steps", 0))
+    return state, states[0], states[1]

@@ -9,3 +9,4 @@ from dataclasses import dataclass
 class TrainState:
     iteration: int  # last completed iteration
     step: int  # optimizer steps taken
+    bad_steps: int = 0  # steps skipped for a non-finite value (engine.guard)

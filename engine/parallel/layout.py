@@ -28,7 +28,7 @@ from models import Sharding, Stage
 from ..errors import ConfigError
 from ..fields import bounded
 
-DIMENSIONS = ("tp", "cp", "pp", "dp")
+DIMENSIONS = ("tp", "cp", "pp", "dp", "world")
 
 
 @dataclass
@@ -82,7 +82,8 @@ class ProcessLayout:
         return dist.is_available() and dist.is_initialized()
 
     def group(self, dim: str):
-        """The process group of dimension `dim` (tp, cp, pp or dp); None with one rank in it."""
+        """The process group of dimension `dim` (tp, cp, pp, dp, or world: every rank); None for the
+        default group or one rank alone."""
         if dim not in DIMENSIONS:
             raise ValueError(f"unknown layout dimension {dim!r}; one of {DIMENSIONS}")
         return self.groups.get(dim)
@@ -189,12 +190,14 @@ class ProcessLayout:
             "cp": ps.get_context_parallel_world_size(),
             "pp": ps.get_pipeline_model_parallel_world_size(),
             "dp": ps.get_data_parallel_world_size(),
+            "world": dist.get_world_size(),
         }
         ranks = {
             "tp": ps.get_tensor_model_parallel_rank(),
             "cp": ps.get_context_parallel_rank(),
             "pp": ps.get_pipeline_model_parallel_rank(),
             "dp": ps.get_data_parallel_rank(),
+            "world": dist.get_rank(),
         }
         groups = {
             "tp": ps.get_tensor_model_parallel_group(),

@@ -63,7 +63,8 @@ def test_resume_auto_starts_fresh_then_continues_exactly(two_iterations, tmp_pat
     (third,) = resumed.run()
     assert _without_times(third) == _without_times(straight[2])
     history = [json.loads(line) for line in (run / "config_history.jsonl").read_text().splitlines()]
-    assert history[-1] == {"resumed_from": "iter_000001", "changes": {"iterations": [2, 3]}}
+    changes = {"iterations": [2, 3], "run_dir": [str(root / "run"), str(run)]}
+    assert history[-1] == {"resumed_from": "iter_000001", "changes": changes}
 
 
 def test_resuming_another_model_or_seed_is_refused_with_a_diff(two_iterations):
