@@ -49,6 +49,8 @@ class Config:
     overwrite: bool = False  # a fresh run may delete a previous run in run_dir
     resume_overrides: bool = False  # resume although seed or model changed (engine.run_dir.PROTECTED)
     checkpoint_every: int = bounded(0, None, default=20)  # iterations; 0 = only at the end
+    checkpoint_keep: int = bounded(0, None, default=0)  # keep the last N checkpoints; 0 = all
+    checkpoint_keep_every: int = bounded(0, None, default=0)  # ... and every checkpoint at a multiple of this
     # full: both models whole (official layout) + per-rank optimizer; dist: megatron dist_checkpointing,
     # every rank writes its shards, reshards on load; auto: dist when distributed on CUDA, else full.
     checkpoint_format: str = choice(*CHECKPOINT_FORMATS, default="auto")

@@ -73,8 +73,8 @@ def prepare(config: dict, run_dir: str | Path, checkpoints: CheckpointManager, l
     if layout.is_main:
         check_writable(run_dir)
     barrier()
-    latest = checkpoints.latest()
-    resume = config["resume"] is True or (config["resume"] == "auto" and latest is not None)
+    latest = checkpoints.find_resumable() if config["resume"] in (True, "auto") else None
+    resume = latest is not None
     if config["resume"] is True and latest is None:
         raise CheckpointError(
             f"resume=true but {checkpoints.root} holds no checkpoint (start without --resume, or use resume=auto)"

@@ -37,6 +37,7 @@ from .noise import rollout_noise, training_noise
 from .optim import apply_hyper_parameters, clip_and_step, grad_norm, make_optimizer
 from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init_layout, split_batch
 from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy
+from .preemption import Preemption
 from .rewards import Rollout, build_rewards, score_rewards
 from .sampler import SIGMA_MODES, sample, training_sigmas
 
@@ -73,8 +74,14 @@ class Trainer:
         self.layout = layout or init_layout(cfg.parallel, cfg.model.backend, cfg.model.init_seed)
         self.device = self.layout.device
         self.checkpoints = CheckpointManager(
-            cfg.run_dir, cfg.checkpoint_format, self.layout, cfg.parallel.distributed_optimizer
+            cfg.run_dir,
+            cfg.checkpoint_format,
+            self.layout,
+            cfg.parallel.distributed_optimizer,
+            keep=cfg.checkpoint_keep,
+            keep_every=cfg.checkpoint_keep_every,
         )
+        self.stopped_by: str | None = None  # the signal that ended `run` early (engine.preemption)
         self.resuming = for_training and run_dir.prepare(
             dataclasses.asdict(cfg), cfg.run_dir, self.checkpoints, self.layout
         )
@@ -425,17 +432,23 @@ class Trainer:
             initial=start,
             total=cfg.iterations,
         )
+        preemption = Preemption()
         try:
-            for it in bar:
-                window.step(it)
-                metrics = self.iteration(it)
-                history.append(metrics)
-                if main:
-                    logger.log(metrics)
-                    console(format_line(metrics, self.reward_names))
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-                    self.save()
+            with preemption:
+                for it in bar:
+                    window.step(it)
+                    metrics = self.iteration(it)
+                    history.append(metrics)
+                    if main:
+                        logger.log(metrics)
+                        console(format_line(metrics, self.reward_names))
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    if self.stopped_by is None:
+                        self.stopped_by = preemption.agreed(self.layout)
+                    if self.stopped_by is not None and it + 1 < cfg.iterations:
+                        break  # the checkpoint below
+                    if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+                        self.save()
         finally:
             window.close()
             bar.close()
@@ -445,6 +458,10 @@ class Trainer:
             path = self.save()
             if main:
                 console(f"checkpoint: {path}")
+                if self.stopped_by is not None:
+                    console(
+                        f"stopped by {self.stopped_by} after iteration {self.state.iteration}: continue with --resume"
+                    )
         if main and cfg.log.plot and logger.path.stat().st_size:
             plot_rewards(logger.path, Path(cfg.run_dir) / "rewards.png", self.reward_names)
         return history

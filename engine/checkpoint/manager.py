@@ -5,10 +5,17 @@ Formats (`checkpoint_format`): `full` (engine.checkpoint.full: models whole in t
 optimizer per rank), `dist` (engine.checkpoint.dist: megatron dist_checkpointing, reshards to any
 layout), `auto` (dist when distributed on CUDA or with the distributed optimizer, else full).
 Resume detects the format of the checkpoint it finds.
+
+Every checkpoint carries the sha256 of its files (engine.checkpoint.integrity). Resuming starts from
+the one `latest` names and falls back to the newest older one that verifies, naming what it skipped;
+a damaged `latest` pointer is rebuilt from the directory. `checkpoint_keep` bounds how many are kept.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,12 +24,16 @@ from torch import nn
 from models.weights import gather_full_state, load_full_state
 
 from ..errors import CheckpointError, ConfigError
+from ..metrics import console
 from ..parallel.layout import ProcessLayout
 from . import full
 from .atomic import barrier, write_text_atomic
+from .integrity import verify
 from .state import TrainState
 
 FORMATS = ("auto", "full", "dist")
+CHECKPOINT_NAME = re.compile(r"^iter_(\d{6,})$")
+log = logging.getLogger(__name__)
 
 
 def is_distributed_checkpoint(path: Path) -> bool:
@@ -33,7 +44,15 @@ def is_distributed_checkpoint(path: Path) -> bool:
 class CheckpointManager:
     """Checkpoints of the run in `run_dir`/checkpoints/iter_NNNNNN, the newest named by `latest`."""
 
-    def __init__(self, run_dir: str | Path, fmt: str, layout: ProcessLayout, distributed_optimizer: bool = False):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        fmt: str,
+        layout: ProcessLayout,
+        distributed_optimizer: bool = False,
+        keep: int = 0,
+        keep_every: int = 0,
+    ):
         if fmt not in FORMATS:
             raise ValueError(f"checkpoint_format must be one of {', '.join(FORMATS)}; got {fmt!r}")
         self.root = Path(run_dir) / "checkpoints"
@@ -47,6 +66,8 @@ class CheckpointManager:
                 "do: torchrun --nproc-per-node 1 -m engine.train ...), or use checkpoint_format=full"
             )
         self.format = fmt
+        self.keep, self.keep_every = keep, keep_every
+        self.resume_from: Path | None = None  # set by `find_resumable`
 
     @property
     def layout_key(self) -> dict:
@@ -59,10 +80,59 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         """The checkpoint `latest` names, if it exists."""
         pointer = self.root / "latest"
-        if not pointer.is_file():
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
             return None
-        path = self.root / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        path = self.root / name
+        return path if CHECKPOINT_NAME.match(name) and path.is_dir() else None
+
+    def checkpoints(self) -> list[Path]:
+        """Every checkpoint directory of the run, oldest first (temporary ones aside)."""
+        found = [p for p in self.root.glob("iter_*") if CHECKPOINT_NAME.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def find_resumable(self) -> Path | None:
+        """Collective: the checkpoint a resume continues from (also kept as `resume_from`): the one
+        `latest` names, or else the newest older one whose files verify. Rank 0 reads and checks them,
+        warns about each it skips, rebuilds a damaged pointer, and tells the other ranks."""
+        chosen = None
+        if self.layout.is_main:
+            named = self.latest()
+            older = [p for p in reversed(self.checkpoints()) if named is None or int(p.name[5:]) < int(named.name[5:])]
+            skipped = []
+            for path in [named] * (named is not None) + older:
+                problem = verify(path) if self._is_checkpoint(path) else "incomplete: neither full nor distributed"
+                if problem is None:
+                    chosen = path
+                    break
+                skipped.append(f"{path.name} ({problem})")
+            if skipped:
+                log.warning("skipped damaged checkpoints: %s", "; ".join(skipped))
+                console(f"warning: skipped damaged checkpoints: {'; '.join(skipped)}")
+            if chosen is not None and chosen != named:
+                console(f"warning: `latest` named {named.name if named else 'nothing usable'}; resuming {chosen.name}")
+                write_text_atomic(self.root / "latest", chosen.name)
+        name = self.layout.from_first_rank(None if chosen is None else chosen.name)
+        self.resume_from = None if name is None else self.root / name
+        return self.resume_from
+
+    @staticmethod
+    def _is_checkpoint(path: Path) -> bool:
+        return is_distributed_checkpoint(path) or full.is_full_checkpoint(path)
+
+    def prune(self, saved: Path) -> None:
+        """Rank 0 deletes the checkpoints `checkpoint_keep` (the last N, plus every
+        `checkpoint_keep_every`-th iteration) does not keep; never `saved`."""
+        if not self.keep or not self.layout.is_main:
+            return
+        ours = self.checkpoints()
+        keep = set(ours[-self.keep :]) | {saved}
+        if self.keep_every:
+            keep |= {p for p in ours if (int(p.name[5:]) + 1) % self.keep_every == 0}
+        for path in ours:
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def point_latest(self, path: Path) -> None:
         """Makes `path` the checkpoint that `resume` continues from (rank 0 writes the pointer)."""
@@ -82,6 +152,7 @@ class CheckpointManager:
             models_state = (gather_full_state(model), gather_full_state(old_model))
             full.save(path, state, models_state, model.config, optimizer, config, self.layout.rank, self.layout_key)
         self.point_latest(path)
+        self.prune(path)
         return path
 
     def format_of(self, path: Path) -> str:
@@ -106,8 +177,8 @@ class CheckpointManager:
         return full.read_run_config(path)
 
     def resume(self, model: nn.Module, old_model: nn.Module, optimizer) -> tuple[TrainState, Path]:
-        """Restores both models and the optimizer from the latest checkpoint, whatever its format."""
-        path = self.latest()
+        """Restores both models and the optimizer from `find_resumable`'s checkpoint, whatever its format."""
+        path = self.resume_from or self.find_resumable()
         if path is None:
             raise CheckpointError(f"resume=true but {self.root} holds no checkpoint (start without --resume)")
         if self.format_of(path) == "dist":

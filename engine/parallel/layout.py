@@ -141,6 +141,14 @@ class ProcessLayout:
         if self.sizes[dim] > 1:
             dist.reduce(x, dst=dist.get_global_rank(self.group(dim), 0), group=self.group(dim))
 
+    def from_first_rank(self, value: object) -> object:
+        """Global rank 0's `value` (any picklable object) on every rank."""
+        if self.sizes["world"] == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def from_last_stage(self, values: list[float]) -> list[float]:
         """Values computed on the last pipeline stage (the loss), on every stage."""
         if self.pp == 1:

@@ -9,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 import models
+from engine.checkpoint.integrity import write_manifest
 from engine.cli import main
 
 SMALL = [
@@ -79,14 +80,17 @@ def test_convert_of_a_directory_that_is_no_checkpoint(tmp_path, capsys):
 
 
 def test_resume_in_another_layout_is_one_line(trained, tmp_path, capsys):
-    state = trained / "checkpoints" / "iter_000000" / "trainer_state.json"
+    ckpt = trained / "checkpoints" / "iter_000000"
+    state = ckpt / "trainer_state.json"
     meta = json.loads(state.read_text())
     saved = state.read_text()
-    try:
+    try:  # as written by a TP=2 x DP=2 run (with its checksums: not a damaged checkpoint)
         state.write_text(json.dumps({**meta, "layout": {"tp": 2, "pp": 1, "dp": 2}}))
+        write_manifest(ckpt)
         assert main(["train", "--resume", "iterations=2", f"run_dir={trained}", *SMALL]) == 2
     finally:
         state.write_text(saved)
+        write_manifest(ckpt)
     _one_line_error(capsys, "was written with layout", "checkpoint_format=dist")
 
 
