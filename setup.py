@@ -25,7 +25,9 @@ setup(
         # `pip install --no-deps --ignore-requires-python megatron-core==0.19.2` (README); psutil is its
         # undeclared need. triton 3.7.1 runs the kernels under TRITON_INTERPRET=1 with numpy 2.4.
         # ruff: format and lint checks of the test command (configured in pyproject.toml).
-        "test": ["pytest>=8", "diffusers==0.42.1", "psutil", "triton==3.7.1", "ruff==0.17.5"],
+        # wandb: log.wandb=true, tested offline.
+        "test": ["pytest>=8", "diffusers==0.42.1", "psutil", "triton==3.7.1", "ruff==0.17.5", "wandb==0.31.0"],
+        "wandb": ["wandb"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["omninft = engine.cli:main"]},

@@ -36,6 +36,7 @@ from .parallel import ParallelConfig
 from .policy import EMAConfig, PolicyConfig
 from .profiling import ProfileConfig
 from .rewards import LATENT_REWARDS, RewardSpec, build_rewards
+from .rewards.base import check_video_grid
 from .sampler import SamplerConfig
 from .trainer import TrainConfig
 
@@ -225,6 +226,7 @@ def _validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"{e} (model.preset={cfg.model.preset!r})") from e
     build_rewards(cfg.rewards)
+    check_video_grid(cfg.rewards, cfg.task.video_grid)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .fields import choice
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,14 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     plot: bool = True
+    # Weights & Biases (pip install wandb): offline by default, into run_dir/wandb (`wandb sync` uploads it).
+    wandb: bool = False
+    wandb_project: str = "omninft"
+    wandb_mode: str = choice("offline", "online", default="offline")
+
+    def __post_init__(self) -> None:
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("log.wandb=true needs the wandb package (pip install wandb), which is not installed")
 
 
 class MetricsLogger:
@@ -28,7 +39,9 @@ class MetricsLogger:
     last line cut short by a crash mid-write), and TensorBoard purges the steps past it, so both read
     as if the run had never stopped."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool, resume_after: int | None = None):
+    def __init__(
+        self, run_dir: str | Path, log: LogConfig, resume_after: int | None = None, config: dict | None = None
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after is None:
@@ -36,8 +49,10 @@ class MetricsLogger:
         elif self.path.exists():
             kept = [row for row in read_metrics(self.path) if row["iteration"] <= resume_after]
             self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        self.writer = None
-        if tensorboard:
+        self.writer = self.wandb = None
+        if log.wandb:
+            self.wandb = _wandb_run(Path(run_dir), log, config or {})
+        if log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             purge = None if resume_after is None else resume_after + 1
@@ -46,6 +61,8 @@ class MetricsLogger:
     def log(self, metrics: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if k != "iteration"}, step=metrics["iteration"])
         if self.writer is not None:
             for key, value in metrics.items():
                 if key != "iteration" and isinstance(value, (int, float)):
@@ -55,6 +72,19 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_run(run_dir: Path, log: LogConfig, config: dict):
+    """The W&B run of `run_dir`: its id is kept in run_dir/wandb_id, so a resumed run continues it."""
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    if not id_file.is_file():
+        id_file.write_text(uuid.uuid4().hex[:12])
+    return wandb.init(project=log.wandb_project, name=run_dir.name, dir=str(run_dir), mode=log.wandb_mode,
+                      id=id_file.read_text().strip(), resume="allow", config=config)  # fmt: skip
 
 
 def format_line(m: dict, reward_names: list[str]) -> str:

@@ -12,15 +12,17 @@ plain AdamW on bf16 parameters does not have.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .fields import bounded
+from .fields import bounded, choice
 from .parallel.grads import GradSync, MegatronGradSync
 from .parallel.layout import ProcessLayout
 
+SCHEDULES = ("constant", "linear", "cosine")
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter tensors, shaped and split like the parameter
 MAIN = "main_param"  # the distributed optimizer's fp32 copy of a bf16/fp16 parameter
 
@@ -35,6 +37,31 @@ class OptimConfig:
     beta2: float = bounded(0.0, 0.999999, default=0.999)
     eps: float = bounded(0.0, None, default=1e-8)
     grad_clip: float = bounded(0.0, None, default=1.0)
+    # Learning rate over the run's optimizer steps: `warmup_steps` linear from lr/warmup_steps to lr, then
+    # constant, or decayed to 0 at the last step (linear or cosine). A function of the step count, which
+    # checkpoints keep, so a resumed run continues the schedule exactly.
+    schedule: str = choice(*SCHEDULES, default="constant")
+    warmup_steps: int = bounded(0, None, default=0)
+
+
+def scheduled_lr(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step + 1 - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))  # 1 at the last
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer | DistributedAdamW, lr: float) -> None:
+    if isinstance(optimizer, DistributedAdamW):
+        optimizer.set_hyper_parameters({"lr": lr})
+    else:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
 
 def build_optimizer(

@@ -34,7 +34,7 @@ from .fields import bounded, choice
 from .guard import NonFiniteError, StepGuard
 from .metrics import MetricsLogger, console, format_line, plot_rewards
 from .noise import rollout_noise, training_noise
-from .optim import apply_hyper_parameters, clip_and_step, grad_norm, make_optimizer
+from .optim import apply_hyper_parameters, clip_and_step, grad_norm, make_optimizer, scheduled_lr, set_lr
 from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init_layout, split_batch
 from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy
 from .preemption import Preemption
@@ -107,6 +107,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.model.dtype]
         self.pipeline = Pipeline(self.layout, lambda: autocast(cfg.model, self.device))
         m, n = cfg.train.micro_batch_size, cfg.train.prompts_per_iteration * cfg.train.group_size
+        self.total_steps = cfg.iterations * -(-n // cfg.train.batch_size)  # one per global mini-batch
         shares = {len(b) for b in self.layout.local_indices(n, cfg.train.batch_size)}
         if m and any(share % m for share in shares):
             raise ConfigError(
@@ -216,6 +217,7 @@ class Trainer:
             **totals,
             "grad_norm": sum(norms) / len(norms) if norms else float("nan"),
             "bad_steps": self.state.bad_steps,
+            "lr": scheduled_lr(cfg.optim, max(0, self.state.step - 1), self.total_steps),  # the last step's
             "time/ema": t_ema,
             "train_sigmas": len(sigmas),
         }
@@ -299,6 +301,7 @@ class Trainer:
             if bad is not None:
                 self.skip_step(iteration, *bad, sigma=float(microbatches[bad[1]].args[2][0]))
                 return step_totals, None
+            set_lr(self.optimizer, scheduled_lr(cfg.optim, self.state.step, self.total_steps))
             norm = clip_and_step(self.model, self.optimizer, cfg.optim.grad_clip, self.layout, norm)
         self.state.step += 1
         return step_totals, norm
@@ -417,7 +420,9 @@ class Trainer:
         if self.resuming:
             self.resume()
         logger = (
-            MetricsLogger(cfg.run_dir, cfg.log.tensorboard, self.state.iteration if self.resuming else None)
+            MetricsLogger(
+                cfg.run_dir, cfg.log, self.state.iteration if self.resuming else None, dataclasses.asdict(cfg)
+            )
             if main
             else None
         )

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..fields import bounded, choice
 
 REWEIGHT_MODES = ("minmax", "zscore_sigmoid", "off")
+REFERENCE_STEPS = 20  # the authors' rollout length, the scale `first_step`/`last_step` are stated on
 
 
 @dataclass
@@ -32,8 +33,8 @@ class ReweightConfig:
     lam: float = bounded(1.0, None, default=1.5)
     warmup_steps: int = bounded(0, None, default=400)
     first_deep_block: int = bounded(0, REFERENCE_DEPTH - 1, default=10)
-    first_step: int = bounded(0, None, default=10)  # steps 10-18 of a 20-step schedule, rescaled
-    last_step: int = bounded(0, None, default=18)
+    first_step: int = bounded(0, REFERENCE_STEPS - 1, default=10)  # steps 10-18 of a 20-step schedule, rescaled
+    last_step: int = bounded(0, REFERENCE_STEPS - 1, default=18)
 
     def __post_init__(self) -> None:
         if self.last_step < self.first_step:
@@ -52,7 +53,9 @@ def reference_blocks(num_layers: int, first_deep_block: int = 10) -> list[int]:
     return [l for l in range(num_layers) if reference_block(l, num_layers) >= first_deep_block]
 
 
-def reference_steps(num_steps: int, first: int = 10, last: int = 18, reference_steps: int = 20) -> list[int]:
+def reference_steps(
+    num_steps: int, first: int = 10, last: int = 18, reference_steps: int = REFERENCE_STEPS
+) -> list[int]:
     """Sampling steps whose attention mass is recorded (authors: steps 10-18 of 20).
 
     Late steps are used because the layout is settled by then. Step i of num_steps maps to step

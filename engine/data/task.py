@@ -33,8 +33,6 @@ class TaskConfig:
             raise ConfigError(
                 f"task.video_grid must be three positive integers [frames, height, width]; got {self.video_grid}"
             )
-        if self.video_grid[0] < 3:
-            raise ConfigError("task.video_grid needs at least 3 latent frames (av_sync correlates motion over time)")
         if not self.prompts:
             raise ConfigError("task.prompts must hold at least one prompt")
 

@@ -74,6 +74,8 @@ class Reward(abc.ABC):
 
     name: str
     modality: str
+    # The smallest latent grid (frames, height, width) the reward can score: checked when the config is read.
+    min_video_grid: tuple[int, int, int] = (1, 1, 1)
 
     def __init__(self, weight: float = 1.0) -> None:
         if self.modality not in MODALITIES:
@@ -105,6 +107,17 @@ def register(cls: type[Reward]) -> type[Reward]:
     """Class decorator: makes a reward buildable from a config entry by its `name`."""
     REGISTRY[cls.name] = cls
     return cls
+
+
+def check_video_grid(specs: Sequence[RewardSpec], grid: Sequence[int]) -> None:
+    """ConfigError naming the first reward of `specs` that cannot score latents of `grid` (F, H, W)."""
+    for i, spec in enumerate(specs):
+        need = REGISTRY[spec.name].min_video_grid
+        if any(g < n for g, n in zip(grid, need)):
+            raise ConfigError(
+                f"rewards[{i}]: {spec.name} needs task.video_grid of at least {list(need)} (latent frames, rows, "
+                f"columns); got {list(grid)}"
+            )
 
 
 def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:

@@ -48,6 +48,7 @@ class VideoSharpness(Reward):
 
     name = "video_sharpness"
     modality = "video"
+    min_video_grid = (1, 2, 2)
 
     def score(self, rollout: Rollout) -> Tensor:
         _, h, w = rollout.video_grid
@@ -94,6 +95,7 @@ class AVSync(Reward):
 
     name = "av_sync"
     modality = "av"
+    min_video_grid = (3, 1, 1)  # two motion points at least: one correlation
 
     def score(self, rollout: Rollout) -> Tensor:
         num_frames = rollout.video_grid[0]
