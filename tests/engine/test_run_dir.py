@@ -75,6 +75,9 @@ def test_resuming_another_model_or_seed_is_refused_with_a_diff(two_iterations):
         Trainer(_cfg(root / "run", "iterations=2", "resume=true", "seed=1"))
     with pytest.raises(ConfigError, match="model.init_seed: 0 -> 5"):
         Trainer(_cfg(root / "run", "iterations=2", "resume=true", "model.init_seed=5"))
+    # Refused before the model is built: building a 19B on this machine would not end well.
+    with pytest.raises(ConfigError, match="another model.preset .*'tiny' -> 'ltx2-19b'"):
+        Trainer(_cfg(root / "run", "iterations=2", "resume=true", "model.preset=ltx2-19b"))
     assert Trainer(_cfg(root / "run", "iterations=2", "resume=true", "seed=1", "resume_overrides=true")).resuming
 
 
