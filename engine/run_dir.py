@@ -53,8 +53,8 @@ def check_writable(run_dir: Path) -> None:
 
 
 def previous_run(run_dir: Path, checkpoints: CheckpointManager) -> list[str]:
-    """What a run left in `run_dir`: its checkpoints and a non-empty metrics log."""
-    found = [p.name for p in sorted(checkpoints.root.glob("iter_*")) if p.is_dir()][-1:]
+    """What a run left in `run_dir`: its newest checkpoint and a non-empty metrics log."""
+    found = [p.name for p in checkpoints.checkpoints()][-1:]
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         found.append(metrics.name)
@@ -65,10 +65,11 @@ def prepare(config: dict, run_dir: str | Path, checkpoints: CheckpointManager, l
     """Collective: checks `run_dir` for the run `config` describes (the config as a dict); returns
     whether the run resumes from its latest checkpoint.
 
-    resume=true needs a checkpoint; resume=auto resumes when there is one (the command a SLURM requeue
-    repeats); a fresh run into a run_dir with a previous run's checkpoints or metrics is refused unless
-    overwrite=true, which removes them. On resume, a change of `PROTECTED` keys is refused unless
-    resume_overrides=true; every change is printed and appended to config_history.jsonl."""
+    resume=true needs a checkpoint; resume=auto resumes when there is one that verifies and starts
+    afresh when there is none (the command a SLURM requeue repeats); a fresh run into a run_dir with a
+    previous run's checkpoints or metrics is refused unless overwrite=true, which removes them. On
+    resume, a change of `PROTECTED` keys is refused unless resume_overrides=true; every change is
+    printed and appended to config_history.jsonl."""
     run_dir = Path(run_dir)
     if layout.is_main:
         check_writable(run_dir)
@@ -81,6 +82,8 @@ def prepare(config: dict, run_dir: str | Path, checkpoints: CheckpointManager, l
         )
     if not resume:
         found = previous_run(run_dir, checkpoints)
+        if config["resume"] == "auto" and not checkpoints.checkpoints():
+            found = []  # a run that never reached a checkpoint: resume=auto starts it again
         if found and not config["overwrite"]:
             raise ConfigError(
                 f"run_dir {run_dir} already holds a run ({', '.join(found)}): continue it with --resume (or "

@@ -73,6 +73,14 @@ class Trainer:
         self.cfg = cfg
         self.layout = layout or init_layout(cfg.parallel, cfg.model.backend, cfg.model.init_seed)
         self.device = self.layout.device
+        m, n = cfg.train.micro_batch_size, cfg.train.prompts_per_iteration * cfg.train.group_size
+        shares = {len(b) for b in self.layout.local_indices(n, cfg.train.batch_size)}  # checks DP sharing too
+        if m and any(share % m for share in shares):
+            raise ConfigError(
+                f"train.micro_batch_size={m} must divide each rank's share of a mini-batch "
+                f"({', '.join(map(str, sorted(shares)))} samples here)"
+            )
+        self.total_steps = cfg.iterations * -(-n // cfg.train.batch_size)  # one per global mini-batch
         self.checkpoints = CheckpointManager(
             cfg.run_dir,
             cfg.checkpoint_format,
@@ -106,14 +114,6 @@ class Trainer:
         self.state = TrainState(iteration=-1, step=0)
         self.dtype = DTYPES[cfg.model.dtype]
         self.pipeline = Pipeline(self.layout, lambda: autocast(cfg.model, self.device))
-        m, n = cfg.train.micro_batch_size, cfg.train.prompts_per_iteration * cfg.train.group_size
-        self.total_steps = cfg.iterations * -(-n // cfg.train.batch_size)  # one per global mini-batch
-        shares = {len(b) for b in self.layout.local_indices(n, cfg.train.batch_size)}
-        if m and any(share % m for share in shares):
-            raise ConfigError(
-                f"train.micro_batch_size={m} must divide each rank's share of a mini-batch "
-                f"({', '.join(map(str, sorted(shares)))} samples here)"
-            )
 
     # ---- one iteration, phase by phase -------------------------------------------------------------
     def prompts_for(self, iteration: int) -> list[str]:

@@ -57,6 +57,8 @@ def test_resume_auto_starts_fresh_then_continues_exactly(two_iterations, tmp_pat
     root, straight = two_iterations
     fresh = Trainer(_cfg(tmp_path / "fresh", "iterations=1", "resume=auto"))
     assert not fresh.resuming
+    (tmp_path / "fresh" / "metrics.jsonl").write_text('{"iteration": 0}\n')  # died before its first checkpoint
+    assert not Trainer(_cfg(tmp_path / "fresh", "iterations=1", "resume=auto")).resuming
     run = shutil.copytree(root / "run", tmp_path / "run")
     resumed = Trainer(_cfg(run, "iterations=3", "resume=auto"))
     assert resumed.resuming
