@@ -30,6 +30,19 @@ TASK = [
 ]
 
 
+# The single-process tests' task: one optimizer step per iteration on 6 samples, no logs but metrics.
+SMALL = ["train.prompts_per_iteration=2", "train.group_size=3", "train.batch_size=6", "sampler.steps=4",
+         "task.video_grid=[3,2,2]", "log.tensorboard=false", "log.progress=false", "log.plot=false",
+         "reweight.warmup_steps=0", "checkpoint_every=0"]  # fmt: skip
+
+
+def small_config(run_dir, *overrides: str):
+    """The SMALL task in `run_dir`, with `overrides` (key=value) applied last."""
+    from engine.config import load_config
+
+    return load_config(None, [*SMALL, f"run_dir={run_dir}", *overrides])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

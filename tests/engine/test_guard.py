@@ -7,15 +7,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.checkpoint.integrity import write_manifest
 from engine.cli import main
 from engine.config import load_config
 from engine.errors import CheckpointError
 from engine.guard import NonFiniteError
 from engine.trainer import Trainer
+from tests.helpers import SMALL
 
-SMALL = ["train.prompts_per_iteration=2", "train.group_size=3", "train.batch_size=6", "sampler.steps=4",
-         "task.video_grid=[3,2,2]", "log.tensorboard=false", "log.progress=false", "log.plot=false",
-         "reweight.warmup_steps=0", "checkpoint_every=0"]  # fmt: skip
 NAN = float("nan")
 
 
@@ -111,6 +110,7 @@ def test_weights_holding_nan_are_refused_at_load(tmp_path, capsys):
     state = load_file(weights)
     state["model.diffusion_model.proj_out.bias"][3] = float("inf")
     save_file(state, weights)
+    write_manifest(weights.parent)  # saved so (not damaged on disk): its checksums match
     with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or inf\) in 1 tensor\(s\): proj_out.bias"):
         Trainer(load_config(None, [*SMALL, f"run_dir={tmp_path / 'run'}", "iterations=2", "resume=true"])).resume()
     assert main(["train", *SMALL, f"run_dir={tmp_path / 'fresh'}", f"model.init={weights}"]) == 2

@@ -10,10 +10,9 @@ import pytest
 from engine.config import load_config
 from engine.errors import ConfigError
 from engine.trainer import Trainer
+from tests.helpers import SMALL
 
-SMALL = ["train.prompts_per_iteration=2", "train.group_size=3", "train.batch_size=6", "sampler.steps=4",
-         "task.video_grid=[3,2,2]", "log.tensorboard=false", "log.progress=false", "log.plot=false",
-         "checkpoint_every=0", "log.wandb=true"]  # fmt: skip
+SMALL = [*SMALL, "log.wandb=true"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (test extra)")

@@ -13,10 +13,9 @@ from engine.config import load_config
 from engine.errors import CheckpointError
 from engine.metrics import read_metrics
 from engine.trainer import Trainer
+from tests.helpers import SMALL
 
-SMALL = ["train.prompts_per_iteration=2", "train.group_size=3", "train.batch_size=6", "sampler.steps=4",
-         "task.video_grid=[3,2,2]", "log.tensorboard=false", "log.progress=false", "log.plot=false",
-         "reweight.warmup_steps=0", "checkpoint_every=1"]  # fmt: skip
+SMALL = [*SMALL, "checkpoint_every=1"]
 
 
 def _cfg(run_dir, *extra):
