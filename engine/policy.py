@@ -80,7 +80,8 @@ def build_policy(cfg: PolicyConfig, layout: ProcessLayout, sequence_parallel: bo
         backend=layer_backend(cfg, layout.sharding(sequence_parallel)),
     )
     if cfg.init is not None:
-        models.load_model_weights(model, cfg.init)
+        with layout.collectively(f"loading model.init {cfg.init}"):  # each rank checks only its share
+            models.load_model_weights(model, cfg.init)
     else:
         torch.manual_seed(cfg.init_seed)
         load_full_state(model, models.build_model(cfg.preset).state_dict())

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 from .checkpoint import CheckpointManager
-from .checkpoint.atomic import barrier
 from .errors import CheckpointError, ConfigError
 from .metrics import console
 from .parallel import ProcessLayout
@@ -61,6 +60,18 @@ def previous_run(run_dir: Path, checkpoints: CheckpointManager) -> list[str]:
     return found
 
 
+def _clear(run_dir: Path, checkpoints: CheckpointManager) -> None:
+    """Deletes what a previous run left in `run_dir` (its checkpoints and RUN_FILES)."""
+    try:
+        shutil.rmtree(checkpoints.root, ignore_errors=True)
+        for name in RUN_FILES:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir: cannot clear {run_dir} ({e.strerror or e})") from e
+    check_writable(run_dir)
+
+
 def prepare(config: dict, run_dir: str | Path, checkpoints: CheckpointManager, layout: ProcessLayout) -> bool:
     """Collective: checks `run_dir` for the run `config` describes (the config as a dict); returns
     whether the run resumes from its latest checkpoint.
@@ -71,31 +82,29 @@ def prepare(config: dict, run_dir: str | Path, checkpoints: CheckpointManager, l
     resume, a change of `PROTECTED` keys is refused unless resume_overrides=true; every change is
     printed and appended to config_history.jsonl."""
     run_dir = Path(run_dir)
-    if layout.is_main:
-        check_writable(run_dir)
-    barrier()
+    with layout.collectively(f"checking run_dir {run_dir}"):
+        if layout.is_main:
+            check_writable(run_dir)
     latest = checkpoints.find_resumable() if config["resume"] in (True, "auto") else None
-    resume = latest is not None
+    damaged = f" (all damaged: {'; '.join(checkpoints.skipped)})" if checkpoints.skipped else ""
     if config["resume"] is True and latest is None:
         raise CheckpointError(
-            f"resume=true but {checkpoints.root} holds no checkpoint (start without --resume, or use resume=auto)"
+            f"resume=true but {checkpoints.root} holds no checkpoint that can be resumed{damaged}; start without "
+            f"--resume" + (", with overwrite=true to delete them" if damaged else "")
         )
-    if not resume:
+    if latest is None:
         found = previous_run(run_dir, checkpoints)
-        if config["resume"] == "auto" and not checkpoints.checkpoints():
-            found = []  # a run that never reached a checkpoint: resume=auto starts it again
-        if found and not config["overwrite"]:
+        restart = config["resume"] == "auto" and not checkpoints.checkpoints()  # died before a first checkpoint
+        if found and not (config["overwrite"] or restart):
+            advice = "" if damaged else "continue it with --resume (or resume=auto), or "
             raise ConfigError(
-                f"run_dir {run_dir} already holds a run ({', '.join(found)}): continue it with --resume (or "
-                f"resume=auto), or start over with overwrite=true, which deletes it"
+                f"run_dir {run_dir} already holds a run ({', '.join(found)}){damaged}: {advice}start over with "
+                f"overwrite=true, which deletes it"
             )
-        if found and layout.is_main:
-            shutil.rmtree(checkpoints.root)
-            for name in RUN_FILES:
-                path = run_dir / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            check_writable(run_dir)
-        barrier()
+        if found:
+            with layout.collectively(f"clearing run_dir {run_dir}"):
+                if layout.is_main:
+                    _clear(run_dir, checkpoints)
         return False
     diff = config_diff(checkpoints.stored_config(latest), config)
     diff = {k: v for k, v in diff.items() if k not in ("resume", "overwrite", "resume_overrides")}

@@ -334,7 +334,8 @@ class Trainer:
         with profiling.nvtx_range(profiling.ROLLOUT):
             rollout, ctx, v2a_score = self.rollout(iteration, prompts, local)
         times["time/rollout"] = time.perf_counter() - t0
-        if not (rollout.video.isfinite().all() and rollout.audio.isfinite().all()):  # before a reward is blamed
+        broken = not (rollout.video.isfinite().all() and rollout.audio.isfinite().all())
+        if layout.max_over("world", float(broken)):  # every rank stops, before a reward is blamed
             raise NonFiniteError(f"the old policy's rollout at iteration {iteration} has non-finite latents")
 
         t = time.perf_counter()
@@ -437,9 +438,8 @@ class Trainer:
             initial=start,
             total=cfg.iterations,
         )
-        preemption = Preemption()
-        try:
-            with preemption:
+        with Preemption() as preemption:  # held through the last checkpoint too
+            try:
                 for it in bar:
                     window.step(it)
                     metrics = self.iteration(it)
@@ -448,25 +448,23 @@ class Trainer:
                         logger.log(metrics)
                         console(format_line(metrics, self.reward_names))
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                    if self.stopped_by is None:
-                        self.stopped_by = preemption.agreed(self.layout)
+                    self.stopped_by = self.stopped_by or preemption.agreed(self.layout)
                     if self.stopped_by is not None and it + 1 < cfg.iterations:
                         break  # the checkpoint below
                     if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
                         self.save()
-        finally:
-            window.close()
-            bar.close()
-            if logger is not None:
-                logger.close()
-        if history:
-            path = self.save()
-            if main:
-                console(f"checkpoint: {path}")
-                if self.stopped_by is not None:
-                    console(
-                        f"stopped by {self.stopped_by} after iteration {self.state.iteration}: continue with --resume"
-                    )
+            finally:
+                window.close()
+                bar.close()
+                if logger is not None:
+                    logger.close()
+            if history:
+                path = self.save()
+                if main:
+                    console(f"checkpoint: {path}")
+                    if self.stopped_by is not None:
+                        it = self.state.iteration
+                        console(f"stopped by {self.stopped_by} after iteration {it}: continue with --resume")
         if main and cfg.log.plot and logger.path.stat().st_size:
             plot_rewards(logger.path, Path(cfg.run_dir) / "rewards.png", self.reward_names)
         return history

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch.distributed as dist
@@ -23,10 +23,10 @@ def _is_writer() -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: Path, finalize: Callable[[Path], None] | None = None) -> Iterator[Path]:
+def atomic_directory(final: Path) -> Iterator[Path]:
     """Collective: every rank writes its files into the yielded temporary directory beside `final`;
-    once all have, rank 0 runs `finalize` on it (the checksums) and renames it to `final` (replacing
-    an older one). On an error the temporary directory is removed and `final` is left as it was."""
+    once all have, rank 0 renames it to `final` (replacing an older one). On an error the temporary
+    directory is removed and `final` is left as it was."""
     final = Path(final)
     tmp = final.parent / f".{final.name}.tmp"
     writer = _is_writer()
@@ -38,8 +38,6 @@ def atomic_directory(final: Path, finalize: Callable[[Path], None] | None = None
         yield tmp
         barrier()
         if writer:
-            if finalize is not None:
-                finalize(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

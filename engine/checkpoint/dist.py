@@ -36,7 +36,6 @@ from models.weights import atomic_save_file, check_finite, check_state, config_m
 from ..errors import CheckpointError
 from ..optim import MAIN, MOMENTS, DistributedAdamW
 from .atomic import atomic_directory
-from .integrity import write_manifest
 from .state import TrainState
 
 MODELS = ("model", "old_model")
@@ -145,7 +144,7 @@ def save(
     """Collective (every rank calls it, with the same `state` and `config`): writes the directory `path`."""
     path = Path(path)
     _require_process_group(path)
-    with atomic_directory(path, finalize=write_manifest) as tmp:
+    with atomic_directory(path) as tmp:
         sd = sharded_state(model, old_model, optimizer, dp_rank)
         sd.update(**dataclasses.asdict(state), config=config)
         dist_checkpointing.save(sd, str(tmp))

@@ -21,7 +21,6 @@ from models.weights import config_metadata
 
 from ..errors import CheckpointError
 from .atomic import atomic_directory
-from .integrity import write_manifest
 from .state import TrainState
 
 MODEL_FILES = ("model.safetensors", "old_model.safetensors")
@@ -40,7 +39,7 @@ def save(
 ) -> Path:
     """Collective: every rank calls it with the gathered (full) model and old-model state dicts and
     writes its optimizer and RNG state; rank 0 writes the models and the counters."""
-    with atomic_directory(path, finalize=write_manifest) as tmp:
+    with atomic_directory(path) as tmp:
         torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{rank}.pt")
         torch.save(
             {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},

@@ -27,8 +27,8 @@ from ..errors import CheckpointError, ConfigError
 from ..metrics import console
 from ..parallel.layout import ProcessLayout
 from . import full
-from .atomic import barrier, write_text_atomic
-from .integrity import verify
+from .atomic import write_text_atomic
+from .integrity import verify, write_manifest
 from .state import TrainState
 
 FORMATS = ("auto", "full", "dist")
@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 def is_distributed_checkpoint(path: Path) -> bool:
     """megatron dist_checkpointing directories carry its metadata.json."""
     return (Path(path) / "metadata.json").is_file()
+
+
+def _number(path: Path) -> int:
+    """The iteration of checkpoint directory iter_NNNNNN."""
+    return int(path.name[5:])
 
 
 class CheckpointManager:
@@ -57,9 +62,8 @@ class CheckpointManager:
             raise ValueError(f"checkpoint_format must be one of {', '.join(FORMATS)}; got {fmt!r}")
         self.root = Path(run_dir) / "checkpoints"
         self.layout = layout
-        sharded = distributed_optimizer
         if fmt == "auto":
-            fmt = "dist" if layout.distributed and (torch.cuda.is_available() or sharded) else "full"
+            fmt = "dist" if layout.distributed and (torch.cuda.is_available() or distributed_optimizer) else "full"
         if fmt == "dist" and not layout.distributed:
             raise ConfigError(
                 "checkpoint_format=dist writes through torch.distributed: run under torchrun (one process will "
@@ -67,7 +71,8 @@ class CheckpointManager:
             )
         self.format = fmt
         self.keep, self.keep_every = keep, keep_every
-        self.resume_from: Path | None = None  # set by `find_resumable`
+        self.resume_from: Path | None = None  # set by `find_resumable` ...
+        self.skipped: list[str] = []  # ... with the damaged checkpoints it passed over
 
     @property
     def layout_key(self) -> dict:
@@ -90,55 +95,62 @@ class CheckpointManager:
     def checkpoints(self) -> list[Path]:
         """Every checkpoint directory of the run, oldest first (temporary ones aside)."""
         found = [p for p in self.root.glob("iter_*") if CHECKPOINT_NAME.match(p.name) and p.is_dir()]
-        return sorted(found, key=lambda p: int(p.name[5:]))
+        return sorted(found, key=_number)
 
     def find_resumable(self) -> Path | None:
         """Collective: the checkpoint a resume continues from (also kept as `resume_from`): the one
-        `latest` names, or else the newest older one whose files verify. Rank 0 reads and checks them,
-        warns about each it skips, rebuilds a damaged pointer, and tells the other ranks."""
-        chosen = None
-        if self.layout.is_main:
-            named = self.latest()
-            older = [p for p in reversed(self.checkpoints()) if named is None or int(p.name[5:]) < int(named.name[5:])]
-            skipped = []
-            for path in [named] * (named is not None) + older:
-                problem = verify(path) if self._is_checkpoint(path) else "incomplete: neither full nor distributed"
-                if problem is None:
-                    chosen = path
-                    break
-                skipped.append(f"{path.name} ({problem})")
-            if skipped:
-                log.warning("skipped damaged checkpoints: %s", "; ".join(skipped))
-                console(f"warning: skipped damaged checkpoints: {'; '.join(skipped)}")
-            if chosen is not None and chosen != named:
+        `latest` names, or else the newest older one whose files verify. Warns about each it skips
+        (kept in `skipped`) and rebuilds a damaged pointer."""
+
+        def order() -> list[tuple[str, bool]]:
+            named, ours = self.latest(), self.checkpoints()
+            older = [p for p in reversed(ours) if named is None or _number(p) < _number(named)]
+            return [(p.name, self._is_checkpoint(p)) for p in [named] * (named is not None) + older]
+
+        named = self.latest()
+        chosen, self.skipped = None, []
+        for name, complete in self.layout.from_first_rank(order()):  # rank 0's view, for every rank alike
+            problem = verify(self.root / name, self.layout) if complete else "incomplete: no checkpoint files"
+            if problem is None:
+                chosen = self.root / name
+                break
+            self.skipped.append(f"{name} ({problem})")
+        if self.layout.is_main and self.skipped:
+            log.warning("skipped damaged checkpoints: %s", "; ".join(self.skipped))
+            console(f"warning: skipped damaged checkpoints: {'; '.join(self.skipped)}")
+        if chosen is not None and chosen != self.layout.from_first_rank(named):
+            if self.layout.is_main:
                 console(f"warning: `latest` named {named.name if named else 'nothing usable'}; resuming {chosen.name}")
-                write_text_atomic(self.root / "latest", chosen.name)
-        name = self.layout.from_first_rank(None if chosen is None else chosen.name)
-        self.resume_from = None if name is None else self.root / name
-        return self.resume_from
+            self.point_latest(chosen)
+        self.resume_from = chosen
+        return chosen
 
     @staticmethod
     def _is_checkpoint(path: Path) -> bool:
         return is_distributed_checkpoint(path) or full.is_full_checkpoint(path)
 
     def prune(self, saved: Path) -> None:
-        """Rank 0 deletes the checkpoints `checkpoint_keep` (the last N, plus every
-        `checkpoint_keep_every`-th iteration) does not keep; never `saved`."""
+        """Rank 0 deletes the checkpoints before `saved` that `checkpoint_keep` does not keep (the last
+        N up to `saved`, plus every `checkpoint_keep_every`-th iteration). Newer ones (left by a run
+        resumed from an older checkpoint) are not this line of checkpoints' to judge: they stay."""
         if not self.keep or not self.layout.is_main:
             return
-        ours = self.checkpoints()
-        keep = set(ours[-self.keep :]) | {saved}
+        line = [p for p in self.checkpoints() if _number(p) <= _number(saved)]
+        keep = set(line[-self.keep :])
         if self.keep_every:
-            keep |= {p for p in ours if (int(p.name[5:]) + 1) % self.keep_every == 0}
-        for path in ours:
+            keep |= {p for p in line if (_number(p) + 1) % self.keep_every == 0}
+        for path in line:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
     def point_latest(self, path: Path) -> None:
-        """Makes `path` the checkpoint that `resume` continues from (rank 0 writes the pointer)."""
-        if self.layout.is_main:
-            write_text_atomic(self.root / "latest", path.name)
-        barrier()
+        """Collective: makes `path` the checkpoint that `resume` continues from (rank 0 writes it)."""
+        with self.layout.collectively("writing the latest pointer"):
+            if self.layout.is_main:
+                try:
+                    write_text_atomic(self.root / "latest", path.name)
+                except OSError as e:
+                    raise CheckpointError(f"{self.root / 'latest'}: cannot write ({e.strerror or e})") from e
 
     def save(self, state: TrainState, model: nn.Module, old_model: nn.Module, optimizer, config: dict) -> Path:
         """Collective: writes checkpoint `iter_<state.iteration>` in this manager's format and points
@@ -151,6 +163,7 @@ class CheckpointManager:
         else:
             models_state = (gather_full_state(model), gather_full_state(old_model))
             full.save(path, state, models_state, model.config, optimizer, config, self.layout.rank, self.layout_key)
+        write_manifest(path, self.layout)
         self.point_latest(path)
         self.prune(path)
         return path
@@ -186,7 +199,8 @@ class CheckpointManager:
 
             state, _ = dist.load(path, model, old_model, optimizer, self.layout.dp_rank)
         else:
-            state, model_sd, old_sd = full.read(path, optimizer, self.layout.rank, self.layout_key)
-            load_full_state(model, model_sd, str(path / full.MODEL_FILES[0]))
-            load_full_state(old_model, old_sd, str(path / full.MODEL_FILES[1]))
+            with self.layout.collectively(f"resuming {path}"):
+                state, model_sd, old_sd = full.read(path, optimizer, self.layout.rank, self.layout_key)
+                load_full_state(model, model_sd, str(path / full.MODEL_FILES[0]))
+                load_full_state(old_model, old_sd, str(path / full.MODEL_FILES[1]))
         return state, path

@@ -15,8 +15,10 @@ gradient norms, logged means) goes through `sum_over` / `mean_over` / `max_over`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from models import Sharding, Stage
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..fields import bounded
 
 DIMENSIONS = ("tp", "cp", "pp", "dp", "world")
@@ -140,6 +142,29 @@ class ProcessLayout:
         other ranks' copies are left undefined). Host-memory friendly gathering of sharded state."""
         if self.sizes[dim] > 1:
             dist.reduce(x, dst=dist.get_global_rank(self.group(dim), 0), group=self.group(dim))
+
+    def all_gather_object(self, value: object) -> list:
+        """Every rank's `value` (any picklable object), in global rank order, on every rank."""
+        if self.sizes["world"] == 1:
+            return [value]
+        values = [None] * self.sizes["world"]
+        dist.all_gather_object(values, value)
+        return values
+
+    @contextlib.contextmanager
+    def collectively(self, what: str) -> Iterator[None]:
+        """Runs the block on every rank and makes a UserError raised on any rank an error on all of them
+        (the others would otherwise wait in their next collective until a timeout). The block itself
+        must not call collectives."""
+        error = None
+        try:
+            yield
+        except UserError as e:
+            error = e
+        if self.max_over("world", float(error is not None)) and error is None:
+            raise UserError(f"{what} failed on another rank (its error is printed there)")
+        if error is not None:
+            raise error
 
     def from_first_rank(self, value: object) -> object:
         """Global rank 0's `value` (any picklable object) on every rank."""

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 import models
 from engine.checkpoint.integrity import write_manifest
 from engine.cli import main
+from engine.parallel import ProcessLayout
 
 SMALL = [
     "train.prompts_per_iteration=2",
@@ -86,11 +87,11 @@ def test_resume_in_another_layout_is_one_line(trained, tmp_path, capsys):
     saved = state.read_text()
     try:  # as written by a TP=2 x DP=2 run (with its checksums: not a damaged checkpoint)
         state.write_text(json.dumps({**meta, "layout": {"tp": 2, "pp": 1, "dp": 2}}))
-        write_manifest(ckpt)
+        write_manifest(ckpt, ProcessLayout())
         assert main(["train", "--resume", "iterations=2", f"run_dir={trained}", *SMALL]) == 2
     finally:
         state.write_text(saved)
-        write_manifest(ckpt)
+        write_manifest(ckpt, ProcessLayout())
     _one_line_error(capsys, "was written with layout", "checkpoint_format=dist")
 
 

@@ -12,6 +12,7 @@ from engine.cli import main
 from engine.config import load_config
 from engine.errors import CheckpointError
 from engine.guard import NonFiniteError
+from engine.parallel import ProcessLayout
 from engine.trainer import Trainer
 from tests.helpers import SMALL
 
@@ -110,7 +111,7 @@ def test_weights_holding_nan_are_refused_at_load(tmp_path, capsys):
     state = load_file(weights)
     state["model.diffusion_model.proj_out.bias"][3] = float("inf")
     save_file(state, weights)
-    write_manifest(weights.parent)  # saved so (not damaged on disk): its checksums match
+    write_manifest(weights.parent, ProcessLayout())  # saved so (not damaged on disk): its checksums match
     with pytest.raises(CheckpointError, match=r"non-finite values \(NaN or inf\) in 1 tensor\(s\): proj_out.bias"):
         Trainer(load_config(None, [*SMALL, f"run_dir={tmp_path / 'run'}", "iterations=2", "resume=true"])).resume()
     assert main(["train", *SMALL, f"run_dir={tmp_path / 'fresh'}", f"model.init={weights}"]) == 2

@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from engine import preemption as preemption_module
 from engine.config import load_config
 from engine.metrics import read_metrics
 from engine.preemption import Preemption
@@ -22,10 +23,13 @@ from tests.helpers import ROOT, TASK, TIMEOUT_S, free_port
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (see README: test command)")
 
 
-def test_one_signal_is_noted_and_a_second_exits_at_once():
+def test_one_signal_is_noted_a_duplicate_ignored_and_a_second_exits_at_once(monkeypatch):
+    monkeypatch.setattr(preemption_module, "DUPLICATE_S", 0.05)
     with Preemption() as preemption:
         os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # at once: the copy torchrun forwards of the same request
         assert preemption.received == "SIGINT"
+        time.sleep(0.1)
         with pytest.raises(SystemExit) as info:
             os.kill(os.getpid(), signal.SIGTERM)
     assert info.value.code == 128 + signal.SIGTERM
@@ -45,18 +49,24 @@ def _torchrun(run_dir, *extra) -> list[str]:
             *extra]  # fmt: skip
 
 
-def test_sigterm_to_one_rank_stops_both_after_the_same_iteration_and_the_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("who", ["rank1", "everyone"])
+def test_sigterm_stops_both_ranks_after_the_same_iteration_and_the_run_resumes_exactly(tmp_path, who):
+    """rank1: a signal that reaches one worker only; everyone: SLURM's way, torchrun and both workers
+    (torchrun forwards its copy as well, and itself exits non-zero for having been signalled)."""
     run_dir, env = tmp_path / "run", {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_torchrun(run_dir), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     _wait_for_iterations(run_dir / "metrics.jsonl", 1, proc)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
-    assert len(workers) == 1
-    workers[0].send_signal(signal.SIGTERM)  # rank 1 only, as a SLURM step may deliver it
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    for target in rank1 if who == "rank1" else [psutil.Process(proc.pid), *workers]:
+        target.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=TIMEOUT_S)
-    assert proc.returncode == 0, err[-4000:]
+    assert proc.returncode == 0 or who == "everyone", err[-4000:]
     stopped = int((run_dir / "checkpoints" / "latest").read_text()[5:])
-    assert stopped < 5 and f"stopped by a signal to another rank after iteration {stopped}" in out
+    reason = "a signal to another rank" if who == "rank1" else "SIGTERM"
+    assert stopped < 5 and f"stopped by {reason} after iteration {stopped}" in out, out[-2000:]
     ckpt = run_dir / "checkpoints" / f"iter_{stopped:06d}"
     assert {"optimizer.rank0.pt", "optimizer.rank1.pt"} <= {p.name for p in ckpt.iterdir()}  # both ranks wrote
     assert [r["iteration"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(stopped + 1))

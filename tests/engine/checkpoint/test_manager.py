@@ -12,6 +12,7 @@ from engine.checkpoint.integrity import MANIFEST, verify
 from engine.config import load_config
 from engine.errors import CheckpointError
 from engine.metrics import read_metrics
+from engine.parallel import ProcessLayout
 from engine.trainer import Trainer
 from tests.helpers import SMALL
 
@@ -40,15 +41,15 @@ def test_every_checkpoint_carries_the_checksums_of_its_files(run):
     assert set(json.loads((ckpt / MANIFEST).read_text())) == {
         "model.safetensors", "old_model.safetensors", "optimizer.rank0.pt", "rng.rank0.pt", "trainer_state.json"
     }  # fmt: skip
-    assert verify(ckpt) is None
+    assert verify(ckpt, ProcessLayout()) is None
     with (ckpt / "old_model.safetensors").open("r+b") as f:
         f.seek(200)
         byte = f.read(1)
         f.seek(200)
         f.write(bytes([byte[0] ^ 1]))
-    assert verify(ckpt) == "checksum mismatch in old_model.safetensors"
+    assert verify(ckpt, ProcessLayout()) == "checksum mismatch in old_model.safetensors"
     (ckpt / "rng.rank0.pt").unlink()
-    assert verify(ckpt) == "missing rng.rank0.pt"
+    assert verify(ckpt, ProcessLayout()) == "missing rng.rank0.pt"
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(run, capsys):
@@ -88,3 +89,11 @@ def test_checkpoint_keep_keeps_the_last_n_and_every_kth(tmp_path):
     Trainer(_cfg(tmp_path / "b", "iterations=5", "checkpoint_keep=1", "checkpoint_keep_every=2")).run()
     kept = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("iter_*"))
     assert kept == ["iter_000001", "iter_000003", "iter_000004"]
+
+
+def test_pruning_judges_only_the_line_a_resumed_run_continues(run):
+    """Resumed from iter_000000 of a run that reached iter_000002: the new iter_000001 and the one
+    resumed from are the last two of this line; the abandoned newer iter_000002 is left alone."""
+    (run / "checkpoints" / "latest").write_text("iter_000000")
+    Trainer(_cfg(run, "iterations=2", "resume=true", "checkpoint_keep=2")).run()
+    assert sorted(p.name for p in (run / "checkpoints").glob("iter_*")) == ["iter_000000", "iter_000001", "iter_000002"]
