@@ -196,8 +196,7 @@ def load(
             group.update(saved)
             for p in group["params"]:
                 optimizer.state[p] = state[names[id(p)]]
-    state = TrainState(iteration=loaded["iteration"], step=loaded["step"], bad_steps=loaded.get("bad_steps", 0))
-    return state, loaded["config"]
+    return TrainState.from_saved(loaded), loaded["config"]
 
 
 def _one_line(error: BaseException) -> str:

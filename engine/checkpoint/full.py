@@ -96,5 +96,4 @@ def read(
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
-    state = TrainState(iteration=meta["iteration"], step=meta["step"], bad_steps=meta.get("bad_steps", 0))
-    return state, states[0], states[1]
+    return TrainState.from_saved(meta), states[0], states[1]

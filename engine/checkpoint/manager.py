@@ -102,14 +102,17 @@ class CheckpointManager:
         `latest` names, or else the newest older one whose files verify. Warns about each it skips
         (kept in `skipped`) and rebuilds a damaged pointer."""
 
-        def order() -> list[tuple[str, bool]]:
+        def survey() -> tuple[str | None, list[tuple[str, bool]]]:
+            """What `latest` names, and the candidates in the order they are tried (with whether each
+            holds a checkpoint's files)."""
             named, ours = self.latest(), self.checkpoints()
             older = [p for p in reversed(ours) if named is None or _number(p) < _number(named)]
-            return [(p.name, self._is_checkpoint(p)) for p in [named] * (named is not None) + older]
+            candidates = [(p.name, self._is_checkpoint(p)) for p in [named] * (named is not None) + older]
+            return None if named is None else named.name, candidates
 
-        named = self.latest()
+        named, candidates = self.layout.from_first_rank(survey())  # rank 0's view, for every rank alike
         chosen, self.skipped = None, []
-        for name, complete in self.layout.from_first_rank(order()):  # rank 0's view, for every rank alike
+        for name, complete in candidates:
             problem = verify(self.root / name, self.layout) if complete else "incomplete: no checkpoint files"
             if problem is None:
                 chosen = self.root / name
@@ -118,9 +121,9 @@ class CheckpointManager:
         if self.layout.is_main and self.skipped:
             log.warning("skipped damaged checkpoints: %s", "; ".join(self.skipped))
             console(f"warning: skipped damaged checkpoints: {'; '.join(self.skipped)}")
-        if chosen is not None and chosen != self.layout.from_first_rank(named):
+        if chosen is not None and chosen.name != named:
             if self.layout.is_main:
-                console(f"warning: `latest` named {named.name if named else 'nothing usable'}; resuming {chosen.name}")
+                console(f"warning: `latest` named {named or 'nothing usable'}; resuming {chosen.name}")
             self.point_latest(chosen)
         self.resume_from = chosen
         return chosen

@@ -12,18 +12,7 @@ import models
 from engine.checkpoint.integrity import write_manifest
 from engine.cli import main
 from engine.parallel import ProcessLayout
-
-SMALL = [
-    "train.prompts_per_iteration=2",
-    "train.group_size=3",
-    "train.batch_size=6",
-    "sampler.steps=4",
-    "task.video_grid=[3,2,2]",
-    "log.tensorboard=false",
-    "log.progress=false",
-    "log.plot=false",
-    "checkpoint_every=0",
-]
+from tests.helpers import SMALL
 
 
 def _one_line_error(capsys, *words: str) -> str:
