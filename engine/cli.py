@@ -1,7 +1,8 @@
-"""`omninft train | sample | convert`.
+"""`omninft train | sample | encode-prompts | convert`.
 
     omninft train [--config FILE] [--resume] [key=value ...]   e.g. omninft train iterations=2 seed=0 run_dir=out
-    omninft sample --checkpoint FILE [key=value ...]  rollouts from a checkpoint, scored, saved as safetensors
+    omninft sample [--prompt TEXT ...] --out DIR [key=value ...]  rollouts, scored, saved as DIR/samples.safetensors
+    omninft encode-prompts [--config FILE] [key=value ...]  fill text.cache (torchrun: sharded over ranks)
     omninft convert SRC DST --to {official,diffusers}
 
 A mistake of the user's (a config key, a file, a checkpoint, a reward) is a `UserError`: caught here,
@@ -35,34 +36,66 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    import json
+
     from models.weights import atomic_save_file
 
+    from .data import PromptRecord
     from .rewards import score_rewards
     from .trainer import Trainer
 
     overrides = list(args.overrides)
     if args.checkpoint:
         overrides.append(f"model.init={args.checkpoint}")
+    if args.prompt:  # the prompts to condition on are the ones given (and encoded if the cache lacks them)
+        overrides.append("task.prompts=" + json.dumps([p for p in args.prompt]))
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, for_training=False)
     trainer.old_model.load_state_dict(trainer.model.state_dict())
-    prompts = trainer.prompts_for(args.iteration)
-    rollout, _, _ = trainer.rollout(args.iteration, prompts, list(range(len(prompts) * cfg.train.group_size)))
+    if args.prompt:
+        prompts = [PromptRecord(p, p, p) for p in (p.strip() for p in args.prompt)]
+    else:
+        prompts = trainer.prompts_for(args.iteration)
+    indices = list(range(len(prompts) * cfg.train.group_size))
+    noise_video, noise_audio = trainer.initial_noise(args.iteration, prompts, indices)
+    rollout, _, _ = trainer.rollout(args.iteration, prompts, indices)
     scores = score_rewards(trainer.rewards, rollout)
     for name, value in scores.items():
         print(f"{name:18s} mean {float(value.mean()):+.4f} std {float(value.std(unbiased=False)):.4f}")
-    out = Path(args.out)
+    out = Path(args.out) / "samples.safetensors"
     atomic_save_file(
-        {"video": rollout.video, "audio": rollout.audio, **{f"reward/{k}": v for k, v in scores.items()}},
+        {
+            "noise/video": noise_video,
+            "noise/audio": noise_audio,
+            "latents/video": rollout.video,
+            "latents/audio": rollout.audio,
+            **{f"reward/{k}": v for k, v in scores.items()},
+        },
         out,
         metadata={
-            "prompts": "\n".join(rollout.prompts),
-            "video_grid": str(list(rollout.video_grid)),
-            "fps": str(rollout.fps),
+            "prompts": json.dumps(list(rollout.prompts)),
+            "fps": json.dumps(rollout.fps),
+            "video_grid": json.dumps(list(rollout.video_grid)),
+            "sigmas": json.dumps([float(s) for s in trainer.sigmas]),
+            "iteration": str(args.iteration),
         },
     )
     print(f"wrote {len(rollout.prompts)} samples to {out}")
     return 0
+
+
+def _encode_prompts(args: argparse.Namespace) -> int:
+    from .data.encode import encode_prompts
+
+    cfg = load_config(args.config, args.overrides)
+    report = encode_prompts(cfg.text, cfg.task.records(), cfg.task.eval_records(), cfg.model.init)
+    rate = report.encoded / report.seconds if report.seconds > 0 else 0.0
+    print(
+        f"encoded {report.encoded} of {report.texts} prompts on this rank in {report.seconds:.1f} s "
+        f"({rate:.2f} prompts/s); {report.missing_after} still missing; "
+        f"{report.bytes_per_prompt / 1024:.1f} KiB per prompt in {report.directory}"
+    )
+    return 0 if report.missing_after == 0 else 1
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -115,13 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. iterations=2 train.group_size=4")
     train.set_defaults(func=_train)
-    smp = sub.add_parser("sample", help="sample and score one iteration's prompts")
+    smp = sub.add_parser("sample", help="sample and score prompts (given, or one iteration's of the config)")
     smp.add_argument("--config")
-    smp.add_argument("--checkpoint", help="model weights (safetensors, official or diffusers layout)")
-    smp.add_argument("--iteration", type=int, default=0, help="which iteration's prompts and noise to use")
-    smp.add_argument("--out", default="samples.safetensors")
+    smp.add_argument("--checkpoint", help="model weights (= model.init: a file, or a diffusers pipeline folder)")
+    smp.add_argument("--prompt", action="append", help="a prompt to sample (repeatable); default: the config's")
+    smp.add_argument("--iteration", type=int, default=0, help="which iteration's noise (and prompts) to use")
+    smp.add_argument("--out", required=True, help="directory for samples.safetensors")
     smp.add_argument("overrides", nargs="*")
     smp.set_defaults(func=_sample)
+    enc = sub.add_parser(
+        "encode-prompts",
+        help="encode every training, eval and negative prompt into text.cache (resumable; shard with torchrun)",
+    )
+    enc.add_argument("--config")
+    enc.add_argument("overrides", nargs="*", help="key=value overrides, e.g. text.cache=cache/ltx2")
+    enc.set_defaults(func=_encode_prompts)
     conv = sub.add_parser(
         "convert",
         help="rewrite a DiT checkpoint in the official or diffusers layout, or export "

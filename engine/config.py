@@ -27,7 +27,7 @@ from .algorithm.loss import LossConfig
 from .algorithm.reweighting import ReweightConfig
 from .algorithm.surgery import SurgeryConfig, a2v_grad_scales
 from .checkpoint import FORMATS as CHECKPOINT_FORMATS
-from .data import TaskConfig
+from .data import TaskConfig, TextConfig
 from .errors import ConfigError
 from .fields import bounded, choice
 from .metrics import LogConfig
@@ -57,6 +57,7 @@ class Config:
     checkpoint_format: str = choice(*CHECKPOINT_FORMATS, default="auto")
     model: PolicyConfig = field(default_factory=PolicyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name) for name in LATENT_REWARDS])
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -142,6 +143,10 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         return [_convert(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
+    if tp is dict:  # a record whose keys the section checks itself (e.g. a prompt with its columns)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -221,10 +226,16 @@ def _validate(cfg: Config) -> None:
             f"parallel.pp={cfg.parallel.pp}: model.preset={cfg.model.preset!r} has only {layers} "
             f"blocks to split into pipeline stages"
         )
+    cfg.sampler.check_blocks(layers)
     try:
         a2v_grad_scales(cfg.surgery.schedule, layers)
     except ValueError as e:
         raise ConfigError(f"{e} (model.preset={cfg.model.preset!r})") from e
+    if cfg.text.encoder is not None and cfg.text.connectors is None and cfg.model.init is None:
+        raise ConfigError(
+            "text.encoder is set, but no weights for the text connectors: set text.connectors or model.init "
+            "(the official file and a diffusers pipeline folder hold them)"
+        )
     build_rewards(cfg.rewards)
     check_video_grid(cfg.rewards, cfg.task.video_grid)
 

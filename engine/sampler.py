@@ -1,11 +1,12 @@
-"""Rollouts: the joint Euler ODE on the LTX-2 schedule, optional batched CFG, and the noise levels the
-loss is trained at. The V2A attention mass that region-wise reweighting needs is recorded on the fly
+"""Rollouts: the joint Euler ODE on the LTX-2 schedule, optional batched CFG and STG, and the noise levels
+the loss is trained at. The V2A attention mass that region-wise reweighting needs is recorded on the fly
 by the recorder the caller passes (engine.algorithm.reweighting), never as an N_a x N_v map."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -13,6 +14,7 @@ from torch import Tensor
 from models import LTX2AVTransformer
 
 from .algorithm.reweighting import V2AMassRecorder
+from .errors import ConfigError
 from .fields import bounded
 from .noise import stable_seed
 
@@ -23,13 +25,38 @@ SIGMA_MODES = ("highest", "uniform", "logit_normal")
 
 @dataclass
 class SamplerConfig:
-    """`sampler.*`: the rollout schedule and guidance."""
+    """`sampler.*`: the rollout schedule and guidance.
+
+    Guidance is LTX2Pipeline's CFG (per stream) and STG (one scale for both streams, as its
+    audio_stg_scale defaults to stg_scale); its modality-isolation guidance and guidance rescale are
+    not implemented, which is modality_scale=1 and guidance_rescale=0 there.
+    """
 
     steps: int = bounded(2, None, default=10)
     shift: float | None = None  # None: the LTX-2 pipelines' fixed 2.05
     terminal: float = bounded(0.0, 0.99, default=0.1)
     cfg_video: float = bounded(1.0, None, default=1.0)  # 1.0 = unguided (SPEC 1: rollouts are unguided)
     cfg_audio: float = bounded(1.0, None, default=1.0)
+    stg_scale: float = bounded(0.0, None, default=0.0)  # spatio-temporal guidance; 0 = off
+    # Blocks whose self-attention the STG pass skips; diffusers recommends [29] for LTX-2.0 (19B).
+    stg_blocks: list[int] = field(default_factory=lambda: [29])
+
+    def __post_init__(self) -> None:
+        if any(i < 0 for i in self.stg_blocks) or len(set(self.stg_blocks)) != len(self.stg_blocks):
+            raise ConfigError(f"sampler.stg_blocks must be distinct block indices >= 0; got {self.stg_blocks}")
+        if self.stg_scale > 0 and not self.stg_blocks:
+            raise ConfigError(
+                "sampler.stg_scale > 0 needs sampler.stg_blocks (the blocks whose self-attention it skips)"
+            )
+
+    def check_blocks(self, num_layers: int) -> None:
+        """With STG on, every STG block must exist in a model of `num_layers` blocks (a cross-section
+        rule: the depth comes from model.preset)."""
+        bad = sorted(i for i in self.stg_blocks if i >= num_layers)
+        if self.stg_scale > 0 and bad:
+            raise ConfigError(
+                f"sampler.stg_blocks {bad} are outside the model's blocks 0..{num_layers - 1} ({num_layers} blocks)"
+            )
 
     def sigmas(self) -> Tensor:
         """The (steps + 1,) schedule these settings give."""
@@ -97,33 +124,53 @@ def sample(
     cfg_audio: float = 1.0,
     uncond_context: tuple[Tensor, Tensor] | None = None,
     v2a_recorder: V2AMassRecorder | None = None,
+    stg_scale: float = 0.0,
+    stg_blocks: Sequence[int] = (),
 ) -> RolloutResult:
     """Euler steps x <- x + (sigma_next - sigma) v on both streams from the given noise. `model` is
     the transformer or anything with its call signature (engine.parallel.PipelinedForward).
 
-    With cfg_video or cfg_audio > 1, the conditional and unconditional passes run as one batched
-    forward and v = v_u + scale (v_c - v_u) per stream; `uncond_context` gives the (video, audio)
-    unconditional contexts, each (N, T_ctx, caption_channels). `v2a_recorder` (built for the N
-    conditional rows) records the V2A attention mass of the steps and blocks it was built for.
+    Guidance runs as one batched forward of N rows per pass, in the order [conditional,
+    unconditional (CFG), perturbed (STG)]. With cfg_video or cfg_audio > 1, v = v_u + scale (v_c - v_u)
+    per stream; `uncond_context` gives the (video, audio) unconditional contexts, each (N, T_ctx,
+    caption_channels). With stg_scale > 0, the perturbed rows take the conditional contexts and skip
+    the self-attention of `stg_blocks` (the model checks them against its depth), and both streams
+    add stg_scale (v_c - v_p). This is LTX2Pipeline's combine x0_c + (cfg - 1)(x0_c - x0_u) +
+    stg_scale (x0_c - x0_p), rewritten in velocity space: x0 = x - sigma v is affine in v at fixed
+    x and sigma. `v2a_recorder` (built for N rows: the conditional ones, which come first) records the
+    V2A attention mass of the steps and blocks it was built for.
     """
     n = video_noise.shape[0]
     guided = cfg_video != 1.0 or cfg_audio != 1.0
     if guided and uncond_context is None:
         raise ValueError("sample: cfg_video/cfg_audio > 1 needs uncond_context")
-    ctx_v, ctx_a = video_context, audio_context
-    if guided:
-        ctx_v = torch.cat([video_context, uncond_context[0]])
-        ctx_a = torch.cat([audio_context, uncond_context[1]])
+    if stg_scale < 0:
+        raise ValueError(f"sample: stg_scale must be >= 0, got {stg_scale}")
+    perturb = stg_scale > 0
+    if perturb and not stg_blocks:
+        raise ValueError("sample: stg_scale > 0 needs stg_blocks (the blocks whose self-attention STG skips)")
+    contexts = [(video_context, audio_context)] + [uncond_context] * guided + [(video_context, audio_context)] * perturb
+    copies = len(contexts)
+    ctx_v, ctx_a = (torch.cat(parts) for parts in zip(*contexts))
+    stg = {}
+    if perturb:  # the last N rows
+        rows = torch.arange(copies * n, device=video_noise.device)
+        stg = {"perturbed": rows >= (copies - 1) * n, "stg_blocks": frozenset(stg_blocks)}
     x, a = video_noise.clone(), audio_noise.clone()
     for i in range(len(sigmas) - 1):
         sigma = sigmas[i].to(x).expand(n)
-        xin, ain, sin = (torch.cat([x, x]), torch.cat([a, a]), torch.cat([sigma, sigma])) if guided else (x, a, sigma)
+        xin, ain, sin = (torch.cat([t] * copies) for t in (x, a, sigma)) if copies > 1 else (x, a, sigma)
         if v2a_recorder is not None:
             v2a_recorder.start_step(i)
-        v_video, v_audio = model(xin, ain, sin, ctx_v, ctx_a, video_grid, fps, v2a_probe=v2a_recorder)
+        out_v, out_a = model(xin, ain, sin, ctx_v, ctx_a, video_grid, fps, v2a_probe=v2a_recorder, **stg)
+        rows_v, rows_a = out_v.chunk(copies), out_a.chunk(copies)
+        vc, ac = v_video, v_audio = rows_v[0], rows_a[0]
         if guided:
-            (vc, vu), (ac, au) = v_video.chunk(2), v_audio.chunk(2)
+            vu, au = rows_v[1], rows_a[1]
             v_video, v_audio = vu + cfg_video * (vc - vu), au + cfg_audio * (ac - au)
+        if perturb:
+            vp, ap = rows_v[-1], rows_a[-1]
+            v_video, v_audio = v_video + stg_scale * (vc - vp), v_audio + stg_scale * (ac - ap)
         dt = (sigmas[i + 1] - sigmas[i]).to(x)
         x, a = x + dt * v_video, a + dt * v_audio
     return RolloutResult(x, a, sigmas)

@@ -28,7 +28,8 @@ from .algorithm.loss import nft_loss
 from .algorithm.reweighting import V2AMassRecorder, reference_blocks, reference_steps, region_weights
 from .algorithm.surgery import a2v_grad_scales
 from .checkpoint import CheckpointManager, TrainState
-from .data import prompt_features, prompts_for
+from .data import PromptRecord, prompts_for
+from .data.conditioning import Conditioning, StandInConditioning, TextConditioning, run_texts
 from .errors import ConfigError
 from .fields import bounded, choice
 from .guard import NonFiniteError, StepGuard
@@ -106,42 +107,77 @@ class Trainer:
         self.geometry = self.model.config.geometry
         self.num_audio = self.geometry.audio_tokens_for(self.grid[0], cfg.task.fps)
         self.sigmas = cfg.sampler.sigmas()
-        self.contexts = {
-            p: prompt_features(p, cfg.task.context_tokens, self.model.config.caption_channels)
-            for p in [*cfg.task.prompts, ""]
-        }
+        self.conditioning = self.build_conditioning()
         self.frame_ids = frame_ids(self.grid, self.device)
         self.state = TrainState(iteration=-1, step=0)
         self.dtype = DTYPES[cfg.model.dtype]
         self.pipeline = Pipeline(self.layout, lambda: autocast(cfg.model, self.device))
 
-    # ---- one iteration, phase by phase -------------------------------------------------------------
-    def prompts_for(self, iteration: int) -> list[str]:
-        """The prompts of iteration `iteration` (the next `prompts_per_iteration`, cycling)."""
-        return prompts_for(self.cfg.task.prompts, iteration, self.cfg.train.prompts_per_iteration)
+    def build_conditioning(self) -> Conditioning:
+        """The text contexts of the run: the stand-in features without `text.encoder`; else the real
+        LTX-2 path, with every training prompt and negative prompt encoded (or found in the cache)
+        before the DiT trains, each rank encoding its share."""
+        cfg = self.cfg
+        if cfg.text.encoder is None:
+            return StandInConditioning(cfg.task.context_tokens, self.model.config.caption_channels)
+        texts = run_texts(cfg.task.records(), cfg.text.negative_prompt)
+        with self.layout.collectively("preparing the text contexts"):  # also waits for every rank's share
+            conditioning = TextConditioning(
+                cfg.text, cfg.model.init, texts, self.device, self.layout.rank, self.layout.sizes["world"]
+            )
+        if conditioning.caption_channels != self.model.config.caption_channels:
+            raise ConfigError(
+                f"text connectors give {conditioning.caption_channels}-wide contexts but the DiT takes "
+                f"{self.model.config.caption_channels} (model caption_channels)"
+            )
+        return conditioning
 
-    def rollout(self, iteration: int, prompts: list[str], indices: list[int]) -> tuple[Rollout, Tensor, Tensor | None]:
-        """Samples `indices` of the iteration (sample i is number i % G of prompt i // G) from the old
-        policy; returns them as a Rollout (on the CPU, where rewards score them), their text contexts
-        and their V2A scores (on the device, summed over stages and averaged over heads of all ranks)."""
-        cfg, mc, layout = self.cfg, self.model.config, self.layout
-        g = cfg.train.group_size
+    def negative_prompt(self, record: PromptRecord) -> str:
+        """The record's own negative prompt, else `text.negative_prompt`."""
+        return self.cfg.text.negative_prompt if record.negative_prompt is None else record.negative_prompt
+
+    # ---- one iteration, phase by phase -------------------------------------------------------------
+    def prompts_for(self, iteration: int) -> list[PromptRecord]:
+        """The prompts of iteration `iteration`: the next `prompts_per_iteration` of the dataset,
+        reshuffled every epoch from the seed (engine.data.prompts_for), so a resumed run sees the same."""
+        cfg = self.cfg
+        return prompts_for(cfg.task.records(), cfg.seed, iteration, cfg.train.prompts_per_iteration)
+
+    def initial_noise(self, iteration: int, prompts: list[PromptRecord], indices: list[int]) -> tuple[Tensor, Tensor]:
+        """The rollout noise of samples `indices` (sample i is number i % G of prompt i // G): packed
+        video (n, F*H*W, C) and audio (n, T_a, C), on the CPU, keyed by (seed, iteration, prompt, sample)."""
+        cfg, mc, g = self.cfg, self.model.config, self.cfg.train.group_size
         f, h, w = self.grid
-        texts = [prompts[i // g] for i in indices]
         noise = [
             rollout_noise(
                 cfg.seed,
                 iteration,
-                prompts[i // g],
+                prompts[i // g].prompt,
                 i % g,
                 (f * h * w, mc.in_channels),
                 (self.num_audio, mc.audio_in_channels),
             )
             for i in indices
         ]
+        return torch.stack([n[0] for n in noise]), torch.stack([n[1] for n in noise])
+
+    def rollout(
+        self, iteration: int, prompts: list[PromptRecord], indices: list[int]
+    ) -> tuple[Rollout, tuple[Tensor, Tensor], Tensor | None]:
+        """Samples `indices` of the iteration (sample i is number i % G of prompt i // G) from the old
+        policy; returns them as a Rollout (on the CPU, where rewards score them), their (video, audio)
+        text contexts and their V2A scores (on the device, summed over stages and averaged over heads
+        of all ranks)."""
+        cfg, mc, layout = self.cfg, self.model.config, self.layout
+        g = cfg.train.group_size
+        f, h, w = self.grid
+        records = [prompts[i // g] for i in indices]
+        texts = [r.prompt for r in records]
         on = {"device": self.device, "dtype": self.dtype}
-        ctx = torch.stack([self.contexts[p] for p in texts]).to(**on)
-        uncond = self.contexts[""].to(**on).expand_as(ctx)
+        video_noise, audio_noise = (n.to(**on) for n in self.initial_noise(iteration, prompts, indices))
+        ctx = self.conditioning.contexts(texts, **on)
+        guided = cfg.sampler.cfg_video != 1.0 or cfg.sampler.cfg_audio != 1.0
+        uncond = self.conditioning.contexts([self.negative_prompt(r) for r in records], **on) if guided else None
         recorder = None
         if cfg.reweight.mode != "off":
             recorder = V2AMassRecorder(
@@ -153,17 +189,19 @@ class Trainer:
             )
         result = sample(
             PipelinedForward(self.pipeline, self.old_model, cfg.train.micro_batch_size),
-            torch.stack([n[0] for n in noise]).to(**on),
-            torch.stack([n[1] for n in noise]).to(**on),
-            ctx,
-            ctx,
+            video_noise,
+            audio_noise,
+            ctx[0],
+            ctx[1],
             self.grid,
             cfg.task.fps,
             self.sigmas,
             cfg.sampler.cfg_video,
             cfg.sampler.cfg_audio,
-            (uncond, uncond),
+            uncond,
             v2a_recorder=recorder,
+            stg_scale=cfg.sampler.stg_scale,
+            stg_blocks=cfg.sampler.stg_blocks,
         )
         rollout = Rollout(
             video=result.video.float().cpu(),
@@ -171,6 +209,8 @@ class Trainer:
             video_grid=self.grid,
             fps=cfg.task.fps,
             prompts=tuple(texts),
+            video_prompts=tuple(r.prompt_video for r in records),
+            audio_prompts=tuple(r.prompt_audio for r in records),
             geometry=self.geometry,
         )
         score = None if recorder is None else recorder.score()
@@ -183,7 +223,7 @@ class Trainer:
         iteration: int,
         batches: list[list[int]],
         rollout: Rollout,
-        ctx: Tensor,
+        ctx: tuple[Tensor, Tensor],
         r_video: Tensor,
         r_audio: Tensor,
         token_weights: Tensor | None,
@@ -229,7 +269,7 @@ class Trainer:
         batch: list[int],
         pos: list[int],
         rollout: Rollout,
-        ctx: Tensor,
+        ctx: tuple[Tensor, Tensor],
         r_video: Tensor,
         r_audio: Tensor,
         token_weights: Tensor | None,
@@ -243,7 +283,7 @@ class Trainer:
         on = {"device": self.device, "dtype": self.dtype}
         g = cfg.train.group_size
         x0_v, x0_a = rollout.video[pos].to(**on), rollout.audio[pos].to(**on)
-        c, rv, ra = ctx[pos], r_video[pos], r_audio[pos]
+        c_v, c_a, rv, ra = ctx[0][pos], ctx[1][pos], r_video[pos], r_audio[pos]
         tw = None if token_weights is None else token_weights[pos]
         microbatches, rows = [], []
         for j, s in enumerate(sigmas):
@@ -254,7 +294,7 @@ class Trainer:
             eps_v, eps_a = (torch.stack([n[k] for n in noise]).to(**on) for k in (0, 1))
             sig = torch.full((len(pos),), s, **on)
             xt_v, xt_a = (1 - s) * x0_v + s * eps_v, (1 - s) * x0_a + s * eps_a
-            split = split_batch((xt_v, xt_a, sig, c, c, self.grid, cfg.task.fps), {}, cfg.train.micro_batch_size)
+            split = split_batch((xt_v, xt_a, sig, c_v, c_a, self.grid, cfg.task.fps), {}, cfg.train.micro_batch_size)
             microbatches += split
             rows += [slice(k * mb.size, (k + 1) * mb.size) for k, mb in enumerate(split)]
         guard = StepGuard(len(microbatches), self.device)

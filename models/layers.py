@@ -68,7 +68,15 @@ class AdaLNSingle(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with QK RMSNorm across all heads and optional split RoPE on Q and K."""
+    """Multi-head attention with QK RMSNorm across all heads and optional split RoPE on Q and K.
+
+    `skip_rows` (B,) bool marks batch rows whose attention is skipped, as in the perturbed pass of
+    LTX-2's spatio-temporal guidance (STG): those rows get to_out(to_v(context)), the values in
+    place of the attention output (diffusers' LTX2PerturbedAttnProcessor). The attention still runs
+    on every row and the rows are selected after it, so the other rows are bit-identical to a call
+    without the mask, with any backend or kernel; the selection is per batch row, which every
+    tensor- or sequence-parallel rank holds whole (its heads, all tokens after the column linears).
+    """
 
     def __init__(self, backend: TorchBackend, query_dim: int, context_dim: int, heads: int, head_dim: int, eps: float):
         super().__init__()
@@ -94,6 +102,7 @@ class Attention(nn.Module):
         key_mask: Tensor | None = None,
         kv_grad_scale: float = 1.0,
         probe: AttentionProbe | None = None,
+        skip_rows: Tensor | None = None,
     ) -> Tensor:
         context = x if context is None else context
         q = self._heads(self.q_norm(self.to_q(x)))
@@ -107,6 +116,8 @@ class Attention(nn.Module):
         else:
             out, lse = self.backend.attention(q, k, v, key_mask=key_mask, kv_grad_scale=kv_grad_scale, with_lse=True)
             probe(q.detach(), k.detach(), lse.detach())
+        if skip_rows is not None:  # (B, H, N, D) values of the skipped rows in place of their attention output
+            out = torch.where(skip_rows[:, None, None, None], v.to(out.dtype), out)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 

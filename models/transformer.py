@@ -8,7 +8,7 @@ Every sub-layer is modulated by adaLN-single rows plus the block's own table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import Protocol
 
@@ -71,14 +71,19 @@ class AVBlock(nn.Module):
         mod: dict[str, Tensor],
         rope: dict[str, Rope],
         v2a_probe: AttentionProbe | None,
+        perturbed: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        """`masks`: key masks (B, T) by key sequence ('video', 'audio', 'video_ctx', 'audio_ctx'); None = all real."""
+        """`masks`: key masks (B, T) by key sequence ('video', 'audio', 'video_ctx', 'audio_ctx'); None = all real.
+        `perturbed` (B,) bool: rows whose video and audio self-attention this block skips (STG, see
+        Attention); None: no row."""
         eps = self.eps
         # Self-attention and text cross-attention (no AdaLN, no gate on the latter in the 19B release).
         sh, sc, g = _rows(self.scale_shift_table, mod["video"], 0, 3)
-        vx = vx + self.attn1(rms_norm(vx, eps) * (1 + sc) + sh, q_rope=rope["video"], key_mask=masks["video"]) * g
+        x = rms_norm(vx, eps) * (1 + sc) + sh
+        vx = vx + self.attn1(x, q_rope=rope["video"], key_mask=masks["video"], skip_rows=perturbed) * g
         sh, sc, g = _rows(self.audio_scale_shift_table, mod["audio"], 0, 3)
-        ax = ax + self.audio_attn1(rms_norm(ax, eps) * (1 + sc) + sh, q_rope=rope["audio"], key_mask=masks["audio"]) * g
+        x = rms_norm(ax, eps) * (1 + sc) + sh
+        ax = ax + self.audio_attn1(x, q_rope=rope["audio"], key_mask=masks["audio"], skip_rows=perturbed) * g
         vx = vx + self.attn2(rms_norm(vx, eps), ctx[0], key_mask=masks["video_ctx"])
         ax = ax + self.audio_attn2(rms_norm(ax, eps), ctx[1], key_mask=masks["audio_ctx"])
 
@@ -233,11 +238,17 @@ class LTX2AVTransformer(nn.Module):
         video_sigma: Tensor | None = None,
         audio_sigma: Tensor | None = None,
         v2a_probe: V2AProbe | None = None,
+        perturbed: Tensor | None = None,
+        stg_blocks: Collection[int] = (),
     ) -> tuple[Tensor, Tensor] | Tensor:
         """video (B, F*H*W, C) f-major, audio (B, T_a, C), sigma (B,); contexts (B, T_ctx, caption_channels)
         with optional bool masks (B, T_ctx) (True = real token). `video_sigma`/`audio_sigma` (B, T) give
         per-token noise levels (conditioning tokens at 0); otherwise every token has `sigma`.
         `v2a_probe` sees the V2A attention of the blocks it wants (see V2AProbe).
+        `perturbed` (B,) bool and `stg_blocks` (global block indices) go together: the perturbed rows
+        skip the video and audio self-attention of those blocks (STG's perturbed pass: the attention
+        output is replaced by the values, see layers.Attention); the other rows are unaffected, so one
+        call can batch them with conditional and unconditional rows.
         Every stage takes the same arguments; a stage other than the last returns the packed carry."""
         cfg = self.config
         b = video.shape[0]
@@ -259,6 +270,7 @@ class LTX2AVTransformer(nn.Module):
             _check("video_sigma", video_sigma, (b, video.shape[1]))
         if audio_sigma is not None:
             _check("audio_sigma", audio_sigma, (b, audio.shape[1]))
+        self._check_stg(perturbed, stg_blocks, b)
         n_video, n_audio = video.shape[1], audio.shape[1]
 
         if self.stage.first:
@@ -307,10 +319,11 @@ class LTX2AVTransformer(nn.Module):
                         )
                     )
                 )
+                skip = perturbed if int(name) in stg_blocks else None
                 if recompute:
-                    vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, use_reentrant=False)
+                    vx, ax = checkpoint(block, vx, ax, ctx, masks, mod, rope, probe, skip, use_reentrant=False)
                 else:
-                    vx, ax = block(vx, ax, ctx, masks, mod, rope, probe)
+                    vx, ax = block(vx, ax, ctx, masks, mod, rope, probe, skip)
         if not self.stage.last:
             return pack({**carry, "video": vx, "audio": ax})
 
@@ -320,6 +333,21 @@ class LTX2AVTransformer(nn.Module):
         shift, scale = (self.audio_scale_shift_table[None, None] + carry["emb_audio"][:, :, None]).unbind(dim=2)
         v_audio = self.audio_proj_out(nn.functional.layer_norm(ax, (cfg.audio_dim,), eps=1e-6) * (1 + scale) + shift)
         return v_video, self.sharding.gather(v_audio, n_audio)
+
+    def _check_stg(self, perturbed: Tensor | None, stg_blocks: Collection[int], b: int) -> None:
+        """`perturbed` is a (B,) bool mask given together with `stg_blocks`, which name blocks of the
+        whole model (every stage checks all of them, so a bad index fails on every rank alike)."""
+        if (perturbed is None) != (not stg_blocks):
+            raise ValueError("perturbed (the STG rows) and stg_blocks (the blocks they skip) go together")
+        if perturbed is None:
+            return
+        _check("perturbed", perturbed, (b,))
+        if perturbed.dtype != torch.bool:
+            raise ValueError(f"perturbed must be a bool mask, got {perturbed.dtype}")
+        n = self.config.num_layers
+        bad = sorted(i for i in stg_blocks if not 0 <= i < n)
+        if bad:
+            raise ValueError(f"stg_blocks {bad} are outside the model's blocks 0..{n - 1} ({n} blocks)")
 
     def embed(
         self,

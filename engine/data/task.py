@@ -1,4 +1,4 @@
-"""The rollout task (`task.*`): which prompts, in which order, and the shape of the clip."""
+"""The rollout task (`task.*`): which prompts (engine.data.prompts reads them) and the shape of the clip."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..fields import bounded
+from .prompts import PromptRecord, load_prompts
 
 DEFAULT_PROMPTS = (
     "a dog barks twice in a quiet park",
@@ -21,9 +22,14 @@ DEFAULT_PROMPTS = (
 
 @dataclass
 class TaskConfig:
-    """The rollout task: prompts, clip shape and the stand-in text features."""
+    """The rollout task: prompts, clip shape and the stand-in text features.
 
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    `prompts` and `eval_prompts` stay as written (a list or a file path), so the saved config reads
+    like the one given; their records are parsed once, here, so a bad dataset fails when the config is
+    read, and are kept off the fields (`records()`, `eval_records()`)."""
+
+    prompts: list[str | dict] | str = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    eval_prompts: list[str | dict] | str | None = None  # held out for evaluation; None: no eval set
     video_grid: list[int] = field(default_factory=lambda: [7, 3, 4])  # latent frames, height, width
     fps: float = bounded(1e-3, None, default=24.0)
     context_tokens: int = bounded(1, None, default=8)
@@ -33,10 +39,13 @@ class TaskConfig:
             raise ConfigError(
                 f"task.video_grid must be three positive integers [frames, height, width]; got {self.video_grid}"
             )
-        if not self.prompts:
-            raise ConfigError("task.prompts must hold at least one prompt")
+        self._records = load_prompts(self.prompts, "task.prompts")
+        self._eval_records = None if self.eval_prompts is None else load_prompts(self.eval_prompts, "task.eval_prompts")
 
+    def records(self) -> tuple[PromptRecord, ...]:
+        """The training prompts, parsed."""
+        return self._records
 
-def prompts_for(prompts: list[str], iteration: int, per_iteration: int) -> list[str]:
-    """Iteration i takes the next `per_iteration` prompts, cycling through the list."""
-    return [prompts[(iteration * per_iteration + j) % len(prompts)] for j in range(per_iteration)]
+    def eval_records(self) -> tuple[PromptRecord, ...] | None:
+        """The held-out evaluation prompts, parsed; None when there is no eval set."""
+        return self._eval_records

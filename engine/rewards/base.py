@@ -31,6 +31,9 @@ class Rollout:
     fps: float  # pixel frame rate
     prompts: tuple[str, ...]  # the prompt of each sample (length N)
     geometry: LatentGeometry = LatentGeometry()  # which pixel frames and audio samples each latent covers
+    # The texts the video and audio rewards judge (the dataset's prompt_video / prompt_audio); () = `prompts`.
+    video_prompts: tuple[str, ...] = ()
+    audio_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Rejects inconsistent shapes here, so rewards can index the grid without re-checking."""
@@ -48,6 +51,11 @@ class Rollout:
             raise ValueError(
                 f"sample counts disagree: video {n}, audio {self.audio.shape[0]}, prompts {len(self.prompts)}"
             )
+        for name in ("video_prompts", "audio_prompts"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, self.prompts)
+            elif len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} texts for {n} samples")
         if not (math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"fps must be a finite number > 0, got {self.fps}")
 

@@ -1,4 +1,4 @@
-"""Rollout sampler: the LTX-2 schedule, the Euler loop, batched CFG and the V2A attention mass recorder."""
+"""Rollout sampler: the LTX-2 schedule, the Euler loop, batched CFG and STG, and the V2A attention mass recorder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from torch import Tensor
 
 import models
 from engine.algorithm.reweighting import V2AMassRecorder
-from engine.sampler import ltx2_sigmas, sample, shift_for_tokens
+from engine.errors import ConfigError
+from engine.parallel import ProcessLayout
+from engine.parallel.pipeline import Pipeline, PipelinedForward
+from engine.sampler import SamplerConfig, ltx2_sigmas, sample, shift_for_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -110,7 +113,22 @@ class _Probe:
         self.maps.append(p.sum(dim=2).mean(dim=1))  # mass per video token, mean over heads
 
 
-def _hand_loop(model, vn, an, ctx, sigmas, cfg_v=1.0, cfg_a=1.0, unc=None, record_steps=(), record_blocks=()):
+def _hand_loop(
+    model,
+    vn,
+    an,
+    ctx,
+    sigmas,
+    cfg_v=1.0,
+    cfg_a=1.0,
+    unc=None,
+    record_steps=(),
+    record_blocks=(),
+    stg_scale=0.0,
+    stg_blocks=(),
+):
+    """Separate forwards per pass. With STG, guidance is combined as LTX2Pipeline does, in x0 space:
+    x0 = x - sigma v, x0_c + (cfg - 1)(x0_c - x0_u) + stg (x0_c - x0_p), back to v = (x - x0) / sigma."""
     probe = _Probe(record_blocks)
     x, a = vn.clone(), an.clone()
     with torch.no_grad():
@@ -119,7 +137,17 @@ def _hand_loop(model, vn, an, ctx, sigmas, cfg_v=1.0, cfg_a=1.0, unc=None, recor
             probe.active = i in set(record_steps)
             vc, ac = model(x, a, s, ctx[0], ctx[1], GRID, 24.0, v2a_probe=probe)
             probe.active = False
-            if unc is not None:
+            if stg_scale:
+                every = torch.ones(x.shape[0], dtype=torch.bool)
+                vp, ap = model(x, a, s, ctx[0], ctx[1], GRID, 24.0, perturbed=every, stg_blocks=set(stg_blocks))
+                vu, au = model(x, a, s, unc[0], unc[1], GRID, 24.0) if unc is not None else (vc, ac)
+                guided = []
+                for lat, c, u, p, cfg in ((x, vc, vu, vp, cfg_v), (a, ac, au, ap, cfg_a)):
+                    x0c, x0u, x0p = (lat - sigmas[i] * v for v in (c, u, p))
+                    x0 = x0c + (cfg - 1) * (x0c - x0u) + stg_scale * (x0c - x0p)
+                    guided.append((lat - x0) / sigmas[i])
+                v_video, v_audio = guided
+            elif unc is not None:
                 vu, au = model(x, a, s, unc[0], unc[1], GRID, 24.0)
                 v_video, v_audio = vu + cfg_v * (vc - vu), au + cfg_a * (ac - au)
             else:
@@ -209,3 +237,78 @@ def test_v2a_score_depends_on_the_chosen_blocks_and_steps(setup) -> None:
     # Recording needs both steps and blocks.
     assert _recorded(model, vn, an, ctx, sigmas, steps=(0,))[1] is None
     assert _recorded(model, vn, an, ctx, sigmas, blocks=(0,))[1] is None
+
+
+# ---------------------------------------------------------------- STG
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["stg", "cfg+stg"])
+def test_batched_stg_equals_separate_passes_combined_in_x0(setup, cfg: bool) -> None:
+    """Rows [cond, uncond, perturbed] in one forward, combined in velocity space, give LTX2Pipeline's
+    x0-space combine of three separate forwards; the V2A mass still counts the conditional rows only."""
+    model, vn, an, ctx, unc, sigmas = setup
+    guidance = dict(cfg_video=3.0, cfg_audio=7.0, uncond_context=unc) if cfg else {}
+    steps, blocks = (0, 2), (1, 3)
+    res, score = _recorded(model, vn, an, ctx, sigmas, steps, blocks, stg_scale=1.5, stg_blocks=[2], **guidance)
+    x, a, ref = _hand_loop(
+        model,
+        vn,
+        an,
+        ctx,
+        sigmas,
+        *((3.0, 7.0, unc) if cfg else ()),
+        record_steps=steps,
+        record_blocks=blocks,
+        stg_scale=1.5,
+        stg_blocks=[2],
+    )
+    torch.testing.assert_close(res.video, x, rtol=0, atol=1e-5)
+    torch.testing.assert_close(res.audio, a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(score.double(), ref, rtol=1e-5, atol=1e-5)
+    # STG does something, on both streams.
+    plain = sample(model, vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas, **guidance)
+    assert (res.video - plain.video).abs().max() > 1e-2 and (res.audio - plain.audio).abs().max() > 1e-2
+
+
+def test_stg_scale_zero_is_todays_sampler(setup) -> None:
+    """stg_scale=0 adds no rows: bit-identical to a call without STG, with and without CFG."""
+    model, vn, an, ctx, unc, sigmas = setup
+    for guidance in ({}, dict(cfg_video=3.0, cfg_audio=7.0, uncond_context=unc)):
+        off = sample(model, vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas, stg_scale=0.0, stg_blocks=[2], **guidance)
+        ref = sample(model, vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas, **guidance)
+        assert torch.equal(off.video, ref.video) and torch.equal(off.audio, ref.audio)
+
+
+def test_stg_rows_travel_through_microbatches(setup) -> None:
+    """The (B,) perturbed mask is a keyword tensor: split_batch cuts it with the rows."""
+    model, vn, an, ctx, unc, sigmas = setup
+    common = dict(cfg_video=3.0, cfg_audio=7.0, uncond_context=unc, stg_scale=1.0, stg_blocks=[0, 3])
+    whole = sample(model, vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas, **common)
+    split = sample(
+        PipelinedForward(Pipeline(ProcessLayout()), model, 1), vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas, **common
+    )
+    torch.testing.assert_close(split.video, whole.video, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split.audio, whole.audio, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_stg_settings(setup) -> None:
+    model, vn, an, ctx, _, sigmas = setup
+    run = (model, vn, an, ctx[0], ctx[1], GRID, 24.0, sigmas)
+    with pytest.raises(ValueError, match=r"stg_blocks \[29\] are outside the model's blocks 0..3 \(4 blocks\)"):
+        sample(*run, stg_scale=1.0, stg_blocks=[29])  # the default blocks are the 19B's
+    with pytest.raises(ValueError, match="needs stg_blocks"):
+        sample(*run, stg_scale=1.0)
+    with pytest.raises(ValueError, match="stg_scale must be >= 0"):
+        sample(*run, stg_scale=-1.0, stg_blocks=[1])
+    # The config: checked on its own, and against the model's depth only with STG on.
+    assert SamplerConfig().stg_blocks == [29] and SamplerConfig().stg_scale == 0.0
+    SamplerConfig().check_blocks(4)
+    with pytest.raises(ConfigError, match=r"^sampler.stg_blocks \[29\] are outside the model's blocks 0..3"):
+        SamplerConfig(stg_scale=1.0).check_blocks(4)
+    SamplerConfig(stg_scale=1.0).check_blocks(48)
+    with pytest.raises(ConfigError, match="distinct block indices >= 0"):
+        SamplerConfig(stg_blocks=[1, 1])
+    with pytest.raises(ConfigError, match="distinct block indices >= 0"):
+        SamplerConfig(stg_blocks=[-1])
+    with pytest.raises(ConfigError, match="needs sampler.stg_blocks"):
+        SamplerConfig(stg_scale=1.0, stg_blocks=[])

@@ -97,7 +97,7 @@ def test_rollouts_do_not_depend_on_which_samples_a_process_takes(tmp_path):
     share, *_ = trainer.rollout(0, prompts, [1, g + 2])
     torch.testing.assert_close(together.video[[1, g + 2]], share.video, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(together.audio[[1, g + 2]], share.audio, rtol=1e-5, atol=1e-5)
-    assert share.prompts == (prompts[0], prompts[1])
+    assert share.prompts == (prompts[0].prompt, prompts[1].prompt)
 
 
 class _Broken(Reward):
@@ -130,16 +130,43 @@ def test_region_weights_are_recorded_and_used(tmp_path):
 
 
 def test_sample_cli_writes_scored_latents(tmp_path, capsys):
-    out = tmp_path / "s.safetensors"
-    assert main(["sample", "--out", str(out), *SMALL]) == 0
-    data = load_file(out)
-    assert data["video"].shape == (6, 12, 16) and data["audio"].shape[0] == 6
+    assert main(["sample", "--out", str(tmp_path), *SMALL]) == 0
+    data = load_file(tmp_path / "samples.safetensors")
+    assert data["latents/video"].shape == data["noise/video"].shape == (6, 12, 16)
+    assert data["latents/audio"].shape == data["noise/audio"].shape and data["noise/audio"].shape[0] == 6
     assert set(k for k in data if k.startswith("reward/")) == {
         "reward/video_sharpness",
         "reward/audio_steadiness",
         "reward/av_sync",
     }
     assert "video_sharpness" in capsys.readouterr().out
+
+
+def test_sample_cli_samples_the_given_prompts_from_the_noise_it_stores(tmp_path):
+    """`--prompt` replaces the config's prompts; the file holds what reproduces the latents: the
+    initial noise, the prompts, the grid, the fps and the sigmas."""
+    from safetensors import safe_open
+
+    from engine.noise import rollout_noise
+    from engine.sampler import sample
+
+    prompts = ["a cat purrs", "thunder rolls"]
+    argv = ["sample", "--out", str(tmp_path), "--prompt", prompts[0], "--prompt", f" {prompts[1]} ", *SMALL]
+    assert main(argv) == 0
+    with safe_open(str(tmp_path / "samples.safetensors"), "pt") as f:
+        meta, data = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert json.loads(meta["prompts"]) == [prompts[0]] * 3 + [prompts[1]] * 3
+    grid, fps, sigmas = json.loads(meta["video_grid"]), json.loads(meta["fps"]), json.loads(meta["sigmas"])
+    cfg = load_config(None, [*SMALL, "iterations=1"])
+    noise = rollout_noise(cfg.seed, 0, prompts[1], 2, (12, 16), tuple(data["noise/audio"].shape[1:]))
+    assert torch.equal(data["noise/video"][5], noise[0]) and torch.equal(data["noise/audio"][5], noise[1])
+    trainer = Trainer(cfg, for_training=False)
+    ctx = trainer.conditioning.contexts([prompts[0]] * 3 + [prompts[1]] * 3, torch.device("cpu"), torch.float32)
+    again = sample(
+        trainer.model, data["noise/video"], data["noise/audio"], *ctx, tuple(grid), fps, torch.tensor(sigmas)
+    )
+    torch.testing.assert_close(again.video, data["latents/video"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(again.audio, data["latents/audio"], rtol=0, atol=1e-6)
 
 
 def test_trainer_state_json_holds_config(tmp_path):

@@ -1,5 +1,5 @@
 """The LTX-2 DiT: parity with diffusers' reference implementation, the 19B shapes, the backend spec,
-A2V gradient surgery, input validation and the V2A probe."""
+A2V gradient surgery, input validation, the V2A probe and STG's perturbed rows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 import models
 from models.layouts import OFFICIAL_PREFIX, diffusers_config, to_layout
+from models.stage import Stage
 from tests.helpers import ROOT
 
 diffusers = pytest.importorskip("diffusers")
@@ -71,6 +72,7 @@ def _diffusers_forward(
     audio_t: Tensor,
     vmask: Tensor | None = None,
     amask: Tensor | None = None,
+    **kw,
 ) -> tuple[Tensor, Tensor]:
     f, h, w = grid
     with torch.no_grad():
@@ -89,6 +91,7 @@ def _diffusers_forward(
             fps=24.0,
             audio_num_frames=x["audio"].shape[1],
             return_dict=False,
+            **kw,
         )
     return out[0], out[1]
 
@@ -528,3 +531,97 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------- 7. STG (spatio-temporal guidance)
+
+
+@pytest.fixture(scope="module")
+def stg_reference(pair):
+    """diffusers' transformer with `perturbed_attn=True` (LTX2PerturbedAttnProcessor on the self-attentions;
+    the flag adds no weights) and the weights of `pair`: the reference for STG's perturbed rows."""
+    dm, _ = pair
+    ref = diffusers.LTX2VideoTransformer3DModel(**{**diffusers_config(models.PRESETS["tiny"]), "perturbed_attn": True})
+    ref.load_state_dict(dm.state_dict())
+    return ref.float().eval()
+
+
+@pytest.mark.parametrize(
+    "perturbed,blocks",
+    [([False, True, False, True], [1, 3]), ([True, True, True, True], [2])],
+    ids=["mixed-rows", "all-rows"],  # with every row perturbed diffusers skips the attention call (all_perturbed)
+)
+def test_stg_parity_with_diffusers(pair, stg_reference, perturbed, blocks) -> None:
+    """Perturbed rows skip the video and audio self-attention of the STG blocks exactly as diffusers does;
+    the other rows of the same batch are bit-identical to an unperturbed call."""
+    _, ours = pair
+    b, ta, grid = 4, 13, (3, 2, 2)
+    x = _inputs(ours.config, b, grid, ta, seed=21)
+    rows = torch.tensor(perturbed)
+    t = x["sigma"][:, None] * 1000
+    ref_v, ref_a = _diffusers_forward(
+        stg_reference,
+        x,
+        grid,
+        t.expand(b, 12),
+        t.expand(b, ta),
+        spatio_temporal_guidance_blocks=blocks,
+        perturbation_mask=(~rows).float(),  # diffusers: 0 = perturbed
+    )
+    v, a = _ours_forward(ours, x, grid, perturbed=rows, stg_blocks=set(blocks))
+    assert _max_diff(v, ref_v) < TOL
+    assert _max_diff(a, ref_a) < TOL
+    v0, a0 = _ours_forward(ours, x, grid)
+    assert torch.equal(v[~rows], v0[~rows]) and torch.equal(a[~rows], a0[~rows])
+    assert (v - v0)[rows].abs().amax() > 1e-3 and (a - a0)[rows].abs().amax() > 1e-3
+
+
+def test_stg_each_block_perturbs_differently(pair) -> None:
+    """The block index is honoured: skipping each single block gives its own output."""
+    _, ours = pair
+    b, ta, grid = 2, 9, (3, 2, 2)
+    x = _inputs(ours.config, b, grid, ta, seed=22)
+    rows = torch.tensor([True, True])
+    outs = [_ours_forward(ours, x, grid, perturbed=rows, stg_blocks={i})[0] for i in range(ours.config.num_layers)]
+    for i in range(len(outs)):
+        for j in range(i):
+            assert _max_diff(outs[i], outs[j]) > 1e-3, (i, j)
+
+
+def test_stg_across_pipeline_stages_and_with_recompute() -> None:
+    """Each stage perturbs the STG blocks it holds (ModuleDict keyed by global index), the mask being an
+    argument of every stage; activation checkpointing recomputes the perturbed blocks alike."""
+    torch.manual_seed(0)
+    whole = models.build_model("tiny")
+    stages = [models.build_model("tiny", stage=Stage(index=i, count=2)) for i in range(2)]
+    for s in stages:
+        models.weights.load_full_state(s, whole.state_dict())
+    b, grid, ta = 3, (3, 2, 2), 5
+    x = _inputs(whole.config, b, grid, ta, seed=23)
+    kw = {"perturbed": torch.tensor([False, True, True]), "stg_blocks": {1, 2}}  # one block on each stage
+    ref = _ours_forward(whole, x, grid, **kw)
+    stages[1].set_input_tensor(_ours_forward(stages[0], x, grid, **kw))
+    out = _ours_forward(stages[1], x, grid, **kw)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-6, atol=1e-6)
+    whole.activation_checkpointing = True
+    args = (x["video"], x["audio"], x["sigma"], x["video_context"], x["audio_context"], grid)
+    v, a = whole(*args, **kw)  # with gradients: the recomputing path
+    assert v.requires_grad and torch.equal(v.detach(), ref[0]) and torch.equal(a.detach(), ref[1])
+
+
+def test_stg_argument_errors(tiny) -> None:
+    x = _inputs(tiny.config, 2, (2, 2, 2), 5, seed=0)
+    rows = torch.tensor([False, True])
+    with pytest.raises(ValueError, match=r"^stg_blocks \[4, 7\] are outside the model's blocks 0..3"):
+        _call(tiny, x, perturbed=rows, stg_blocks=[1, 4, 7])
+    with pytest.raises(ValueError, match=r"^stg_blocks \[-1\]"):
+        _call(tiny, x, perturbed=rows, stg_blocks=[-1])
+    with pytest.raises(ValueError, match="go together"):
+        _call(tiny, x, perturbed=rows)
+    with pytest.raises(ValueError, match="go together"):
+        _call(tiny, x, stg_blocks=[1])
+    with pytest.raises(ValueError, match=r"^perturbed has shape"):
+        _call(tiny, x, perturbed=rows[:1], stg_blocks=[1])
+    with pytest.raises(ValueError, match=r"^perturbed must be a bool mask"):
+        _call(tiny, x, perturbed=rows.float(), stg_blocks=[1])

@@ -1,0 +1,125 @@
+"""What the trainer asks of text: the (video, audio) contexts of a batch of prompts.
+
+Two sources behind one call: the stand-in features of the embedded tiny task (no text model), and
+the real LTX-2 path (engine.data.text), whose prompt features come from the embedding cache or are
+encoded once, before training, and then dropped with Gemma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, DataError
+from .cache import EmbeddingCache
+from .features import prompt_features
+from .text import DTYPES, ContextConnectors, PromptEncoder, TextConfig, encoding_fingerprint, load_connectors
+
+
+class Conditioning(Protocol):
+    def contexts(self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(video, audio) contexts, each (B, T_ctx, caption_channels), for B prompts."""
+
+
+class StandInConditioning:
+    """The tiny task's seeded per-prompt features (engine.data.features); video and audio share them."""
+
+    def __init__(self, tokens: int, channels: int):
+        self.tokens, self.channels = tokens, channels
+        self._memo: dict[str, Tensor] = {}
+
+    def contexts(self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        for p in prompts:
+            if p not in self._memo:
+                self._memo[p] = prompt_features(p, self.tokens, self.channels)
+        ctx = torch.stack([self._memo[p] for p in prompts]).to(device=device, dtype=dtype)
+        return ctx, ctx
+
+
+def connectors_source(cfg: TextConfig, model_init: str | None) -> str:
+    """`text.connectors`, defaulting to the `model.init` weights (the official file carries them, and
+    so does a diffusers pipeline folder)."""
+    source = cfg.connectors or model_init
+    if source is None:
+        raise ConfigError("text.connectors: set it (or model.init) to the LTX-2 weights that hold the text connectors")
+    return source
+
+
+def encode_into(
+    encoder: PromptEncoder,
+    prompts: Sequence[str],
+    store: Callable[[str, Tensor], None],
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Encodes `prompts` in `text.batch_size` chunks and hands each result to `store` as it is made,
+    so a killed run keeps what it finished."""
+    size = encoder.cfg.batch_size
+    for start in range(0, len(prompts), size):
+        chunk = list(prompts[start : start + size])
+        for p, rows in zip(chunk, encoder.encode(chunk)):
+            store(p, rows)
+        if progress is not None:
+            progress(len(chunk))
+
+
+class TextConditioning:
+    """The real LTX-2 text path: cached (or freshly encoded) prompt features through the connectors.
+
+    `prompts` are all the texts the run will condition on (training prompts and negative prompts).
+    Those the cache lacks are encoded here with Gemma on `device`, before the DiT trains, when
+    `text.on_missing=encode`; Gemma is then released. With `on_missing=error` they are an error that
+    points to `omninft encode-prompts`. Under torchrun each rank encodes its share of them into the
+    cache (the caller waits for every rank before reading it: `ProcessLayout.collectively`).
+    """
+
+    def __init__(
+        self,
+        cfg: TextConfig,
+        model_init: str | None,
+        prompts: Sequence[str],
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        connectors = load_connectors(connectors_source(cfg, model_init), DTYPES[cfg.dtype])
+        self.fingerprint = encoding_fingerprint(cfg, connectors)
+        self.cache = EmbeddingCache(cfg.cache, self.fingerprint) if cfg.cache else None
+        self._memory: dict[str, Tensor] = {}
+        wanted = list(dict.fromkeys(p.strip() for p in prompts))
+        missing = self.cache.missing(wanted) if self.cache else wanted
+        if missing and cfg.on_missing == "error":
+            shown = ", ".join(repr(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise DataError(
+                f"text.cache: {len(missing)} prompt(s) are not encoded in {cfg.cache} ({shown}); run omninft "
+                f"encode-prompts with this config, or set text.on_missing=encode"
+            )
+        if missing:
+            encoder = PromptEncoder(cfg, connectors, device)
+            if self.cache is None:
+                encode_into(encoder, missing, self._memory.__setitem__)
+            else:
+                mine = [p for i, p in enumerate(wanted) if i % world == rank and p in missing]
+                encode_into(encoder, mine, self.cache.put)
+            del encoder  # Gemma leaves the device before the DiT trains
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.connectors = ContextConnectors(connectors, cfg.max_length).to(device)
+        self.caption_channels = connectors.config.caption_channels
+
+    def features(self, prompt: str) -> Tensor:
+        prompt = prompt.strip()
+        return self._memory[prompt] if prompt in self._memory else self.cache.get(prompt)
+
+    def contexts(self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return self.connectors([self.features(p) for p in prompts], device, dtype)
+
+
+def run_texts(records: Sequence, negative_default: str) -> list[str]:
+    """Every text a run conditions on, in order, once: each record's prompt and negative prompt."""
+    texts = []
+    for r in records:
+        texts += [r.prompt, negative_default if r.negative_prompt is None else r.negative_prompt]
+    return list(dict.fromkeys(t.strip() for t in texts))
