@@ -107,21 +107,23 @@ def _convert(args: argparse.Namespace) -> int:
     if src.is_dir() and is_distributed_checkpoint(src):
         if args.to != "official":
             raise ConfigError("a distributed checkpoint exports to --to official only")
-        from models.config import resolve_config
+        from .checkpoint.dist import export_official
 
-        from .checkpoint.dist import export_official, read_run_config
-
-        export_official(src, args.dst, resolve_config(read_run_config(src)["model"]["preset"]))
+        export_official(src, args.dst)  # the model shape is stored with the checkpoint
         print(f"wrote the model weights of {src} to {args.dst} (official layout)")
         return 0
-    if src.is_dir():
-        if not full.is_full_checkpoint(src):
-            raise CheckpointError(
-                f"{src} is a directory but not a training checkpoint (no {full.STATE_FILE} and "
-                f"{full.MODEL_FILES[0]}, and no distributed checkpoint metadata.json)"
-            )
+    if src.is_dir() and full.is_full_checkpoint(src):
         src = src / full.MODEL_FILES[0]  # the trained policy; the old policy is its EMA
-    n = convert_file(src, args.dst, args.to)
+    # Anything else is a weights source: a file, or a diffusers pipeline / transformer folder.
+    try:
+        n = convert_file(src, args.dst, args.to)
+    except CheckpointError as e:
+        if not src.is_dir():
+            raise
+        raise CheckpointError(
+            f"{src} is not a training checkpoint (no {full.STATE_FILE} and {full.MODEL_FILES[0]}, and no "
+            f"distributed checkpoint metadata.json), and {e}"
+        ) from e
     print(f"wrote {n} tensors of {src} to {args.dst} ({args.to} layout)")
     return 0
 

@@ -20,8 +20,6 @@ from typing import Any
 
 import yaml
 
-from models.config import PRESETS as MODEL_PRESETS
-
 from .algorithm.advantages import AdvantageConfig
 from .algorithm.loss import LossConfig
 from .algorithm.reweighting import ReweightConfig
@@ -33,7 +31,7 @@ from .fields import bounded, choice
 from .metrics import LogConfig
 from .optim import OptimConfig
 from .parallel import ParallelConfig
-from .policy import EMAConfig, PolicyConfig
+from .policy import EMAConfig, PolicyConfig, model_config
 from .profiling import ProfileConfig
 from .rewards import LATENT_REWARDS, RewardSpec, build_rewards
 from .rewards.base import check_video_grid
@@ -220,17 +218,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             "parallel.distributed_optimizer needs checkpoint_format=dist or auto (the optimizer state is sharded)"
         )
-    layers = MODEL_PRESETS[cfg.model.preset].num_layers
+    model = model_config(cfg.model)  # the shape model.init's weights carry, else model.preset's
+    which = f"model.init={cfg.model.init}" if cfg.model.init else f"model.preset={cfg.model.preset!r}"
+    layers = model.num_layers
     if cfg.parallel.pp > layers:
         raise ConfigError(
-            f"parallel.pp={cfg.parallel.pp}: model.preset={cfg.model.preset!r} has only {layers} "
-            f"blocks to split into pipeline stages"
+            f"parallel.pp={cfg.parallel.pp}: the model ({which}) has only {layers} blocks to split into pipeline stages"
         )
     cfg.sampler.check_blocks(layers)
     try:
         a2v_grad_scales(cfg.surgery.schedule, layers)
     except ValueError as e:
-        raise ConfigError(f"{e} (model.preset={cfg.model.preset!r})") from e
+        raise ConfigError(f"{e} ({which})") from e
     if cfg.text.encoder is not None and cfg.text.connectors is None and cfg.model.init is None:
         raise ConfigError(
             "text.encoder is set, but no weights for the text connectors: set text.connectors or model.init "

@@ -6,15 +6,14 @@ from __future__ import annotations
 import contextlib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import models
-from models import LTX2AVTransformer
+from models import LTX2AVTransformer, ModelConfig
 from models.config import PRESETS
-from models.weights import load_full_state, open_safetensors
+from models.weights import load_full_state, weights_source
 
 from .errors import ConfigError, UserError
 from .fields import bounded, choice
@@ -27,7 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class PolicyConfig:
     """`model.*`: which DiT, its layers, precision and starting weights."""
 
-    preset: str = choice(*PRESETS, default="tiny")
+    preset: str = choice(*PRESETS, default="tiny")  # the DiT shape, unless `init` carries its own (see model_config)
     backend: str = choice(*models.BACKENDS, default="torch")  # layer flavour; tp > 1 needs megatron or te
     # FP8 scaling of the te backend (the torch-native fp8 backend is tensorwise only)
     fp8_recipe: str = choice("tensorwise", "delayed", default="tensorwise")
@@ -35,7 +34,9 @@ class PolicyConfig:
     # Mixed precision: matmuls under torch.autocast in this dtype while parameters stay in `dtype`
     # (keep fp32 parameters for bf16 compute: AdamW updates on bf16 weights round away).
     autocast: str = choice("off", "bfloat16", "float16", default="off")
-    init: str | None = None  # safetensors file (official or diffusers layout) to start from
+    # weights to start from: a safetensors file (official or diffusers layout, the official single file
+    # included) or a diffusers LTX-2 pipeline or transformer folder
+    init: str | None = None
     init_seed: int = 0  # random weights when `init` is None
 
     def __post_init__(self) -> None:
@@ -45,11 +46,8 @@ class PolicyConfig:
                 f"backend scales tensorwise)"
             )
         if self.init is not None:
-            if not Path(self.init).is_file():
-                raise ConfigError(f"model.init: {self.init} is not a file (expected a safetensors checkpoint)")
-            try:
-                with open_safetensors(self.init):
-                    pass
+            try:  # headers and configs only: a bad path, folder or unsupported config fails here, not at build
+                weights_source(self.init)
             except UserError as e:
                 raise ConfigError(f"model.init: {e}") from e
 
@@ -68,13 +66,25 @@ def layer_backend(cfg: PolicyConfig, sharding: models.Sharding) -> models.TorchB
     return models.backends.resolve_backend(cfg.backend, sharding, **options)
 
 
+def model_config(cfg: PolicyConfig) -> ModelConfig:
+    """The DiT shape of the run: the config `model.init` carries (a diffusers config.json, or the
+    safetensors header of an official or our own file), else `PRESETS[model.preset]`.
+
+    Weights that carry a config win over `model.preset`, silently, even when the preset was set and
+    disagrees: the config describes the tensors in the file, the preset only the shape to use without one."""
+    carried = weights_source(cfg.init).config if cfg.init is not None else None
+    return carried if carried is not None else PRESETS[cfg.preset]
+
+
 def build_policy(cfg: PolicyConfig, layout: ProcessLayout, sequence_parallel: bool = False) -> LTX2AVTransformer:
     """This rank's share of the model (its pipeline stage, its tensor-parallel slices) with its
     starting weights: `model.init` (each rank reads only its share), or a seeded random init made as
     one process would make it (so the run does not depend on the layout; it builds the whole model on
     every rank, fine for `tiny`)."""
+    with layout.collectively("reading the model config"):  # model.init's header or config.json, on every rank
+        shape = model_config(cfg)
     model = models.build_model(
-        cfg.preset,
+        shape,
         device=layout.device,
         stage=layout.stage(),
         backend=layer_backend(cfg, layout.sharding(sequence_parallel)),
@@ -84,14 +94,15 @@ def build_policy(cfg: PolicyConfig, layout: ProcessLayout, sequence_parallel: bo
             models.load_model_weights(model, cfg.init)
     else:
         torch.manual_seed(cfg.init_seed)
-        load_full_state(model, models.build_model(cfg.preset).state_dict())
+        load_full_state(model, models.build_model(shape).state_dict())
     return model.to(DTYPES[cfg.dtype])
 
 
 def frozen_copy(cfg: PolicyConfig, model: LTX2AVTransformer) -> LTX2AVTransformer:
-    """Same layers, layout and weights, no gradients (the old policy and the KL reference)."""
+    """Same layers, layout and weights, no gradients (the old policy and the KL reference). The shape is
+    `model.config` (what model_config gave build_policy), so `model.init` is not read again."""
     copy = models.build_model(
-        cfg.preset,
+        model.config,
         device=next(model.parameters()).device,
         dtype=DTYPES[cfg.dtype],
         backend=layer_backend(cfg, model.sharding),

@@ -51,7 +51,7 @@ class SamplerConfig:
 
     def check_blocks(self, num_layers: int) -> None:
         """With STG on, every STG block must exist in a model of `num_layers` blocks (a cross-section
-        rule: the depth comes from model.preset)."""
+        rule: the depth comes from engine.policy.model_config)."""
         bad = sorted(i for i in self.stg_blocks if i >= num_layers)
         if self.stg_scale > 0 and bad:
             raise ConfigError(

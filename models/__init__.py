@@ -12,7 +12,7 @@ from .layouts import config_from_diffusers
 from .sharding import Sharding
 from .stage import Stage, stage_layers
 from .transformer import LTX2AVTransformer, V2AProbe
-from .weights import convert_file, load_model_weights, load_state, save_model
+from .weights import WeightsSource, convert_file, load_model_weights, load_state, save_model, weights_source
 
 __all__ = [
     "BACKENDS",
@@ -27,6 +27,7 @@ __all__ = [
     "TorchBackend",
     "UserError",
     "V2AProbe",
+    "WeightsSource",
     "build_model",
     "convert_file",
     "from_diffusers",
@@ -34,6 +35,7 @@ __all__ = [
     "reference_block",
     "save_model",
     "stage_layers",
+    "weights_source",
 ]
 
 

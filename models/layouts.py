@@ -1,4 +1,5 @@
-"""Key layouts of LTX-2 DiT checkpoints: the official one and diffusers', and the diffusers config.
+"""Key layouts of LTX-2 DiT checkpoints, the official one and diffusers', and the config each carries (the
+official safetensors header's `transformer` section, diffusers' config.json) as a ModelConfig and back.
 
 Our module names are the official ones, so the official layout is our state dict under the
 `model.diffusion_model.` prefix; the diffusers layout renames a few path components (the table
@@ -165,4 +166,123 @@ def config_from_diffusers(dcfg) -> ModelConfig:
     for key, ours in (("out_channels", cfg.in_channels), ("audio_out_channels", cfg.audio_in_channels)):
         if dcfg.get(key) not in (None, ours):
             raise ValueError(f"diffusers config {key}={dcfg[key]} must equal the input channels {ours}")
+    return cfg
+
+
+# The official header's `transformer` values that describe the 19B DiT we implement. ltx-core checks most of them
+# with `check_config_value` (which wants them present), so an export carries them all; a file that sets one to
+# anything else is a variant we do not implement (LTX-2.3 gated attention or text AdaLN, the 2.5 bias-free FFN, ...).
+_OFFICIAL_REQUIRED = {
+    "dropout": 0.0,
+    "attention_bias": True,
+    "num_vector_embeds": None,
+    "activation_fn": "gelu-approximate",
+    "num_embeds_ada_norm": 1000,
+    "use_linear_projection": False,
+    "only_cross_attention": False,
+    "cross_attention_norm": True,
+    "double_self_attention": False,
+    "upcast_attention": False,
+    "standardization_norm": "rms_norm",
+    "norm_elementwise_affine": False,
+    "qk_norm": "rms_norm",
+    "positional_embedding_type": "rope",
+    "use_audio_video_cross_attention": True,
+    "share_ff": False,
+    "av_cross_ada_norm": True,
+    "use_middle_indices_grid": True,
+    "causal_temporal_positioning": True,
+    "rope_type": "split",
+    "frequencies_precision": "float64",
+    "apply_gated_attention": False,
+    "cross_attention_adaln": False,
+    "caption_proj_before_connector": False,
+    "ff_bias": True,
+    "audio_ff_bias": True,
+    "use_keyframes_abs_pos_embedding": False,
+}
+# ModelConfig fields with no official `transformer` key (official files keep the latent geometry in their `vae` and
+# `audio_vae` sections, and fix the timestep features at 256): stored under our names, which ltx-core ignores.
+_OWN_FIELDS = (
+    "vae_scale_factors",
+    "audio_scale_factor",
+    "audio_sampling_rate",
+    "audio_hop_length",
+    "causal_offset",
+    "timestep_embed_dim",
+)
+
+
+def official_config(cfg: ModelConfig) -> dict:
+    """The official header's `transformer` section describing `cfg` (official key names, so ltx-core builds the
+    same DiT from our exports), plus the fields the official section has no key for."""
+    own = {k: getattr(cfg, k) for k in _OWN_FIELDS}
+    return {
+        **_OFFICIAL_REQUIRED,
+        "num_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.video_head_dim,
+        "audio_num_attention_heads": cfg.num_heads,
+        "audio_attention_head_dim": cfg.audio_head_dim,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.in_channels,
+        "audio_in_channels": cfg.audio_in_channels,
+        "audio_out_channels": cfg.audio_in_channels,
+        "cross_attention_dim": cfg.video_dim,
+        "audio_cross_attention_dim": cfg.audio_dim,
+        "caption_channels": cfg.caption_channels,
+        "norm_eps": cfg.norm_eps,
+        "positional_embedding_theta": cfg.rope_theta,
+        "positional_embedding_max_pos": list(cfg.rope_max_pos),
+        "audio_positional_embedding_max_pos": [cfg.audio_rope_max_pos],
+        "timestep_scale_multiplier": cfg.timestep_scale_multiplier,
+        "av_ca_timestep_scale_multiplier": cfg.av_ca_timestep_scale_multiplier,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in own.items()},
+    }
+
+
+def config_from_official(tcfg: dict) -> ModelConfig:
+    """The ModelConfig of an official header's `transformer` section; unsupported variants fail naming the key.
+
+    A key the section lacks takes the value ltx-core's `LTXModelConfigurator` gives it (the 19B value, except
+    `av_ca_timestep_scale_multiplier`, 1), so we build the DiT ltx-core would build from the same file; widths
+    that follow from others (`cross_attention_dim`, `out_channels`, ...) are only checked when present."""
+    for key, want in _OFFICIAL_REQUIRED.items():
+        if key in tcfg and tcfg[key] != want:
+            raise ValueError(f"official config {key}={tcfg[key]!r} is not supported (need {want!r})")
+    heads = tcfg.get("num_attention_heads", 32)
+    if heads != tcfg.get("audio_num_attention_heads", 32):
+        raise ValueError("official config: num_attention_heads must equal audio_num_attention_heads")
+    audio_max_pos = tcfg.get("audio_positional_embedding_max_pos", [20])
+    if len(audio_max_pos) != 1:
+        raise ValueError(f"official config audio_positional_embedding_max_pos={audio_max_pos} must hold one value")
+    rope_max_pos = tuple(float(p) for p in tcfg.get("positional_embedding_max_pos", [20, 2048, 2048]))
+    if len(rope_max_pos) != 3:
+        raise ValueError(f"official config positional_embedding_max_pos={list(rope_max_pos)} must hold 3 values")
+    own = {k: tuple(v) if isinstance(v, list) else v for k, v in tcfg.items() if k in _OWN_FIELDS}
+    cfg = ModelConfig(
+        num_layers=tcfg.get("num_layers", 48),
+        num_heads=heads,
+        video_head_dim=tcfg.get("attention_head_dim", 128),
+        audio_head_dim=tcfg.get("audio_attention_head_dim", 64),
+        in_channels=tcfg.get("in_channels", 128),
+        audio_in_channels=tcfg.get("audio_in_channels", 128),
+        caption_channels=tcfg.get("caption_channels", 3840),
+        norm_eps=tcfg.get("norm_eps", 1e-6),
+        rope_theta=float(tcfg.get("positional_embedding_theta", 10000.0)),
+        rope_max_pos=rope_max_pos,
+        audio_rope_max_pos=float(audio_max_pos[0]),
+        timestep_scale_multiplier=float(tcfg.get("timestep_scale_multiplier", 1000)),
+        av_ca_timestep_scale_multiplier=float(tcfg.get("av_ca_timestep_scale_multiplier", 1)),
+        **own,
+    )
+    expected = {
+        "cross_attention_dim": cfg.video_dim,
+        "audio_cross_attention_dim": cfg.audio_dim,
+        "out_channels": cfg.in_channels,
+        "audio_out_channels": cfg.audio_in_channels,
+    }
+    for key, ours in expected.items():
+        if tcfg.get(key, ours) != ours:
+            raise ValueError(f"official config {key}={tcfg[key]} does not fit the model (need {ours})")
     return cfg

@@ -146,7 +146,8 @@ def save(
     _require_process_group(path)
     with atomic_directory(path) as tmp:
         sd = sharded_state(model, old_model, optimizer, dp_rank)
-        sd.update(**dataclasses.asdict(state), config=config)
+        # The DiT shape beside the run config: it may come from model.init's own config, not the preset.
+        sd.update(**dataclasses.asdict(state), config=config, model_config=dataclasses.asdict(model.config))
         dist_checkpointing.save(sd, str(tmp))
     return path
 
@@ -207,21 +208,38 @@ def _one_line(error: BaseException) -> str:
 
 def read_run_config(path: str | Path) -> dict:
     """The run config stored with the checkpoint (no process group needed)."""
+    return _common_state(path)["config"]
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The DiT shape of the checkpoint (no process group needed). Checkpoints written before it was
+    stored come from runs that always built `model.preset`, so their run config's preset is their shape."""
+    common = _common_state(path)
+    if "model_config" in common:
+        return models.ModelConfig(**common["model_config"])
+    return models.PRESETS[common["config"]["model"]["preset"]]
+
+
+def _common_state(path: str | Path) -> dict:
+    """The checkpoint's non-tensor entries: counters, run config, model config."""
     path = Path(path)
     _check_is_checkpoint(path)
     try:
-        return dist_checkpointing.load_common_state_dict(str(path))["config"]
+        return dist_checkpointing.load_common_state_dict(str(path))
     except READ_ERRORS as e:
         raise CheckpointError(f"{path}: cannot read the run config: {_one_line(e)}") from e
 
 
-def export_official(path: str | Path, out_file: str | Path, model_config: ModelConfig) -> Path:
-    """Writes the checkpoint's model weights as one safetensors file in the official LTX-2 layout.
+def export_official(path: str | Path, out_file: str | Path, model_config: ModelConfig | None = None) -> Path:
+    """Writes the checkpoint's model weights as one safetensors file in the official LTX-2 layout, with
+    `model_config` (default: the one the checkpoint stores, read_model_config) in its header.
 
     Runs in a plain process: megatron's own full-tensor loader needs a process group, so the
     torch_dist files (torch DCP underneath) are read whole with `dcp.load(no_dist=True)`."""
     path = Path(path)
     _check_is_checkpoint(path)
+    if model_config is None:
+        model_config = read_model_config(path)
     meta = dist_checkpointing.load_tensors_metadata(str(path))
     prefix = "model."
     state = {

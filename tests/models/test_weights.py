@@ -1,8 +1,11 @@
-"""Checkpoints: official and diffusers layouts, conversion, whole-file validation, diffusers configs."""
+"""Checkpoints: official and diffusers layouts, conversion, whole-file validation, the configs weights carry, and
+every weights source (diffusers pipeline, transformer and sharded folders; the official single file)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
@@ -10,7 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import models
-from models.layouts import OFFICIAL_PREFIX, config_from_diffusers, diffusers_config, to_layout
+from models.layouts import (
+    OFFICIAL_PREFIX,
+    config_from_diffusers,
+    config_from_official,
+    diffusers_config,
+    official_config,
+    our_name,
+    to_layout,
+)
 from models.weights import read_config
 
 diffusers = pytest.importorskip("diffusers")
@@ -265,3 +276,265 @@ def test_config_from_diffusers_model_config() -> None:
     dm_default = diffusers.LTX2VideoTransformer3DModel(**{**diffusers_config(TINY), "rope_type": "interleaved"})
     with pytest.raises(ValueError, match="rope_type"):
         config_from_diffusers(dm_default.config)
+
+
+# ---------------------------------------------------------------- weights sources: diffusers folders, official file
+
+# The 19B release header's `transformer` keys (ARCHITECTURE.md section 0) at the tiny shape, connector keys included.
+OFFICIAL_TINY_HEADER = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 16,
+    "audio_num_attention_heads": 4,
+    "audio_attention_head_dim": 8,
+    "num_layers": 4,
+    "in_channels": 16,
+    "out_channels": 16,
+    "audio_in_channels": 16,
+    "audio_out_channels": 16,
+    "cross_attention_dim": 64,
+    "audio_cross_attention_dim": 32,
+    "caption_channels": 32,
+    "qk_norm": "rms_norm",
+    "standardization_norm": "rms_norm",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "rope_type": "split",
+    "frequencies_precision": "float64",
+    "positional_embedding_theta": 10000,
+    "positional_embedding_max_pos": [20, 2048, 2048],
+    "audio_positional_embedding_max_pos": [20],
+    "use_middle_indices_grid": True,
+    "causal_temporal_positioning": True,
+    "timestep_scale_multiplier": 1000,
+    "av_ca_timestep_scale_multiplier": 1000.0,
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "av_cross_ada_norm": True,
+    "connector_num_layers": 2,
+    "connector_num_attention_heads": 30,
+    "connector_attention_head_dim": 128,
+    "connector_num_learnable_registers": 128,
+}
+NOT_DIT = {  # what a release file holds beside the DiT
+    "vae.decoder.conv_in.conv.weight": (8, 4, 3, 3, 3),
+    "audio_vae.encoder.conv_in.conv.weight": (4, 2, 3, 3),
+    "vocoder.conv_pre.weight": (8, 4, 7),
+    "text_embedding_projection.aggregate_embed.weight": (32, 49 * 32),
+    OFFICIAL_PREFIX + "video_embeddings_connector.transformer_1d_blocks.0.attn1.to_q.weight": (32, 32),
+    OFFICIAL_PREFIX + "audio_embeddings_connector.learnable_registers": (128, 32),
+}
+
+
+def _diffusers_model(cfg=TINY, seed: int = 7):
+    torch.manual_seed(seed)
+    return diffusers.LTX2VideoTransformer3DModel(**diffusers_config(cfg))
+
+
+def _official_file(path, dm, header: dict) -> None:
+    """An official single file built from a diffusers model: DiT keys renamed, the rest of a release beside them."""
+    state = to_layout(models.from_diffusers(dm).state_dict(), "official")
+    state.update({k: torch.zeros(shape) for k, shape in NOT_DIT.items()})
+    meta = {"config": json.dumps({"transformer": header, "vae": {"latent_channels": 16}}), "model_version": "2.0.0"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The tiny diffusers model, and its weights as every kind of source model.init accepts."""
+    root = tmp_path_factory.mktemp("sources")
+    dm = _diffusers_model()
+    dm.save_pretrained(root / "pipe" / "transformer")
+    (root / "pipe" / "model_index.json").write_text("{}")
+    dm.save_pretrained(root / "sharded" / "transformer", max_shard_size="500KB")
+    _official_file(root / "ltx-2-19b-dev.safetensors", dm, OFFICIAL_TINY_HEADER)
+    paths = {
+        "pipeline folder": root / "pipe",
+        "transformer folder": root / "pipe" / "transformer",
+        "weights file in a transformer folder": root / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors",
+        "sharded pipeline folder": root / "sharded",
+        "official single file": root / "ltx-2-19b-dev.safetensors",
+    }
+    return dm, paths
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "pipeline folder",
+        "transformer folder",
+        "weights file in a transformer folder",
+        "sharded pipeline folder",
+        "official single file",
+    ],
+)
+def test_every_source_loads_the_diffusers_weights_exactly_and_carries_the_config(sources, kind) -> None:
+    dm, paths = sources
+    source = models.weights_source(paths[kind])
+    assert source.config == TINY and read_config(paths[kind]) == TINY
+    assert source.layout == ("official" if kind == "official single file" else "diffusers")
+    if kind == "sharded pipeline folder":
+        assert len(source.files) > 1
+    ours = _model(TINY, seed=1)
+    models.load_model_weights(ours, paths[kind])
+    _assert_same_state(to_layout(ours.state_dict(), "diffusers"), dm.state_dict())
+
+
+def test_a_pipeline_stage_takes_only_its_blocks_from_the_shards(sources) -> None:
+    dm, paths = sources
+    stage = models.Stage(index=1, count=2, layers=models.stage_layers(TINY.num_layers, 2, 1))
+    part = models.build_model(TINY, stage=stage)
+    models.load_model_weights(part, paths["sharded pipeline folder"])
+    whole = models.from_diffusers(dm).state_dict()
+    assert not any(k.startswith(("transformer_blocks.0.", "transformer_blocks.1.")) for k in part.state_dict())
+    for k, v in part.state_dict().items():
+        assert torch.equal(v, whole[k]), k
+
+
+def test_convert_reads_folders(sources, tmp_path) -> None:
+    dm, paths = sources
+    out = tmp_path / "official.safetensors"
+    assert models.convert_file(paths["sharded pipeline folder"], out, "official") == len(dm.state_dict())
+    assert read_config(out) == TINY
+    ours = _model(TINY, seed=2)
+    models.load_model_weights(ours, out)
+    _assert_same_state(to_layout(ours.state_dict(), "diffusers"), dm.state_dict())
+
+
+def test_a_shape_other_than_the_presets_is_read_from_the_weights(tmp_path) -> None:
+    cfg = dataclasses.replace(TINY, num_layers=3, rope_theta=5000.0, audio_rope_max_pos=10.0)
+    dm = _diffusers_model(cfg)
+    dm.save_pretrained(tmp_path / "pipe" / "transformer")
+    header = {
+        **OFFICIAL_TINY_HEADER,
+        "num_layers": 3,
+        "positional_embedding_theta": 5000.0,
+        "audio_positional_embedding_max_pos": [10],
+    }
+    _official_file(tmp_path / "official.safetensors", dm, header)
+    for path in (tmp_path / "pipe", tmp_path / "official.safetensors"):
+        assert read_config(path) == cfg
+        ours = models.build_model(read_config(path))
+        models.load_model_weights(ours, path)
+        _assert_same_state(to_layout(ours.state_dict(), "diffusers"), dm.state_dict())
+
+
+def test_our_header_uses_the_official_names(tmp_path) -> None:
+    """ltx-core builds its DiT from `config.transformer` in official names and insists on its fixed values."""
+    path = tmp_path / "ours.safetensors"
+    models.save_model(_model(TINY), path)
+    header = json.loads(_file_tensors(path)[1]["config"])["transformer"]
+    for key, value in OFFICIAL_TINY_HEADER.items():
+        if not key.startswith("connector_"):
+            assert header[key] == value, key
+    assert header["dropout"] == 0.0 and header["num_vector_embeds"] is None and header["share_ff"] is False
+    assert header["apply_gated_attention"] is False and header["cross_attention_adaln"] is False
+    assert "num_heads" not in header and "video_head_dim" not in header
+
+
+@pytest.mark.parametrize("name", sorted(models.PRESETS))
+def test_official_config_describes_the_preset(name) -> None:
+    cfg = models.PRESETS[name]
+    assert config_from_official(official_config(cfg)) == cfg
+
+
+def test_official_keys_a_header_lacks_take_ltx_core_defaults() -> None:
+    assert config_from_official({"av_ca_timestep_scale_multiplier": 1000}) == models.PRESETS["ltx2-19b"]
+    assert config_from_official({}).av_ca_timestep_scale_multiplier == 1.0  # ltx-core's default
+
+
+def test_headers_written_before_the_official_names_still_read(tmp_path) -> None:
+    cfg = dataclasses.replace(TINY, num_layers=2, timestep_embed_dim=32)
+    m = _model(cfg)
+    path = tmp_path / "old.safetensors"
+    legacy = {"config": json.dumps({"transformer": dataclasses.asdict(cfg)})}
+    save_file({k: v.contiguous() for k, v in to_layout(m.state_dict(), "official").items()}, str(path), legacy)
+    assert read_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("apply_gated_attention", True),
+        ("cross_attention_adaln", True),
+        ("caption_proj_before_connector", True),
+        ("rope_type", "interleaved"),
+        ("ff_bias", False),
+    ],
+)
+def test_an_official_header_of_an_unsupported_variant_is_refused_by_key(tmp_path, key, value) -> None:
+    path = tmp_path / "ltx-2.3.safetensors"
+    save_file(
+        {"x": torch.zeros(1)}, str(path), {"config": json.dumps({"transformer": {**OFFICIAL_TINY_HEADER, key: value}})}
+    )
+    with pytest.raises(models.CheckpointError, match=f"{path}.*{key}"):
+        models.weights_source(path)
+
+
+def test_a_diffusers_config_of_an_unsupported_variant_or_another_model_is_refused(sources, tmp_path) -> None:
+    dm, paths = sources
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors").symlink_to(
+        paths["transformer folder"] / "diffusion_pytorch_model.safetensors"
+    )
+    dcfg = json.loads((paths["transformer folder"] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**dcfg, "gated_attn": True}))
+    with pytest.raises(models.CheckpointError, match="config.json.*gated_attn"):
+        models.weights_source(tmp_path)
+    (folder / "config.json").write_text(json.dumps({**dcfg, "_class_name": "LTXVideoTransformer3DModel"}))
+    with pytest.raises(models.CheckpointError, match="_class_name"):
+        models.weights_source(tmp_path)
+    del dcfg["audio_num_attention_heads"]
+    (folder / "config.json").write_text(json.dumps(dcfg))
+    with pytest.raises(models.CheckpointError, match="no 'audio_num_attention_heads' entry"):
+        models.weights_source(tmp_path)
+
+
+@pytest.mark.parametrize("content", ["nothing", "config only", "weights only"])
+def test_a_folder_of_neither_layout_says_what_was_expected(sources, tmp_path, content) -> None:
+    _, paths = sources
+    folder = tmp_path / "pipe" / "transformer"
+    folder.mkdir(parents=True)
+    if content == "config only":
+        (folder / "config.json").write_text((paths["transformer folder"] / "config.json").read_text())
+    if content == "weights only":
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(models.CheckpointError) as info:
+        models.weights_source(tmp_path / "pipe")
+    msg = str(info.value)
+    assert "is not a diffusers LTX-2 folder" in msg and "transformer/config.json" in msg
+    assert "diffusion_pytorch_model.safetensors.index.json" in msg
+
+
+def test_a_missing_path_names_both_kinds_of_source(tmp_path) -> None:
+    with pytest.raises(models.CheckpointError, match="no such file or folder.*safetensors file.*diffusers"):
+        models.weights_source(tmp_path / "absent")
+
+
+def test_shards_with_a_key_missing_or_held_twice_list_every_problem(sources, tmp_path) -> None:
+    _, paths = sources
+    src = paths["sharded pipeline folder"] / "transformer"
+    folder = tmp_path / "transformer"
+    shutil.copytree(src, folder)
+    index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    state, _ = _file_tensors(folder / first)
+    gone = sorted(state)[0]
+    del state[gone]
+    state[sorted(_file_tensors(folder / second)[0])[0]] = torch.zeros(1)  # also in the second shard
+    save_file(state, str(folder / first))
+    with pytest.raises(models.CheckpointError) as info:
+        models.load_model_weights(_model(TINY), tmp_path)
+    msg = str(info.value)
+    assert str(tmp_path) in msg and "2 problem" in msg
+    assert "held twice" in msg and f"missing: {our_name(gone, 'diffusers')} " in msg
+
+
+def test_an_index_naming_an_absent_shard_is_refused(sources, tmp_path) -> None:
+    _, paths = sources
+    folder = tmp_path / "transformer"
+    shutil.copytree(paths["sharded pipeline folder"] / "transformer", folder)
+    last = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))[-1]
+    last.unlink()
+    with pytest.raises(models.CheckpointError, match=f"lists shard.*{last.name}"):
+        models.weights_source(tmp_path)

@@ -97,7 +97,9 @@ def test_conditioning_encodes_into_the_cache_then_reads_it(parts, tmp_path) -> N
     first = TextConditioning(cfg, None, PROMPTS, cpu)
     cache = EmbeddingCache(cfg.cache, first.fingerprint)
     assert cache.missing(PROMPTS) == []
-    strict = TextConditioning(_config(parts, str(parts["official"]), cache=cfg.cache, on_missing="error"), None, PROMPTS, cpu)
+    strict = TextConditioning(
+        _config(parts, str(parts["official"]), cache=cfg.cache, on_missing="error"), None, PROMPTS, cpu
+    )
     in_memory = TextConditioning(_config(parts, str(parts["official"])), None, PROMPTS, cpu)
     a = strict.contexts(PROMPTS, cpu, torch.float32)
     b = in_memory.contexts(PROMPTS, cpu, torch.float32)

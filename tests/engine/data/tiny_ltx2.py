@@ -50,7 +50,12 @@ def gemma(seed: int = 0):
             bos_token_id=2,
         ),
         vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
         ),
         mm_tokens_per_image=4,
         boi_token_index=60,

@@ -1,0 +1,138 @@
+"""Sampling with real text conditioning equals diffusers' `LTX2Pipeline(output_type="latent")` on tiny
+random components (Gemma 3, connectors, DiT, VAEs), given the same noise and sigmas: guidance off,
+and CFG with negative prompts. The pipeline's extras we do not implement are switched off
+(modality guidance, rescale, cross-timestep); STG has its own parity test (tests/models/test_model.py).
+The VAE statistics are mean 0 / std 1, so the pipeline's latent (de)normalisation is the identity
+here; decoding has its own tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from engine.data.conditioning import TextConditioning
+from engine.data.text import TextConfig
+from engine.sampler import ltx2_sigmas, sample
+from models.layouts import diffusers_config
+
+from .data import tiny_ltx2
+
+pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers")
+
+GRID = (2, 2, 3)  # latent frames, height, width
+FPS = 24.0
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _dit():
+    torch.manual_seed(3)
+    dm = diffusers.LTX2VideoTransformer3DModel(**diffusers_config(models.PRESETS["tiny"])).eval()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in dm.parameters():  # nothing left at its constant init (zero gates, unit norms)
+            if bool((p == p.flatten()[0]).all()):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return dm
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oracle")
+    gemma, tok, conn, dm = tiny_ltx2.gemma(), tiny_ltx2.tokenizer(), tiny_ltx2.connectors(), _dit()
+    folder = tiny_ltx2.write_pipeline(root / "pipe", gemma, tok, conn)
+    cfg = models.PRESETS["tiny"]
+    video_vae = diffusers.AutoencoderKLLTX2Video(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=cfg.in_channels,
+        block_out_channels=(8, 16, 32, 64),
+        decoder_block_out_channels=(8, 16, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1),
+        spatio_temporal_scaling=(True,) * 4,
+        decoder_spatio_temporal_scaling=(True,) * 3,
+        decoder_inject_noise=(False,) * 4,
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+        upsample_type=("spatiotemporal",) * 3,
+        upsample_residual=(True,) * 3,
+        upsample_factor=(2, 2, 2),
+        timestep_conditioning=False,
+        patch_size=4,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+        spatial_compression_ratio=32,
+        temporal_compression_ratio=8,
+    )
+    # base_channels = latent_channels * mel_bins / 4 = the DiT's audio channels (the pipeline's statistics
+    # are sized by base_channels and applied to packed tokens).
+    audio_vae = diffusers.AutoencoderKLLTX2Audio(
+        base_channels=cfg.audio_in_channels, latent_channels=4, mel_bins=16, ch_mult=(1, 2, 4), resolution=256
+    )
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0)
+    pipe = diffusers.LTX2Pipeline(
+        scheduler=scheduler,
+        vae=video_vae,
+        audio_vae=audio_vae,
+        text_encoder=gemma,
+        tokenizer=tok,
+        connectors=conn,
+        transformer=dm,
+        vocoder=None,
+    )
+    text_cfg = TextConfig(encoder=str(folder), connectors=str(folder), max_length=tiny_ltx2.MAX_LENGTH, dtype="float32")
+    return dict(pipe=pipe, ours=models.from_diffusers(dm).eval(), text_cfg=text_cfg, geometry=cfg.geometry)
+
+
+@pytest.mark.parametrize("guidance", [(1.0, 1.0), (3.0, 5.0)], ids=["unguided", "cfg"])
+def test_sampling_equals_the_pipeline(setup, guidance) -> None:
+    cfg_video, cfg_audio = guidance
+    prompts, negatives = ["a dog barks", "rain on a roof"], ["blurry", ""]
+    f, h, w = GRID
+    num_audio = setup["geometry"].audio_tokens_for(f, FPS)
+    g = torch.Generator().manual_seed(7)
+    noise_video = torch.randn(2, f * h * w, 16, generator=g)
+    noise_audio = torch.randn(2, num_audio, 16, generator=g)
+    sigmas = ltx2_sigmas(4)
+
+    with torch.no_grad():
+        ref_video, ref_audio = setup["pipe"](
+            prompt=prompts,
+            negative_prompt=negatives,
+            height=h * 32,
+            width=w * 32,
+            num_frames=8 * (f - 1) + 1,
+            frame_rate=FPS,
+            sigmas=sigmas[:-1].tolist(),
+            num_inference_steps=len(sigmas) - 1,
+            guidance_scale=cfg_video,
+            audio_guidance_scale=cfg_audio,
+            stg_scale=0.0,
+            audio_stg_scale=0.0,
+            modality_scale=1.0,
+            audio_modality_scale=1.0,
+            guidance_rescale=0.0,
+            audio_guidance_rescale=0.0,
+            use_cross_timestep=False,
+            latents=noise_video,
+            audio_latents=noise_audio,
+            max_sequence_length=tiny_ltx2.MAX_LENGTH,
+            output_type="latent",
+            return_dict=False,
+        )
+    # Back to packed tokens: video [B, C, F, H, W] -> [B, F*H*W, C]; audio [B, C, L, M] -> [B, L, C*M].
+    ref_video = ref_video.flatten(2).transpose(1, 2)
+    ref_audio = ref_audio.transpose(1, 2).flatten(2)
+
+    cpu = torch.device("cpu")
+    text = TextConditioning(setup["text_cfg"], None, prompts + negatives, cpu)
+    ctx = text.contexts(prompts, cpu, torch.float32)
+    uncond = text.contexts(negatives, cpu, torch.float32)
+    ours = sample(
+        setup["ours"], noise_video, noise_audio, *ctx, GRID, FPS, sigmas, cfg_video, cfg_audio, uncond_context=uncond
+    )
+    assert ref_video.abs().max() > 0.1 and not torch.allclose(ref_video, noise_video, atol=1e-2)
+    torch.testing.assert_close(ours.video, ref_video, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.audio, ref_audio, rtol=0, atol=1e-5)
