@@ -26,7 +26,18 @@ setup(
         # undeclared need. triton 3.7.1 runs the kernels under TRITON_INTERPRET=1 with numpy 2.4.
         # ruff: format and lint checks of the test command (configured in pyproject.toml).
         # wandb: log.wandb=true, tested offline.
-        "test": ["pytest>=8", "diffusers==0.42.1", "psutil", "triton==3.7.1", "ruff==0.17.5", "wandb==0.31.0"],
+        # transformers: Gemma 3 and its tokenizer for the real text path (text.encoder); diffusers: the LTX-2
+        # text connectors (and the reference implementation the tests compare against).
+        "test": [
+            "pytest>=8",
+            "diffusers==0.42.1",
+            "transformers==5.24.0",
+            "psutil",
+            "triton==3.7.1",
+            "ruff==0.17.5",
+            "wandb==0.31.0",
+        ],
+        "text": ["diffusers==0.42.1", "transformers==5.24.0"],
         "wandb": ["wandb"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
     },

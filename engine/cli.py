@@ -91,7 +91,7 @@ def _encode_prompts(args: argparse.Namespace) -> int:
     report = encode_prompts(cfg.text, cfg.task.records(), cfg.task.eval_records(), cfg.model.init)
     rate = report.encoded / report.seconds if report.seconds > 0 else 0.0
     print(
-        f"encoded {report.encoded} of {report.texts} prompts on this rank in {report.seconds:.1f} s "
+        f"rank {report.rank}: encoded {report.encoded} of {report.texts} prompts in {report.seconds:.1f} s "
         f"({rate:.2f} prompts/s); {report.missing_after} still missing; "
         f"{report.bytes_per_prompt / 1024:.1f} KiB per prompt in {report.directory}"
     )

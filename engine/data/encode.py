@@ -23,6 +23,7 @@ from .text import DTYPES, PromptEncoder, TextConfig, load_connectors
 
 @dataclass
 class EncodeReport:
+    rank: int
     texts: int  # distinct texts of the config
     encoded: int  # encoded by this rank now
     seconds: float  # this rank's encoding time
@@ -72,6 +73,7 @@ def encode_prompts(
         dist.barrier()
     sizes = [cache.path(t).stat().st_size for t in texts if t in cache]
     return EncodeReport(
+        rank=rank,
         texts=len(texts),
         encoded=len(mine),
         seconds=seconds,
