@@ -56,7 +56,7 @@ def encode_into(
 ) -> None:
     """Encodes `prompts` in `text.batch_size` chunks and hands each result to `store` as it is made,
     so a killed run keeps what it finished."""
-    size = encoder.cfg.batch_size
+    size = encoder.batch_size
     for start in range(0, len(prompts), size):
         chunk = list(prompts[start : start + size])
         for p, rows in zip(chunk, encoder.encode(chunk)):
@@ -97,7 +97,7 @@ class TextConditioning:
                 f"encode-prompts with this config, or set text.on_missing=encode"
             )
         if missing:
-            encoder = PromptEncoder(cfg, connectors, device)
+            encoder = PromptEncoder.load(cfg, connectors, device)
             if self.cache is None:
                 encode_into(encoder, missing, self._memory.__setitem__)
             else:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..errors import ConfigError
 from .cache import EmbeddingCache
 from .conditioning import connectors_source, encode_into, run_texts
-from .text import DTYPES, PromptEncoder, TextConfig, load_connectors
+from .text import DTYPES, PromptEncoder, TextConfig, encoding_fingerprint, load_connectors
 
 
 @dataclass
@@ -51,8 +51,8 @@ def encode_prompts(
         raise ConfigError("omninft encode-prompts needs text.encoder and text.cache")
     rank, world, device = _process()
     connectors = load_connectors(connectors_source(text, model_init), DTYPES[text.dtype])
-    encoder = PromptEncoder(text, connectors, device)
-    cache = EmbeddingCache(text.cache, encoder.fingerprint)
+    cache = EmbeddingCache(text.cache, encoding_fingerprint(text, connectors))
+    encoder = PromptEncoder.load(text, connectors, device)
     texts = run_texts((*records, *(eval_records or ())), text.negative_prompt)
     mine = [t for i, t in enumerate(texts) if i % world == rank and t not in cache]
     if rank == 0:

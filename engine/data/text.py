@@ -257,23 +257,36 @@ class PromptEncoder:
     left padding to `max_length` with BOS, all hidden states of Gemma 3 (embeddings + every layer,
     the last after the final norm), the per-layer masked mean/range normalisation (x8) and
     `text_proj_in`. Padded rows are zero after the normalisation, and the connectors replace them by
-    registers anyway, so only the real rows are kept."""
+    registers anyway, so only the real rows are kept. Built from loaded parts (`load` reads them)."""
 
-    def __init__(self, cfg: TextConfig, connectors: LTX2TextConnectors, device: torch.device | str = "cpu"):
-        if cfg.encoder is None:
-            raise ConfigError("text.encoder is not set: point it at a Gemma 3 or LTX-2 diffusers folder")
-        self.cfg, self.device, self.dtype = cfg, torch.device(device), DTYPES[cfg.dtype]
-        self.tokenizer = load_tokenizer(cfg.encoder)
-        self.gemma = load_gemma(cfg.encoder, self.dtype, self.device)
+    def __init__(
+        self,
+        tokenizer,
+        gemma: torch.nn.Module,
+        connectors: LTX2TextConnectors,
+        max_length: int,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+    ):
+        self.tokenizer, self.gemma, self.max_length, self.batch_size = tokenizer, gemma, max_length, batch_size
+        self.device, self.dtype = torch.device(device), next(gemma.parameters()).dtype
         self.proj = connectors.text_proj_in.to(device=self.device, dtype=self.dtype)
         self.caption_channels = connectors.config.caption_channels
-        width, layers = self.gemma.config.hidden_size, self.gemma.config.num_hidden_layers + 1
+        width, layers = gemma.config.hidden_size, gemma.config.num_hidden_layers + 1
         if width != self.caption_channels or width * layers != self.proj.in_features:
             raise CheckpointError(
                 f"text.encoder: Gemma gives {layers} hidden states of width {width} ({width * layers} features) "
                 f"but the connectors expect {self.proj.in_features} features of width {self.caption_channels}"
             )
-        self.fingerprint = encoding_fingerprint(cfg, connectors)
+
+    @classmethod
+    def load(cls, cfg: TextConfig, connectors: LTX2TextConnectors, device: torch.device | str = "cpu") -> PromptEncoder:
+        """The tokenizer and Gemma of `text.encoder`, in `text.dtype` on `device`."""
+        if cfg.encoder is None:
+            raise ConfigError("text.encoder is not set: point it at a Gemma 3 or LTX-2 diffusers folder")
+        tokenizer = load_tokenizer(cfg.encoder)  # the cheap part first: a wrong folder fails fast
+        gemma = load_gemma(cfg.encoder, DTYPES[cfg.dtype], device)
+        return cls(tokenizer, gemma, connectors, cfg.max_length, cfg.batch_size, device)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask), each (B, max_length), left padded with BOS, as the pipeline does."""
@@ -284,7 +297,7 @@ class PromptEncoder:
         out = tok(
             [p.strip() for p in prompts],
             padding="max_length",
-            max_length=self.cfg.max_length,
+            max_length=self.max_length,
             truncation=True,
             add_special_tokens=True,
             return_tensors="pt",
@@ -306,8 +319,8 @@ class PromptEncoder:
         from diffusers.pipelines.ltx2.connectors import per_layer_masked_mean_norm
 
         rows = []
-        for start in range(0, len(prompts), self.cfg.batch_size):
-            states, mask = self.hidden_states(prompts[start : start + self.cfg.batch_size])
+        for start in range(0, len(prompts), self.batch_size):
+            states, mask = self.hidden_states(prompts[start : start + self.batch_size])
             normed = per_layer_masked_mean_norm(
                 states.unflatten(2, (self.caption_channels, -1)),
                 mask.sum(dim=-1),

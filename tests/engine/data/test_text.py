@@ -72,7 +72,7 @@ def test_contexts_equal_the_pipeline(parts, layout) -> None:
     source = str(parts["pipe_dir"] if layout == "diffusers" else parts["official"])
     cfg = _config(parts, source)
     conn = load_connectors(source, torch.float32)
-    encoder = PromptEncoder(cfg, conn)
+    encoder = PromptEncoder.load(cfg, conn)
     prompts, negative = [*PROMPTS, LONG], ["", "blurry", "", "silent"]
     rows = encoder.encode(negative + prompts)
     assert [r.shape[0] for r in rows][:2] == [1, 7]  # "" is BOS alone; "blurry" is BOS + 6 characters
@@ -153,7 +153,7 @@ def test_config_errors(parts, tmp_path) -> None:
     with pytest.raises(ConfigError, match="multiple of the connectors' 8 registers"):
         ContextConnectors(conn, 12)
     with pytest.raises(CheckpointError, match="text.encoder: no tokenizer in"):
-        PromptEncoder(TextConfig(encoder=str(tmp_path), dtype="float32", max_length=16), conn)
+        PromptEncoder.load(TextConfig(encoder=str(tmp_path), dtype="float32", max_length=16), conn)
     parts["pipe"].tokenizer.save_pretrained(tmp_path / "tokenizer")
     with pytest.raises(CheckpointError, match="text.encoder: no Gemma 3 config in"):
-        PromptEncoder(TextConfig(encoder=str(tmp_path), dtype="float32", max_length=16), conn)
+        PromptEncoder.load(TextConfig(encoder=str(tmp_path), dtype="float32", max_length=16), conn)

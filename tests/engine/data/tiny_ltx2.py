@@ -5,12 +5,12 @@ weight layouts the engine reads (a diffusers pipeline folder, the official singl
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from bench.text import char_tokenizer
 from engine.data.text import OFFICIAL_CONNECTOR_PREFIXES
 
 CAPTION = 32  # Gemma width = caption_channels
@@ -21,12 +21,7 @@ MAX_LENGTH = 16  # a multiple of REGISTERS
 
 def tokenizer():
     """A real GemmaTokenizer: BPE without merges, so one token per character (BOS added)."""
-    from transformers import GemmaTokenizer
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "▁": 5}
-    for c in string.ascii_lowercase + ",.-'":
-        vocab[c] = len(vocab)
-    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+    return char_tokenizer()
 
 
 def gemma(seed: int = 0):
