@@ -37,7 +37,7 @@ from .metrics import MetricsLogger, console, format_line, plot_rewards
 from .noise import rollout_noise, training_noise
 from .optim import apply_hyper_parameters, clip_and_step, grad_norm, make_optimizer, scheduled_lr, set_lr
 from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init_layout, split_batch
-from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy
+from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy, model_config
 from .preemption import Preemption
 from .rewards import Rollout, build_rewards, score_rewards
 from .sampler import SIGMA_MODES, sample, training_sigmas
@@ -94,6 +94,8 @@ class Trainer:
         self.resuming = for_training and run_dir.prepare(
             dataclasses.asdict(cfg), cfg.run_dir, self.checkpoints, self.layout
         )
+        # Text first: prompts the cache lacks are encoded before any DiT weights take device memory.
+        self.conditioning = self.build_conditioning(model_config(cfg.model).caption_channels)
         self.model = build_policy(cfg.model, self.layout, cfg.parallel.sequence_parallel)
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -107,28 +109,27 @@ class Trainer:
         self.geometry = self.model.config.geometry
         self.num_audio = self.geometry.audio_tokens_for(self.grid[0], cfg.task.fps)
         self.sigmas = cfg.sampler.sigmas()
-        self.conditioning = self.build_conditioning()
         self.frame_ids = frame_ids(self.grid, self.device)
         self.state = TrainState(iteration=-1, step=0)
         self.dtype = DTYPES[cfg.model.dtype]
         self.pipeline = Pipeline(self.layout, lambda: autocast(cfg.model, self.device))
 
-    def build_conditioning(self) -> Conditioning:
+    def build_conditioning(self, caption_channels: int) -> Conditioning:
         """The text contexts of the run: the stand-in features without `text.encoder`; else the real
         LTX-2 path, with every training prompt and negative prompt encoded (or found in the cache)
         before the DiT trains, each rank encoding its share."""
         cfg = self.cfg
         if cfg.text.encoder is None:
-            return StandInConditioning(cfg.task.context_tokens, self.model.config.caption_channels)
+            return StandInConditioning(cfg.task.context_tokens, caption_channels)
         texts = run_texts(cfg.task.records(), cfg.text.negative_prompt)
         with self.layout.collectively("preparing the text contexts"):  # also waits for every rank's share
             conditioning = TextConditioning(
                 cfg.text, cfg.model.init, texts, self.device, self.layout.rank, self.layout.sizes["world"]
             )
-        if conditioning.caption_channels != self.model.config.caption_channels:
+        if conditioning.caption_channels != caption_channels:
             raise ConfigError(
                 f"text connectors give {conditioning.caption_channels}-wide contexts but the DiT takes "
-                f"{self.model.config.caption_channels} (model caption_channels)"
+                f"{caption_channels} (model caption_channels)"
             )
         return conditioning
 

@@ -26,6 +26,8 @@ def parts(tmp_path_factory):
     gemma, tok, conn = tiny_ltx2.gemma(), tiny_ltx2.tokenizer(), tiny_ltx2.connectors()
     pipe_dir = tiny_ltx2.write_pipeline(root / "pipe", gemma, tok, conn)
     official = tiny_ltx2.write_official(root / "ltx-2-tiny.safetensors", conn)
+    gemma.save_pretrained(root / "gemma-3")  # a Gemma 3 directory: model and tokenizer side by side
+    tok.save_pretrained(root / "gemma-3")
     pipe = diffusers.LTX2Pipeline(
         scheduler=None,
         vae=None,
@@ -36,7 +38,7 @@ def parts(tmp_path_factory):
         transformer=None,
         vocoder=None,
     )
-    return dict(root=root, pipe_dir=pipe_dir, official=official, pipe=pipe, conn=conn)
+    return dict(root=root, pipe_dir=pipe_dir, official=official, pipe=pipe, conn=conn, gemma_dir=root / "gemma-3")
 
 
 def _reference(pipe, prompts: list[str], negative: list[str]) -> tuple[torch.Tensor, ...]:
@@ -57,9 +59,9 @@ def _reference(pipe, prompts: list[str], negative: list[str]) -> tuple[torch.Ten
     return video, audio
 
 
-def _config(parts, source: str, **kw) -> TextConfig:
+def _config(parts, source: str, encoder: str | None = None, **kw) -> TextConfig:
     return TextConfig(
-        encoder=str(parts["pipe_dir"]),
+        encoder=encoder or str(parts["pipe_dir"]),
         connectors=source,
         max_length=tiny_ltx2.MAX_LENGTH,
         dtype="float32",
@@ -67,10 +69,12 @@ def _config(parts, source: str, **kw) -> TextConfig:
     )
 
 
-@pytest.mark.parametrize("layout", ["diffusers", "official"])
+@pytest.mark.parametrize("layout", ["diffusers", "official", "gemma-dir"])
 def test_contexts_equal_the_pipeline(parts, layout) -> None:
+    """Encoder and connectors from a pipeline folder; connectors from the official file; the encoder
+    from a plain Gemma 3 directory (with the official file's connectors)."""
     source = str(parts["pipe_dir"] if layout == "diffusers" else parts["official"])
-    cfg = _config(parts, source)
+    cfg = _config(parts, source, encoder=str(parts["gemma_dir"]) if layout == "gemma-dir" else None)
     conn = load_connectors(source, torch.float32)
     encoder = PromptEncoder.load(cfg, conn)
     prompts, negative = [*PROMPTS, LONG], ["", "blurry", "", "silent"]

@@ -28,7 +28,7 @@ def test_stages_cover_the_blocks_in_order(layers, count):
 def test_more_stages_than_blocks_is_an_error():
     with pytest.raises(ValueError, match="pp=5 pipeline stages need 1 <= pp <= num_layers \\(4\\)"):
         stage_layers(4, 5, 0)
-    with pytest.raises(ConfigError, match="parallel.pp=5: model.preset='tiny' has only 4 blocks"):
+    with pytest.raises(ConfigError, match=r"parallel.pp=5: the model \(model.preset='tiny'\) has only 4 blocks"):
         load_config(None, ["parallel.pp=5"])
 
 
