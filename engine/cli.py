@@ -48,7 +48,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.checkpoint:
         overrides.append(f"model.init={args.checkpoint}")
     if args.prompt:  # the prompts to condition on are the ones given (and encoded if the cache lacks them)
-        overrides.append("task.prompts=" + json.dumps([p for p in args.prompt]))
+        overrides.append("task.prompts=" + json.dumps(args.prompt, ensure_ascii=False))
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, for_training=False)
     trainer.old_model.load_state_dict(trainer.model.state_dict())

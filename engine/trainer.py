@@ -126,6 +126,8 @@ class Trainer:
             conditioning = TextConditioning(
                 cfg.text, cfg.model.init, texts, self.device, self.layout.rank, self.layout.sizes["world"]
             )
+        with self.layout.collectively("reading the text cache"):
+            conditioning.check_complete(texts)
         if conditioning.caption_channels != caption_channels:
             raise ConfigError(
                 f"text connectors give {conditioning.caption_channels}-wide contexts but the DiT takes "

@@ -89,25 +89,36 @@ class TextConditioning:
         self.cache = EmbeddingCache(cfg.cache, self.fingerprint) if cfg.cache else None
         self._memory: dict[str, Tensor] = {}
         wanted = list(dict.fromkeys(p.strip() for p in prompts))
-        missing = self.cache.missing(wanted) if self.cache else wanted
+        missing = set(self.cache.missing(wanted) if self.cache else wanted)
         if missing and cfg.on_missing == "error":
-            shown = ", ".join(repr(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            shown = ", ".join(repr(p) for p in [w for w in wanted if w in missing][:3]) + " ..." * (len(missing) > 3)
             raise DataError(
-                f"text.cache: {len(missing)} prompt(s) are not encoded in {cfg.cache} ({shown}); run omninft "
-                f"encode-prompts with this config, or set text.on_missing=encode"
+                f"text.cache: {len(missing)} prompt(s) are not encoded in {self.cache.dir} ({shown}): run omninft "
+                f"encode-prompts with this config (entries are keyed by the encoder's files, the connectors' "
+                f"projection, text.max_length and text.dtype), or set text.on_missing=encode"
             )
-        if missing:
+        # Without a cache every rank needs every text in memory; with one, each encodes its share into it.
+        mine = [p for i, p in enumerate(wanted) if p in missing and (self.cache is None or i % world == rank)]
+        if mine:
             encoder = PromptEncoder.load(cfg, connectors, device)
-            if self.cache is None:
-                encode_into(encoder, missing, self._memory.__setitem__)
-            else:
-                mine = [p for i, p in enumerate(wanted) if i % world == rank and p in missing]
-                encode_into(encoder, mine, self.cache.put)
-            del encoder  # Gemma leaves the device before the DiT trains
+            encode_into(encoder, mine, self._memory.__setitem__ if self.cache is None else self.cache.put)
+            del encoder  # Gemma leaves the device before the DiT is built
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         self.connectors = ContextConnectors(connectors, cfg.max_length).to(device)
         self.caption_channels = connectors.config.caption_channels
+
+    def check_complete(self, prompts: Sequence[str]) -> None:
+        """After every rank encoded its share: all of `prompts` are readable here (a cache on a disk
+        that other ranks cannot see would otherwise fail mid-rollout)."""
+        if self.cache is None:
+            return
+        missing = self.cache.missing([p.strip() for p in prompts])
+        if missing:
+            raise DataError(
+                f"text.cache: {len(missing)} entries that other ranks wrote are not visible in {self.cache.dir} "
+                f"(e.g. {missing[0]!r}): put text.cache on a filesystem every rank shares"
+            )
 
     def features(self, prompt: str) -> Tensor:
         prompt = prompt.strip()

@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from .cache import EmbeddingCache
 from .conditioning import connectors_source, encode_into, run_texts
-from .text import DTYPES, PromptEncoder, TextConfig, encoding_fingerprint, load_connectors
+from .text import DTYPES, ContextConnectors, PromptEncoder, TextConfig, encoding_fingerprint, load_connectors
 
 
 @dataclass
@@ -43,34 +43,52 @@ def _process() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def _agree(failed: bool, world: int) -> bool:
+    """Whether any rank failed (every rank learns it, instead of waiting at the barrier for it)."""
+    if world == 1:
+        return failed
+    flag = torch.tensor([float(failed)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def encode_prompts(
     text: TextConfig, records: tuple, eval_records: tuple | None, model_init: str | None
 ) -> EncodeReport:
-    """Encodes this rank's share of the config's texts that the cache lacks; returns what was done."""
+    """Encodes this rank's share of the config's texts that the cache lacks; returns what was done.
+    An error on any rank stops every rank (the others name it as having happened elsewhere)."""
     if text.encoder is None or text.cache is None:
         raise ConfigError("omninft encode-prompts needs text.encoder and text.cache")
     rank, world, device = _process()
-    connectors = load_connectors(connectors_source(text, model_init), DTYPES[text.dtype])
-    cache = EmbeddingCache(text.cache, encoding_fingerprint(text, connectors))
-    encoder = PromptEncoder.load(text, connectors, device)
-    texts = run_texts((*records, *(eval_records or ())), text.negative_prompt)
-    mine = [t for i, t in enumerate(texts) if i % world == rank and t not in cache]
-    if rank == 0:
-        cache.write_info(
-            {
-                "encoder": str(text.encoder),
-                "connectors": connectors_source(text, model_init),
-                "max_length": text.max_length,
-                "dtype": text.dtype,
-                "caption_channels": encoder.caption_channels,
-            }
-        )
-    start = time.perf_counter()
-    with tqdm(total=len(mine), desc=f"encode-prompts rank {rank}", unit="prompt", disable=rank != 0) as bar:
-        encode_into(encoder, mine, cache.put, bar.update)
-    seconds = time.perf_counter() - start
-    if world > 1:
-        dist.barrier()
+    error: BaseException | None = None
+    try:
+        connectors = load_connectors(connectors_source(text, model_init), DTYPES[text.dtype])
+        ContextConnectors(connectors, text.max_length)  # what the trainer will need: fail now, not after encoding
+        cache = EmbeddingCache(text.cache, encoding_fingerprint(text, connectors))
+        texts = run_texts((*records, *(eval_records or ())), text.negative_prompt)
+        mine = [t for i, t in enumerate(texts) if i % world == rank and t not in cache]
+        if rank == 0:
+            cache.write_info(
+                {
+                    "encoder": str(text.encoder),
+                    "connectors": connectors_source(text, model_init),
+                    "max_length": text.max_length,
+                    "dtype": text.dtype,
+                    "caption_channels": connectors.config.caption_channels,
+                }
+            )
+        start = time.perf_counter()
+        if mine:  # Gemma (24 GB for 12B) is loaded only by ranks with something left to encode
+            encoder = PromptEncoder.load(text, connectors, device)
+            with tqdm(total=len(mine), desc=f"encode-prompts rank {rank}", unit="prompt", disable=rank != 0) as bar:
+                encode_into(encoder, mine, cache.put, bar.update)
+        seconds = time.perf_counter() - start
+    except Exception as e:  # re-raised below, after telling the other ranks
+        error = e
+    if _agree(error is not None, world):
+        if error is not None:
+            raise error
+        raise UserError(f"omninft encode-prompts failed on another rank (rank {rank} finished its share)")
     sizes = [cache.path(t).stat().st_size for t in texts if t in cache]
     return EncodeReport(
         rank=rank,

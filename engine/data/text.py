@@ -71,9 +71,25 @@ class TextConfig:
             value = getattr(self, key)
             if value is not None and not Path(value).exists():
                 raise ConfigError(f"text.{key}: {value} does not exist")
+        if self.on_missing == "error" and self.cache is None:
+            raise ConfigError("text.on_missing=error needs text.cache (the embedding cache to read)")
 
 
 # ---- loading ------------------------------------------------------------------------------------
+
+
+def _text_stack():
+    """diffusers' LTX-2 pipeline module, which also needs transformers: the `text` extra, imported only
+    when a real encoder is used (the tiny task runs without it)."""
+    try:
+        import transformers  # noqa: F401
+        from diffusers.pipelines import ltx2
+    except ImportError as e:
+        raise ConfigError(
+            f"the real text path needs transformers and diffusers ({e.name} is missing): "
+            f'pip install -c .ci/constraints.txt -e ".[text]"'
+        ) from e
+    return ltx2
 
 
 def _subfolder(root: Path, name: str) -> Path:
@@ -83,6 +99,7 @@ def _subfolder(root: Path, name: str) -> Path:
 
 def load_tokenizer(path: str | Path):
     """The Gemma tokenizer of a Gemma 3 directory or of a pipeline folder's `tokenizer/`."""
+    _text_stack()
     from transformers import AutoTokenizer
 
     root = Path(path)
@@ -96,6 +113,7 @@ def load_tokenizer(path: str | Path):
 def load_gemma(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Gemma 3's text model (the vision tower is dropped: text-only hidden states are identical),
     loaded strictly from a Gemma 3 directory or a pipeline folder's `text_encoder/`."""
+    _text_stack()
     from transformers import AutoConfig, AutoModel, Gemma3ForConditionalGeneration
 
     folder = _subfolder(Path(path), "text_encoder")
@@ -172,12 +190,24 @@ def _official_connector_config(state: dict[str, Tensor], header: dict) -> dict:
     )
 
 
+def _connector_files(folder: Path) -> list[Path]:
+    """The weights of a diffusers connectors folder: its one file, or the shards its index names."""
+    index = folder / f"{CONNECTOR_FILE}.index.json"
+    if index.is_file():
+        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [folder / CONNECTOR_FILE]
+    absent = [str(f) for f in files if not f.is_file()]
+    if absent:
+        raise CheckpointError(f"{folder} is not a diffusers connectors folder: missing {', '.join(absent)}")
+    return files
+
+
 def load_connectors(path: str | Path, dtype: torch.dtype = torch.float32) -> LTX2TextConnectors:
     """diffusers' `LTX2TextConnectors` from an official single file or a diffusers folder (a pipeline
     folder's `connectors/`, or that folder itself), loaded strictly: every missing, unexpected or
     mis-shaped tensor is named in one error."""
-    from diffusers.pipelines.ltx2 import LTX2TextConnectors
-
+    LTX2TextConnectors = _text_stack().LTX2TextConnectors  # noqa: N806 (a class)
     path = Path(path)
     if path.is_file():
         state, header = _official_connector_state(path)
@@ -186,16 +216,18 @@ def load_connectors(path: str | Path, dtype: torch.dtype = torch.float32) -> LTX
             raise CheckpointError(f"{path}: LTX-2.3 connectors (per-modality projections) are not supported yet")
     else:
         folder = _subfolder(path, "connectors")
-        files = sorted(folder.glob("*.safetensors"))
-        if not (folder / "config.json").is_file() or not files:
+        if not (folder / "config.json").is_file():
             raise CheckpointError(
                 f"{folder} is not a diffusers connectors folder (needs config.json and {CONNECTOR_FILE})"
             )
-        config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("_class_name", "LTX2TextConnectors") != "LTX2TextConnectors":
+            raise CheckpointError(f"{folder}/config.json describes a {config['_class_name']}, not LTX2TextConnectors")
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
         if config.get("per_modality_projections"):
             raise CheckpointError(f"{folder}: LTX-2.3 connectors (per-modality projections) are not supported yet")
         state = {}
-        for file in files:
+        for file in _connector_files(folder):
             with open_safetensors(file) as f:
                 state.update({k: f.get_tensor(k) for k in f.keys()})
     try:
@@ -206,8 +238,11 @@ def load_connectors(path: str | Path, dtype: torch.dtype = torch.float32) -> LTX
     found = {k: tuple(v.shape) for k, v in state.items()}
     problems = [f"missing: {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
     problems += [f"unexpected: {k} {found[k]}" for k in sorted(set(found) - set(expected))]
-    problems += [f"shape: {k} is {found[k]}, expected {expected[k]}" for k in sorted(set(found) & set(expected))]
-    problems = [p for p in problems if not p.startswith("shape") or found[p.split()[1]] != expected[p.split()[1]]]
+    problems += [
+        f"shape: {k} is {found[k]}, expected {expected[k]}"
+        for k in sorted(set(found) & set(expected))
+        if found[k] != expected[k]
+    ]
     if problems:
         _raise_problems(f"text connectors {path}", problems)
     check_finite(state, f"text connectors {path}")
@@ -217,14 +252,20 @@ def load_connectors(path: str | Path, dtype: torch.dtype = torch.float32) -> LTX
 
 
 def encoding_fingerprint(cfg: TextConfig, connectors: LTX2TextConnectors) -> str:
-    """A short stable hash of everything a cached encoding depends on: the encoder's files, the
-    projection's weights, the padded length (the real tokens' states move by ~1e-6 with it) and the
-    dtype. The trainer computes it without loading Gemma, to find its cache entries."""
+    """A short stable hash of everything a cached encoding depends on: Gemma's and the tokenizer's
+    files (only those: new DiT or VAE weights in the same pipeline folder keep the cache), the
+    transformers version that runs Gemma, the projection's weights, the padded length (the real
+    tokens' states move by ~1e-6 with it) and the dtype. The trainer computes it without loading
+    Gemma, to find its cache entries."""
+    import transformers
+
+    root = Path(cfg.encoder)
+    folders = dict.fromkeys([_subfolder(root, "text_encoder"), _subfolder(root, "tokenizer")])
+    weight = connectors.text_proj_in.weight.detach().to(DTYPES[cfg.dtype]).contiguous().cpu()
     parts = {
-        "encoder": _folder_fingerprint(Path(cfg.encoder)),
-        "projection": hashlib.sha256(
-            connectors.text_proj_in.weight.detach().float().cpu().numpy().tobytes()
-        ).hexdigest(),
+        "encoder": {str(f.relative_to(root)): _folder_fingerprint(f) for f in folders},
+        "transformers": transformers.__version__,
+        "projection": hashlib.sha256(weight.view(torch.uint8).numpy()).hexdigest(),  # its bytes, no copy
         "max_length": cfg.max_length,
         "dtype": cfg.dtype,
         "norm_scale": NORM_SCALE,

@@ -84,7 +84,7 @@ def test_encode_resume_then_train_and_sample_from_the_cache(pipe, tmp_path, caps
     trainer = Trainer(cfg)
     history = trainer.run()
     assert len(history) == 1 and all(torch.isfinite(torch.tensor(history[0][k])) for k in ("loss", "grad_norm"))
-    # The rollout conditioned on the cached contexts: the same as encoding afresh through the pipeline path.
+    # The rollout conditioned on the cached features through the connectors.
     rollout, ctx, _ = trainer.rollout(0, trainer.prompts_for(0), [0])
     record = trainer.prompts_for(0)[0]
     fresh = trainer.conditioning.connectors(

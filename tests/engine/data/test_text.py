@@ -161,3 +161,14 @@ def test_config_errors(parts, tmp_path) -> None:
     parts["pipe"].tokenizer.save_pretrained(tmp_path / "tokenizer")
     with pytest.raises(CheckpointError, match="text.encoder: no Gemma 3 config in"):
         PromptEncoder.load(TextConfig(encoder=str(tmp_path), dtype="float32", max_length=16), conn)
+
+
+def test_a_cache_other_ranks_cannot_see_is_named(parts, tmp_path) -> None:
+    cfg = _config(parts, str(parts["official"]), cache=str(tmp_path / "cache"))
+    conditioning = TextConditioning(cfg, None, PROMPTS, torch.device("cpu"))
+    conditioning.check_complete(PROMPTS)
+    conditioning.cache.path(PROMPTS[1]).unlink()  # as if another rank's entry were on a disk this one lacks
+    with pytest.raises(DataError, match="1 entries that other ranks wrote are not visible .* every rank shares"):
+        conditioning.check_complete(PROMPTS)
+    with pytest.raises(ConfigError, match="text.on_missing=error needs text.cache"):
+        _config(parts, str(parts["official"]), on_missing="error")
