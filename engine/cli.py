@@ -1,7 +1,8 @@
-"""`omninft train | sample | encode-prompts | convert`.
+"""`omninft train | sample | eval | encode-prompts | convert`.
 
     omninft train [--config FILE] [--resume] [key=value ...]   e.g. omninft train iterations=2 seed=0 run_dir=out
     omninft sample [--prompt TEXT ...] --out DIR [key=value ...]  rollouts, scored, saved as DIR/samples.safetensors
+    omninft eval --checkpoint PATH [--config FILE] [key=value ...]  score task.eval_prompts with fixed noise
     omninft encode-prompts [--config FILE] [key=value ...]  fill text.cache (torchrun: sharded over ranks)
     omninft convert SRC DST --to {official,diffusers}
 
@@ -46,7 +47,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.checkpoint:
-        overrides.append(f"model.init={args.checkpoint}")
+        overrides.append(f"model.init={_weights(args.checkpoint)}")
     if args.prompt:  # the prompts to condition on are the ones given (and encoded if the cache lacks them)
         overrides.append("task.prompts=" + json.dumps(args.prompt, ensure_ascii=False))
     cfg = load_config(args.config, overrides)
@@ -84,6 +85,37 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(path: str) -> str:
+    """A training checkpoint directory's trained policy, or the weights source as given."""
+    from .checkpoint import full
+
+    src = Path(path)
+    return str(src / full.MODEL_FILES[0]) if src.is_dir() and full.is_full_checkpoint(src) else path
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .trainer import Trainer
+
+    cfg = load_config(args.config, [*args.overrides, f"model.init={_weights(args.checkpoint)}"])
+    if cfg.task.eval_records() is None:
+        raise ConfigError("omninft eval needs task.eval_prompts (a list or a .txt/.jsonl/.csv file)")
+    trainer = Trainer(cfg, for_training=False)
+    trainer.old_model.load_state_dict(trainer.model.state_dict())
+    metrics = trainer.evaluate(iteration=0)
+    if trainer.layout.is_main:
+        for name in trainer.reward_names:
+            mean, std = metrics[f"eval/reward/{name}"], metrics[f"eval/reward_std/{name}"]
+            print(f"{name:18s} mean {mean:+.4f} std {std:.4f}")
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps({"checkpoint": args.checkpoint, **metrics}, indent=2) + "\n")
+            print(f"wrote {out / 'eval.json'}")
+    return 0
+
+
 def _encode_prompts(args: argparse.Namespace) -> int:
     from .data.encode import encode_prompts
 
@@ -112,8 +144,7 @@ def _convert(args: argparse.Namespace) -> int:
         export_official(src, args.dst)  # the model shape is stored with the checkpoint
         print(f"wrote the model weights of {src} to {args.dst} (official layout)")
         return 0
-    if src.is_dir() and full.is_full_checkpoint(src):
-        src = src / full.MODEL_FILES[0]  # the trained policy; the old policy is its EMA
+    src = Path(_weights(args.src))  # a full checkpoint's trained policy (the old policy is its EMA)
     # Anything else is a weights source: a file, or a diffusers pipeline / transformer folder.
     try:
         n = convert_file(src, args.dst, args.to)
@@ -158,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--out", required=True, help="directory for samples.safetensors")
     smp.add_argument("overrides", nargs="*")
     smp.set_defaults(func=_sample)
+    ev = sub.add_parser("eval", help="sample task.eval_prompts with eval.* settings and fixed noise, and score them")
+    ev.add_argument("--config")
+    ev.add_argument("--checkpoint", required=True, help="weights (= model.init) or a training checkpoint directory")
+    ev.add_argument("--out", help="directory for eval.json")
+    ev.add_argument("overrides", nargs="*")
+    ev.set_defaults(func=_eval)
     enc = sub.add_parser(
         "encode-prompts",
         help="encode every training, eval and negative prompt into text.cache (resumable; shard with torchrun)",

@@ -36,7 +36,7 @@ from .profiling import ProfileConfig
 from .rewards import LATENT_REWARDS, RewardSpec, build_rewards
 from .rewards.base import check_video_grid
 from .sampler import SamplerConfig
-from .trainer import TrainConfig
+from .trainer import EvalConfig, TrainConfig
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Config:
     surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -226,6 +227,9 @@ def _validate(cfg: Config) -> None:
             f"parallel.pp={cfg.parallel.pp}: the model ({which}) has only {layers} blocks to split into pipeline stages"
         )
     cfg.sampler.check_blocks(layers)
+    cfg.eval.sampler.check_blocks(layers)
+    if cfg.eval.every and cfg.task.eval_records() is None:
+        raise ConfigError(f"eval.every={cfg.eval.every} needs task.eval_prompts (the held-out prompts to evaluate)")
     try:
         a2v_grad_scales(cfg.surgery.schedule, layers)
     except ValueError as e:

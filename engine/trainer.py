@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,12 +40,24 @@ from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init
 from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy, model_config
 from .preemption import Preemption
 from .rewards import Rollout, build_rewards, score_rewards
-from .sampler import SIGMA_MODES, sample, training_sigmas
+from .sampler import SIGMA_MODES, SamplerConfig, sample, training_sigmas
 
 if TYPE_CHECKING:  # config.py composes TrainConfig from here
     from .config import Config
 
 LOSS_KEYS = ("loss", "loss/video", "loss/audio", "loss/kl")
+
+
+@dataclass
+class RolloutPlan:
+    """Which policy samples, with which sampler settings and noise keys (`Trainer.plan`)."""
+
+    model: torch.nn.Module
+    sampler: SamplerConfig
+    sigmas: Tensor
+    group_size: int  # samples per prompt
+    seed: int
+    noise_key: str | None  # replaces the iteration in the noise keys; None: the iteration
 
 
 @dataclass
@@ -66,6 +78,17 @@ class TrainConfig:
     micro_batch_size: int = bounded(0, None, default=0)
 
 
+@dataclass
+class EvalConfig:
+    """`eval.*`: sampling the held-out `task.eval_prompts` with fixed noise and scoring every reward."""
+
+    every: int = bounded(0, None, default=0)  # iterations between evaluations; 0 = only `omninft eval`
+    samples_per_prompt: int = bounded(1, None, default=2)
+    seed: int = 0  # the evaluation noise's own seed (the same noise at every evaluation)
+    policy: str = choice("model", "old", default="model")  # the trained policy, or its EMA (the old policy)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # steps, CFG, STG of evaluation
+
+
 class Trainer:
     """One OmniNFT run of `cfg` on this rank. With `for_training` (not for `omninft sample`), the run
     directory is checked first (engine.run_dir): whether it resumes, and what it may overwrite."""
@@ -82,6 +105,12 @@ class Trainer:
                 f"({', '.join(map(str, sorted(shares)))} samples here)"
             )
         self.total_steps = cfg.iterations * -(-n // cfg.train.batch_size)  # one per global mini-batch
+        n_eval = len(cfg.task.eval_records() or ()) * cfg.eval.samples_per_prompt
+        if n_eval % self.layout.dp:
+            raise ConfigError(
+                f"the {n_eval} evaluation samples (task.eval_prompts x eval.samples_per_prompt) must divide "
+                f"evenly over the {self.layout.dp} data-parallel ranks"
+            )
         self.checkpoints = CheckpointManager(
             cfg.run_dir,
             cfg.checkpoint_format,
@@ -121,7 +150,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.text.encoder is None:
             return StandInConditioning(cfg.task.context_tokens, caption_channels)
-        texts = run_texts(cfg.task.records(), cfg.text.negative_prompt)
+        texts = run_texts((*cfg.task.records(), *(cfg.task.eval_records() or ())), cfg.text.negative_prompt)
         with self.layout.collectively("preparing the text contexts"):  # also waits for every rank's share
             conditioning = TextConditioning(
                 cfg.text, cfg.model.init, texts, self.device, self.layout.rank, self.layout.sizes["world"]
@@ -146,15 +175,31 @@ class Trainer:
         cfg = self.cfg
         return prompts_for(cfg.task.records(), cfg.seed, iteration, cfg.train.prompts_per_iteration)
 
-    def initial_noise(self, iteration: int, prompts: list[PromptRecord], indices: list[int]) -> tuple[Tensor, Tensor]:
+    def plan(self, evaluation: bool) -> RolloutPlan:
+        """How rollouts are drawn: for training, the old policy with `sampler.*`, noise keyed by (seed,
+        iteration) and groups of `train.group_size`; for evaluation, `eval.policy` with `eval.sampler.*`,
+        groups of `eval.samples_per_prompt` and noise keyed by `eval.seed` alone (every evaluation sees
+        the same noise, and none of training's random streams is touched)."""
+        cfg = self.cfg
+        if not evaluation:
+            return RolloutPlan(self.old_model, cfg.sampler, self.sigmas, cfg.train.group_size, cfg.seed, None)
+        model = self.model if cfg.eval.policy == "model" else self.old_model
+        return RolloutPlan(
+            model, cfg.eval.sampler, cfg.eval.sampler.sigmas(), cfg.eval.samples_per_prompt, cfg.eval.seed, "eval"
+        )
+
+    def initial_noise(
+        self, iteration: int, prompts: list[PromptRecord], indices: list[int], evaluation: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """The rollout noise of samples `indices` (sample i is number i % G of prompt i // G): packed
         video (n, F*H*W, C) and audio (n, T_a, C), on the CPU, keyed by (seed, iteration, prompt, sample)."""
-        cfg, mc, g = self.cfg, self.model.config, self.cfg.train.group_size
+        mc, plan = self.model.config, self.plan(evaluation)
         f, h, w = self.grid
+        g = plan.group_size
         noise = [
             rollout_noise(
-                cfg.seed,
-                iteration,
+                plan.seed,
+                iteration if plan.noise_key is None else plan.noise_key,
                 prompts[i // g].prompt,
                 i % g,
                 (f * h * w, mc.in_channels),
@@ -165,24 +210,23 @@ class Trainer:
         return torch.stack([n[0] for n in noise]), torch.stack([n[1] for n in noise])
 
     def rollout(
-        self, iteration: int, prompts: list[PromptRecord], indices: list[int]
+        self, iteration: int, prompts: list[PromptRecord], indices: list[int], evaluation: bool = False
     ) -> tuple[Rollout, tuple[Tensor, Tensor], Tensor | None]:
-        """Samples `indices` of the iteration (sample i is number i % G of prompt i // G) from the old
-        policy; returns them as a Rollout (on the CPU, where rewards score them), their (video, audio)
-        text contexts and their V2A scores (on the device, summed over stages and averaged over heads
-        of all ranks)."""
-        cfg, mc, layout = self.cfg, self.model.config, self.layout
-        g = cfg.train.group_size
+        """Samples `indices` of the iteration (sample i is number i % G of prompt i // G) as `plan`
+        says; returns them as a Rollout (on the CPU, where rewards score them), their (video, audio)
+        text contexts and their V2A scores (training only: on the device, summed over stages and
+        averaged over heads of all ranks)."""
+        cfg, mc, layout, plan = self.cfg, self.model.config, self.layout, self.plan(evaluation)
         f, h, w = self.grid
-        records = [prompts[i // g] for i in indices]
+        records = [prompts[i // plan.group_size] for i in indices]
         texts = [r.prompt for r in records]
         on = {"device": self.device, "dtype": self.dtype}
-        video_noise, audio_noise = (n.to(**on) for n in self.initial_noise(iteration, prompts, indices))
+        video_noise, audio_noise = (n.to(**on) for n in self.initial_noise(iteration, prompts, indices, evaluation))
         ctx = self.conditioning.contexts(texts, **on)
-        guided = cfg.sampler.cfg_video != 1.0 or cfg.sampler.cfg_audio != 1.0
+        guided = plan.sampler.cfg_video != 1.0 or plan.sampler.cfg_audio != 1.0
         uncond = self.conditioning.contexts([self.negative_prompt(r) for r in records], **on) if guided else None
         recorder = None
-        if cfg.reweight.mode != "off":
+        if cfg.reweight.mode != "off" and not evaluation:
             recorder = V2AMassRecorder(
                 steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step),
                 blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block),
@@ -191,20 +235,20 @@ class Trainer:
                 device=self.device,
             )
         result = sample(
-            PipelinedForward(self.pipeline, self.old_model, cfg.train.micro_batch_size),
+            PipelinedForward(self.pipeline, plan.model, cfg.train.micro_batch_size),
             video_noise,
             audio_noise,
             ctx[0],
             ctx[1],
             self.grid,
             cfg.task.fps,
-            self.sigmas,
-            cfg.sampler.cfg_video,
-            cfg.sampler.cfg_audio,
+            plan.sigmas,
+            plan.sampler.cfg_video,
+            plan.sampler.cfg_audio,
             uncond,
             v2a_recorder=recorder,
-            stg_scale=cfg.sampler.stg_scale,
-            stg_blocks=cfg.sampler.stg_blocks,
+            stg_scale=plan.sampler.stg_scale,
+            stg_blocks=plan.sampler.stg_blocks,
         )
         rollout = Rollout(
             video=result.video.float().cpu(),
@@ -220,6 +264,25 @@ class Trainer:
         if score is not None:  # a rank saw its heads of its stage's blocks
             score = layout.sum_over("pp", layout.mean_over("tp", score))
         return rollout, ctx, score
+
+    @torch.no_grad()
+    def evaluate(self, iteration: int) -> dict[str, float]:
+        """Every reward's mean and std over the held-out `task.eval_prompts` (`eval/...` metrics), the
+        samples spread over the data-parallel ranks."""
+        prompts = list(self.cfg.task.eval_records())
+        n = len(prompts) * self.cfg.eval.samples_per_prompt
+        local = list(range(self.layout.dp_rank, n, self.layout.dp))
+        self.model.eval()
+        rollout, _, _ = self.rollout(iteration, prompts, local, evaluation=True)
+        scores = {
+            k: self.layout.gather_samples(v.to(self.device), local, n)
+            for k, v in score_rewards(self.rewards, rollout).items()
+        }
+        metrics = {}
+        for name, value in scores.items():
+            metrics[f"eval/reward/{name}"] = float(value.mean())
+            metrics[f"eval/reward_std/{name}"] = float(value.std(unbiased=False))
+        return metrics
 
     def train(
         self,
@@ -486,6 +549,8 @@ class Trainer:
                 for it in bar:
                     window.step(it)
                     metrics = self.iteration(it)
+                    if cfg.eval.every and (it + 1) % cfg.eval.every == 0:
+                        metrics.update(self.evaluate(it))
                     history.append(metrics)
                     if main:
                         logger.log(metrics)

@@ -187,3 +187,29 @@ def test_autocast_computes_in_bf16_and_keeps_fp32_parameters(tmp_path):
     m = mixed.iteration(0)
     assert torch.isfinite(torch.tensor(m["loss"]))
     assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+
+
+def test_evaluation_leaves_training_untouched_and_logs_every_reward(tmp_path, capsys):
+    """eval.every samples task.eval_prompts with its own sampler and noise: training's numbers are
+    bitwise those of a run without it, every reward gets eval/ metrics, and two evaluations of the
+    same weights agree (fixed noise); `omninft eval` reports the same for a checkpoint."""
+    evals = ["task.eval_prompts=[a cat purrs, thunder rolls]", "eval.samples_per_prompt=2", "eval.sampler.steps=3"]
+    plain = Trainer(_cfg(tmp_path / "plain", "iterations=2")).run()
+    with_eval = Trainer(_cfg(tmp_path / "eval", "iterations=2", "eval.every=1", *evals)).run()
+    for a, b in zip(plain, with_eval):
+        assert all(a[k] == b[k] for k in ("loss", "grad_norm", "reward/video_sharpness", "reward/av_sync"))
+    assert {"eval/reward/video_sharpness", "eval/reward_std/av_sync"} <= set(with_eval[0])
+    assert with_eval[0]["eval/reward/audio_steadiness"] != with_eval[1]["eval/reward/audio_steadiness"]
+    rows = read_metrics(tmp_path / "eval" / "metrics.jsonl")
+    assert rows[1]["eval/reward/av_sync"] == with_eval[1]["eval/reward/av_sync"]
+
+    ckpt = tmp_path / "eval" / "checkpoints" / "iter_000001"
+    out = tmp_path / "report"
+    argv = ["eval", "--checkpoint", str(ckpt), "--out", str(out), *SMALL, *evals]
+    assert main(argv) == 0 and main(argv) == 0
+    report = json.loads((out / "eval.json").read_text())
+    trainer = Trainer(_cfg(tmp_path / "again", f"model.init={ckpt / 'model.safetensors'}", *evals), for_training=False)
+    assert trainer.evaluate(0)["eval/reward/video_sharpness"] == report["eval/reward/video_sharpness"]
+    assert "video_sharpness" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(ckpt), *SMALL]) == 2  # no eval prompts: one line
+    assert "needs task.eval_prompts" in capsys.readouterr().err
