@@ -36,9 +36,11 @@ setup(
             "triton==3.7.1",
             "ruff==0.17.5",
             "wandb==0.31.0",
+            "av==18.1.0",  # PyAV for engine.media's MP4 (bundled FFmpeg: libx264, aac); 19.x needs Python >= 3.12
         ],
         "text": ["diffusers==0.42.1", "transformers==5.24.0"],
         "wandb": ["wandb"],
+        "media": ["av==18.1.0"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["omninft = engine.cli:main"]},
