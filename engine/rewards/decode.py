@@ -1,0 +1,553 @@
+"""Rollout latents -> media for the rewards that read pixels or sound: video frames in [0, 1] and stereo
+waveforms, decoded exactly as diffusers 0.42.1's `LTX2Pipeline` does after its denoising loop
+(../shared/research/diffusers-ltx2-datapath.md sections 2 and 6).
+
+- Video: packed tokens (N, F*H*W, C), f-major -> (N, C, F, H, W) -> `z * std / scaling_factor + mean` with the
+  VAE's per-channel statistics -> `AutoencoderKLLTX2Video.decode(z, temb)` -> `(x / 2 + 0.5).clamp(0, 1)` ->
+  frames (N, 8 (F - 1) + 1, 32 H, 32 W, 3).
+- Audio: packed tokens (N, T_a, C*M) -> `x * std + mean` in the packed space (the audio VAE's statistics have
+  C*M entries) -> (N, C, T_a, M) -> `AutoencoderKLLTX2Audio.decode` -> mel (N, 2, 4 T_a - 3, 64) -> `LTX2Vocoder`
+  -> waveform (N, 2, 240 (4 T_a - 3)) at `sample_rate` (24 kHz for the 19B release), in [-1, 1].
+
+Timestep-conditioned decoding. A VAE whose decoder carries `last_time_embedder` weights is conditioned on a
+decode timestep, and mixes noise into the normalised latents first: `z <- (1 - s) z + s * noise`. We use
+ltx-core's values (`decode.decode_timestep` 0.05, `decode.decode_noise_scale` 0.025: ltx_core's VideoDecoder), not
+the pipeline's defaults (timestep 0, no noise), and only for such a VAE; the formula is the pipeline's (and
+ltx-core's). The noise of sample i is `engine.noise.seeded_normal((C, F, H, W), *noise_keys[i], "decode")`,
+keyed by what the caller passes (e.g. its rollout's seed, iteration, prompt and sample), so a decode never
+depends on batching or on how samples are spread over ranks. Whether a VAE is conditioned is read from its
+keys, not from a config; the 19B release's appears to be (third-party ports of ltx-2-19b-*.safetensors load
+`vae.decoder.last_time_embedder.*`, per-block `time_embedder`s and a `timestep_scale_multiplier`).
+
+Weights come from the official single file (`vae.*`, `audio_vae.*`, `vocoder.*` beside the DiT) or a diffusers
+pipeline folder (`vae/`, `audio_vae/`, `vocoder/`), through our own key maps and loaded strictly: every missing,
+unexpected or mis-shaped tensor of the requested parts is named in one CheckpointError. Only the decoders are
+built: the VAE encoders are never materialised (built on the meta device, then dropped). The audio VAE and the
+vocoder load from the single file too, which diffusers' single-file loading cannot do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from models.weights import MAX_LISTED_PROBLEMS, check_finite, open_safetensors
+
+from ..errors import CheckpointError, ConfigError
+from ..fields import bounded, choice
+from ..noise import seeded_normal
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class DecodeConfig:
+    """`decode.*`: the VAEs and vocoder that turn rollout latents into frames and waveforms."""
+
+    # An official LTX-2 single file or a diffusers pipeline folder (vae/, audio_vae/, vocoder/); None: model.init.
+    source: str | None = None
+    dtype: str = choice(*DTYPES, default="bfloat16")  # decoder weights and compute; outputs are float32
+    offload: bool = False  # keep the decoders on the CPU between decodes instead of resident on the device
+    batch_size: int = bounded(1, None, default=1)  # samples per decoder call
+    # Timestep-conditioned VAEs only (ltx-core's values; diffusers' pipeline defaults to 0 and no noise).
+    decode_timestep: float = bounded(0.0, 1.0, default=0.05)
+    decode_noise_scale: float = bounded(0.0, 1.0, default=0.025)
+
+    def __post_init__(self) -> None:
+        if self.source is not None and not Path(self.source).exists():
+            raise ConfigError(f"decode.source: {self.source} does not exist")
+
+
+def decode_source(cfg: DecodeConfig, model_init: str | None) -> str:
+    """Where the decoders' weights are: `decode.source`, else the DiT's `model.init` (the official single file
+    and a diffusers pipeline folder hold the VAEs and vocoder beside the DiT)."""
+    source = cfg.source if cfg.source is not None else model_init
+    if source is None:
+        raise ConfigError(
+            "decode.source is not set and model.init is None: decoding needs an LTX-2 single file or a diffusers "
+            "pipeline folder with vae/, audio_vae/ and vocoder/"
+        )
+    return source
+
+
+# ---- configs of the official single file -------------------------------------------------------------------
+
+# diffusers' scripts/convert_ltx2_to_diffusers.py, version 2.0 (the 19B release): used for every setting the
+# file's header does not carry (timestep conditioning is read from the tensors instead).
+VIDEO_VAE_19B = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=128,
+    block_out_channels=(256, 512, 1024, 2048),
+    decoder_block_out_channels=(256, 512, 1024),
+    layers_per_block=(4, 6, 6, 2, 2),
+    decoder_layers_per_block=(5, 5, 5, 5),
+    spatio_temporal_scaling=(True, True, True, True),
+    decoder_spatio_temporal_scaling=(True, True, True),
+    decoder_inject_noise=(False, False, False, False),
+    downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+    upsample_type=("spatiotemporal", "spatiotemporal", "spatiotemporal"),
+    upsample_residual=(True, True, True),
+    upsample_factor=(2, 2, 2),
+    timestep_conditioning=False,
+    patch_size=4,
+    patch_size_t=1,
+    resnet_norm_eps=1e-6,
+    scaling_factor=1.0,
+    encoder_causal=True,
+    decoder_causal=False,  # the constructor's default is True: LTX-2 decodes non-causally
+    encoder_spatial_padding_mode="zeros",
+    decoder_spatial_padding_mode="reflect",
+    spatial_compression_ratio=32,
+    temporal_compression_ratio=8,
+)
+AUDIO_VAE_19B = dict(
+    base_channels=128,
+    output_channels=2,
+    ch_mult=(1, 2, 4),
+    num_res_blocks=2,
+    attn_resolutions=None,
+    in_channels=2,
+    resolution=256,
+    latent_channels=8,
+    norm_type="pixel",
+    causality_axis="height",
+    dropout=0.0,
+    mid_block_add_attention=False,
+    sample_rate=16000,
+    mel_hop_length=160,
+    is_causal=True,
+    mel_bins=64,
+    double_z=True,
+)
+VOCODER_19B = dict(
+    in_channels=128,
+    hidden_channels=1024,
+    out_channels=2,
+    upsample_kernel_sizes=[16, 15, 8, 4, 4],
+    upsample_factors=[6, 5, 2, 2, 2],
+    resnet_kernel_sizes=[3, 7, 11],
+    resnet_dilations=[[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+    act_fn="leaky_relu",
+    leaky_relu_negative_slope=0.1,
+    antialias=False,
+    final_act_fn="tanh",
+    final_bias=True,
+    output_sampling_rate=24000,
+)
+
+
+def _video_vae_kwargs(section: dict | None, timestep_conditioning: bool) -> dict:
+    """AutoencoderKLLTX2Video arguments from the header's `vae` section (ltx-core's CausalVideoAutoencoder
+    config, its defaults for absent keys; `decoder_blocks` alternate `res_x` and `compress_all`, and the
+    channels grow by each `compress_all` multiplier from `decoder_base_channels`), else the 19B values."""
+    kwargs = dict(VIDEO_VAE_19B, timestep_conditioning=timestep_conditioning)
+    if section is None:
+        return kwargs
+    if section.get("norm_layer", "pixel_norm") != "pixel_norm":
+        raise ValueError(f"norm_layer {section['norm_layer']!r} (LTX-2 uses pixel_norm)")
+    latent = int(section.get("latent_channels", 128))
+    kwargs.update(
+        latent_channels=latent,
+        out_channels=int(section.get("out_channels", 3)),
+        patch_size=int(section.get("patch_size", 4)),
+        scaling_factor=float(section.get("scaling_factor", 1.0)),
+        decoder_causal=bool(section.get("causal_decoder", False)),
+        decoder_spatial_padding_mode=section.get("decoder_spatial_padding_mode", "reflect"),
+    )
+    if "decoder_blocks" not in section:
+        return kwargs
+    blocks = [(name, {"num_layers": p} if isinstance(p, int) else dict(p)) for name, p in section["decoder_blocks"]]
+    names = [name for name, _ in blocks]
+    if len(blocks) % 2 != 1 or names != ["res_x", "compress_all"] * (len(blocks) // 2) + ["res_x"]:
+        raise ValueError(f"decoder_blocks {names} (only alternating res_x / compress_all, as in LTX-2.0, is supported)")
+    res, ups = [p for _, p in blocks[::2]], [p for _, p in blocks[1::2]]
+    factors = tuple(int(p.get("multiplier", 1)) for p in ups)
+    base = int(section.get("decoder_base_channels", latent))
+    kwargs.update(
+        decoder_layers_per_block=tuple(int(p["num_layers"]) for p in res),
+        decoder_inject_noise=tuple(bool(p.get("inject_noise", False)) for p in res),
+        decoder_block_out_channels=tuple(base * math.prod(factors[: i + 1]) for i in range(len(ups))),
+        decoder_spatio_temporal_scaling=(True,) * len(ups),
+        upsample_type=("spatiotemporal",) * len(ups),
+        upsample_residual=tuple(bool(p.get("residual", False)) for p in ups),
+        upsample_factor=factors,
+    )
+    return kwargs
+
+
+def _audio_vae_kwargs(section: dict | None) -> dict:
+    """AutoencoderKLLTX2Audio arguments from the header's `audio_vae` section (ltx-core: `model.params.ddconfig`
+    with `ch`, `z_channels`, `out_ch`, ...; the mel and STFT settings under `preprocessing`; ltx-core's defaults
+    for absent keys), else the 19B values."""
+    if section is None:
+        return dict(AUDIO_VAE_19B)
+    params = section.get("model", {}).get("params", {})
+    dd, pre = params.get("ddconfig", {}), section.get("preprocessing", {})
+    attn = dd.get("attn_resolutions", (8, 16, 32))
+    return dict(
+        AUDIO_VAE_19B,
+        base_channels=int(dd.get("ch", 128)),
+        output_channels=int(dd.get("out_ch", 2)),
+        ch_mult=tuple(dd.get("ch_mult", (1, 2, 4))),
+        num_res_blocks=int(dd.get("num_res_blocks", 2)),
+        attn_resolutions=tuple(attn) or None,
+        in_channels=int(dd.get("in_channels", 2)),
+        resolution=int(dd.get("resolution", 256)),
+        latent_channels=int(dd.get("z_channels", 8)),
+        norm_type=dd.get("norm_type", "pixel"),
+        causality_axis=dd.get("causality_axis", "height"),
+        mid_block_add_attention=bool(dd.get("mid_block_add_attention", True)),
+        sample_rate=int(params.get("sampling_rate", 16000)),
+        mel_hop_length=int(pre.get("stft", {}).get("hop_length", 160)),
+        is_causal=bool(pre.get("stft", {}).get("causal", True)),
+        mel_bins=int(dd.get("mel_bins") or pre.get("mel", {}).get("n_mel_channels") or 64),
+        double_z=bool(dd.get("double_z", True)),
+    )
+
+
+def _vocoder_kwargs(section: dict | None, audio: dict) -> dict:
+    """LTX2Vocoder arguments from the header's `vocoder` section (ltx-core's flat HiFi-GAN config), else the 19B
+    values; its input is the audio VAE's mel, (channels x mel bins) wide."""
+    kwargs = dict(VOCODER_19B, in_channels=audio["output_channels"] * audio["mel_bins"])
+    if section is None:
+        return kwargs
+    if "bwe" in section:
+        raise ValueError("a bandwidth-extension vocoder (LTX-2.3) is not supported yet")
+    if section.get("resblock", "1") != "1":
+        raise ValueError(f"vocoder resblock {section['resblock']!r} (LTX-2.0 uses '1')")
+    return dict(
+        kwargs,
+        hidden_channels=int(section.get("upsample_initial_channel", 1024)),
+        out_channels=2 if section.get("stereo", True) else 1,
+        upsample_kernel_sizes=list(section.get("upsample_kernel_sizes", [16, 15, 8, 4, 4])),
+        upsample_factors=list(section.get("upsample_rates", [6, 5, 2, 2, 2])),
+        resnet_kernel_sizes=list(section.get("resblock_kernel_sizes", [3, 7, 11])),
+        resnet_dilations=[list(d) for d in section.get("resblock_dilation_sizes", [[1, 3, 5]] * 3)],
+        output_sampling_rate=int(section.get("output_sample_rate", section.get("output_sampling_rate", 24000))),
+    )
+
+
+# ---- key maps: official single file -> diffusers -------------------------------------------------------------
+
+# Per-channel statistics the decode reads; the file's others (`channel`, `mean-of-stds`) are not used.
+_STATISTICS = {"mean-of-means": "latents_mean", "std-of-means": "latents_std"}
+_VOCODER_PARTS = {"ups": "upsamplers", "resblocks": "resnets", "conv_pre": "conv_in", "conv_post": "conv_out"}
+
+
+def official_video_vae_key(key: str) -> str | None:
+    """diffusers `AutoencoderKLLTX2Video` name of an official `vae.`-less key; None for tensors decoding never
+    reads (the encoder, unused statistics). The decoder's `up_blocks.0` is the mid block, odd blocks are the
+    depth-to-space upsamplers of the following even blocks (`2k+1` -> `up_blocks.k.upsamplers.0`, `2k+2` ->
+    `up_blocks.k`); `res_blocks` are `resnets`; `last_time_embedder` / `last_scale_shift_table` lose `last_`."""
+    parts = key.split(".")
+    if parts[0] == "encoder":
+        return None
+    if parts[0] == "per_channel_statistics":
+        return _STATISTICS.get(".".join(parts[1:]))
+    if parts[0] == "decoder" and len(parts) > 2 and parts[1] == "up_blocks" and parts[2].isdigit():
+        j = int(parts[2])
+        block = ["mid_block"] if j == 0 else ["up_blocks", str((j - 1) // 2)] + (["upsamplers", "0"] if j % 2 else [])
+        parts = parts[:1] + block + parts[3:]
+    elif parts[0] == "decoder" and len(parts) > 1 and parts[1] in ("last_time_embedder", "last_scale_shift_table"):
+        parts[1] = parts[1].removeprefix("last_")
+    return ".".join("resnets" if p == "res_blocks" else p for p in parts)
+
+
+def official_audio_vae_key(key: str) -> str | None:
+    """diffusers `AutoencoderKLLTX2Audio` name of an official `audio_vae.`-less key; None for the encoder and
+    unused statistics (the decoder's names are diffusers' own)."""
+    parts = key.split(".")
+    if parts[0] == "encoder":
+        return None
+    if parts[0] == "per_channel_statistics":
+        return _STATISTICS.get(".".join(parts[1:]))
+    return key
+
+
+def official_vocoder_key(key: str) -> str:
+    """diffusers `LTX2Vocoder` name of an official `vocoder.`-less key (the conversion script's renames, applied
+    to whole name components)."""
+    return ".".join(_VOCODER_PARTS.get(p, p) for p in key.split("."))
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    """One decoder to build: its diffusers class name, constructor arguments and its tensors (diffusers
+    names, encoders already dropped)."""
+
+    sub: str  # "vae", "audio_vae" or "vocoder": the single file's prefix, the pipeline folder's subfolder
+    class_name: str
+    kwargs: dict
+    state: dict[str, Tensor]
+
+    @property
+    def name(self) -> str:
+        """For messages: "video VAE", "audio VAE", "vocoder"."""
+        return _NAMES[self.sub]
+
+
+_CLASSES = {"vae": "AutoencoderKLLTX2Video", "audio_vae": "AutoencoderKLLTX2Audio", "vocoder": "LTX2Vocoder"}
+_NAMES = {"vae": "video VAE", "audio_vae": "audio VAE", "vocoder": "vocoder"}
+_OFFICIAL_MAPS = {"vae": official_video_vae_key, "audio_vae": official_audio_vae_key, "vocoder": official_vocoder_key}
+
+
+def _official_parts(path: Path, subs: Sequence[str]) -> list[_Part]:
+    """The requested parts of an official single file: tensors by prefix through our key maps, configs from the
+    header's `config` sections when present (else the 19B conversion configs), timestep conditioning from the
+    presence of `vae.decoder.last_time_embedder.*`."""
+    with open_safetensors(path) as f:
+        try:
+            header = json.loads((f.metadata() or {}).get("config", "{}"))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: the header's config is not JSON ({e})") from e
+        header = header if isinstance(header, dict) else {}
+        states: dict[str, dict[str, Tensor]] = {sub: {} for sub in subs}
+        for key in f.keys():
+            sub, _, rest = key.partition(".")
+            if sub in states and (name := _OFFICIAL_MAPS[sub](rest)) is not None:
+                states[sub][name] = f.get_tensor(key)
+    for sub, state in states.items():
+        if not state:
+            raise CheckpointError(
+                f"{path} holds no {_NAMES[sub]} ({sub}.* tensors); decode.source must be an LTX-2 single file with "
+                f"its VAEs and vocoder, or a diffusers pipeline folder"
+            )
+    kwargs = {}
+    try:
+        if "vae" in subs:
+            timed = any(k.startswith("decoder.time_embedder.") for k in states["vae"])
+            kwargs["vae"] = _video_vae_kwargs(header.get("vae"), timestep_conditioning=timed)
+        if "audio_vae" in subs:
+            kwargs["audio_vae"] = _audio_vae_kwargs(header.get("audio_vae"))
+            kwargs["vocoder"] = _vocoder_kwargs(header.get("vocoder"), kwargs["audio_vae"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot use the decoder config in its header: {e!r}") from e
+    return [_Part(sub, _CLASSES[sub], kwargs[sub], states[sub]) for sub in subs]
+
+
+def _folder_part(root: Path, sub: str) -> _Part:
+    """`root/sub/` of a diffusers pipeline folder: config.json (its `_class_name` must be ours) and the
+    safetensors beside it (one file or shards); encoder tensors are dropped."""
+    folder = root / sub
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        raise CheckpointError(
+            f"{root} is not a diffusers LTX-2 pipeline folder with the {_NAMES[sub]}: expected {sub}/config.json "
+            f"and {sub}/diffusion_pytorch_model.safetensors"
+        )
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'} is not JSON ({e})") from e
+    class_name = config.get("_class_name", _CLASSES[sub])
+    if class_name != _CLASSES[sub]:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: _class_name is {class_name!r}; the {_NAMES[sub]} must be {_CLASSES[sub]} "
+            f"(LTX-2.0; other variants are not supported yet)"
+        )
+    state = {}
+    for file in files:
+        with open_safetensors(file) as f:
+            state.update({k: f.get_tensor(k) for k in f.keys() if not k.startswith("encoder.")})
+    return _Part(sub, class_name, {k: v for k, v in config.items() if not k.startswith("_")}, state)
+
+
+def _build(part: _Part, source: str) -> tuple[nn.Module, list[str]]:
+    """The part's diffusers module without its encoder, on the meta device (nothing allocated), and the problems
+    its tensors have against it ("missing: ...", "unexpected: ...", "shape: ...")."""
+    import diffusers
+    from diffusers.pipelines.ltx2 import LTX2Vocoder
+
+    cls = LTX2Vocoder if part.class_name == "LTX2Vocoder" else getattr(diffusers, part.class_name)
+    try:
+        with torch.device("meta"):
+            module = cls(**part.kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: the {part.name} config does not fit {part.class_name} ({e})") from e
+    if hasattr(module, "encoder"):
+        del module.encoder
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in part.state.items()}
+    problems = [f"{part.name} missing: {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
+    problems += [f"{part.name} unexpected: {k} {found[k]}" for k in sorted(set(found) - set(expected))]
+    problems += [
+        f"{part.name} shape: {k} is {found[k]}, expected {expected[k]}"
+        for k in sorted(set(found) & set(expected))
+        if found[k] != expected[k]
+    ]
+    return module, problems
+
+
+def load_decoders(
+    source: str | os.PathLike, dtype: torch.dtype, *, video: bool, audio: bool
+) -> tuple[nn.Module | None, nn.Module | None, nn.Module | None]:
+    """(video VAE, audio VAE, vocoder) from an official single file or a diffusers pipeline folder, each None when
+    not asked for, on the CPU in `dtype`, eval, without gradients and without encoders. Every missing,
+    unexpected or mis-shaped tensor of the requested parts is listed in one CheckpointError."""
+    path = Path(source)
+    subs = (["vae"] if video else []) + (["audio_vae", "vocoder"] if audio else [])
+    if path.is_dir():
+        parts = [_folder_part(path, sub) for sub in subs]
+    elif path.is_file():
+        parts = _official_parts(path, subs)
+    else:
+        raise CheckpointError(f"{path}: no such file or folder (expected an LTX-2 single file or pipeline folder)")
+    built = [_build(part, str(path)) for part in parts]
+    problems = [p for _, ps in built for p in ps]
+    if problems:
+        shown = problems[:MAX_LISTED_PROBLEMS]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise CheckpointError(
+            f"{path} does not fit the decoders ({len(problems)} problem(s)):\n  " + "\n  ".join(shown) + more
+        )
+    modules = {}
+    for part, (module, _) in zip(parts, built):
+        check_finite(part.state, f"{path} ({part.name})")
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in part.state.items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()]), part.name
+        modules[part.sub] = module.eval().requires_grad_(False)
+    return modules.get("vae"), modules.get("audio_vae"), modules.get("vocoder")
+
+
+# ---- decoding ------------------------------------------------------------------------------------------------
+
+
+class Decoders:
+    """The frozen decoders a run's rewards need: `frames` (video VAE) and `waveforms` (audio VAE + vocoder).
+
+    Built from `decode.*`, the resolved weights source (`decode_source`), the device and which parts to load
+    (`video`, `audio`: a run whose rewards read only frames never loads the audio side). Decoding runs under
+    torch.no_grad in `decode.batch_size` samples per call; outputs are float32 on the CPU. With `decode.offload`
+    the decoders wait on the CPU and visit the device only while they decode."""
+
+    def __init__(
+        self,
+        cfg: DecodeConfig,
+        source: str | os.PathLike,
+        device: torch.device | str = "cpu",
+        *,
+        video: bool = True,
+        audio: bool = True,
+    ) -> None:
+        if not (video or audio):
+            raise ValueError("Decoders needs at least one of video, audio")
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), DTYPES[cfg.dtype]
+        self.vae, self.audio_vae, self.vocoder = load_decoders(source, self.dtype, video=video, audio=audio)
+        # Statistics in float32 (the denormalisation runs there, before the cast to the decoders' dtype).
+        if self.vae is not None:
+            self._video_stats = (self.vae.latents_mean.float(), self.vae.latents_std.float())
+        if self.audio_vae is not None:
+            self._audio_stats = (self.audio_vae.latents_mean.float(), self.audio_vae.latents_std.float())
+        if not cfg.offload:
+            for module in (self.vae, self.audio_vae, self.vocoder):
+                if module is not None:
+                    nn.Module.to(module, self.device)  # nn.Module's: diffusers' .to warns about pinned dtypes
+
+    @property
+    def timestep_conditioned(self) -> bool:
+        """Whether the video VAE decodes at `decode.decode_timestep` after mixing in `decode_noise_scale` noise."""
+        return bool(self._require(self.vae, "video").config.timestep_conditioning)
+
+    @property
+    def sample_rate(self) -> int:
+        """Samples per second of `waveforms` (the vocoder's output rate: 24000 for the 19B release)."""
+        return int(self._require(self.vocoder, "audio").config.output_sampling_rate)
+
+    @staticmethod
+    def _require(module: nn.Module | None, part: str) -> nn.Module:
+        if module is None:
+            raise RuntimeError(f"the {part} decoders were not loaded (Decoders(..., {part}=True))")
+        return module
+
+    @contextlib.contextmanager
+    def _resident(self, *modules: nn.Module) -> Iterator[None]:
+        """The modules on the device for the block; with `decode.offload`, back on the CPU after it."""
+        if self.cfg.offload:
+            for module in modules:
+                nn.Module.to(module, self.device)
+        try:
+            yield
+        finally:
+            if self.cfg.offload:
+                for module in modules:
+                    nn.Module.to(module, "cpu")
+
+    @torch.no_grad()
+    def frames(
+        self,
+        video_latents: Tensor,
+        video_grid: tuple[int, int, int],
+        noise_keys: Sequence[Sequence[object]] | None = None,
+    ) -> Tensor:
+        """Video latent tokens (N, F*H*W, C), f-major, of a (F, H, W) latent grid -> frames
+        (N, 8 (F - 1) + 1, 32 H, 32 W, 3) float32 in [0, 1] on the CPU.
+
+        `noise_keys[i]` (seed parts, one sequence per sample) keys sample i's decode noise; a timestep-conditioned
+        VAE with `decode_noise_scale` > 0 needs them, other VAEs ignore them."""
+        vae = self._require(self.vae, "video")
+        n, tokens, channels = video_latents.shape if video_latents.ndim == 3 else (0, -1, -1)
+        f, h, w = video_grid
+        if tokens != f * h * w or channels != vae.config.latent_channels:
+            raise ValueError(
+                f"video latents {tuple(video_latents.shape)} do not fit grid {tuple(video_grid)} with "
+                f"{vae.config.latent_channels} channels"
+            )
+        timed, scale = self.timestep_conditioned, self.cfg.decode_noise_scale
+        if timed and scale > 0 and (noise_keys is None or len(noise_keys) != n):
+            raise ValueError(f"a timestep-conditioned VAE with decode noise needs one noise key per sample ({n})")
+        mean, std = (s.to(self.device).view(1, -1, 1, 1, 1) for s in self._video_stats)
+        out = []
+        with self._resident(vae):
+            for start in range(0, n, self.cfg.batch_size):
+                chunk = video_latents[start : start + self.cfg.batch_size].to(self.device, torch.float32)
+                z = chunk.reshape(-1, f, h, w, channels).permute(0, 4, 1, 2, 3)  # (B, C, F, H, W)
+                temb = None
+                if timed:
+                    if scale > 0:
+                        keys = noise_keys[start : start + self.cfg.batch_size]
+                        noise = torch.stack([seeded_normal(z.shape[1:], *key, "decode") for key in keys])
+                        z = (1 - scale) * z + scale * noise.to(self.device)
+                    temb = torch.full((z.shape[0],), self.cfg.decode_timestep, device=self.device)
+                z = z * std / vae.config.scaling_factor + mean
+                x = vae.decode(z.to(self.dtype), temb, return_dict=False)[0]  # (B, 3, F_px, H_px, W_px)
+                out.append((x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def waveforms(self, audio_latents: Tensor) -> Tensor:
+        """Audio latent tokens (N, T_a, C*M), packed `c * M + m` -> waveforms (N, channels, 240 (4 T_a - 3))
+        float32 in [-1, 1] on the CPU, at `sample_rate`."""
+        audio_vae, vocoder = self._require(self.audio_vae, "audio"), self._require(self.vocoder, "audio")
+        channels = audio_vae.config.latent_channels
+        mel_bins = audio_vae.config.mel_bins // audio_vae.mel_compression_ratio
+        mean, std = (s.to(self.device) for s in self._audio_stats)
+        if (
+            audio_latents.ndim != 3
+            or audio_latents.shape[-1] != channels * mel_bins
+            or mean.numel() != channels * mel_bins
+        ):
+            raise ValueError(
+                f"audio latents {tuple(audio_latents.shape)} do not fit the audio VAE: {channels} channels x "
+                f"{mel_bins} mel bins per token, statistics of {mean.numel()}"
+            )
+        out = []
+        with self._resident(audio_vae, vocoder):
+            for start in range(0, audio_latents.shape[0], self.cfg.batch_size):
+                chunk = audio_latents[start : start + self.cfg.batch_size].to(self.device, torch.float32)
+                z = (chunk * std + mean).unflatten(2, (channels, mel_bins)).transpose(1, 2)  # (B, C, T_a, M)
+                mel = audio_vae.decode(z.to(self.dtype), return_dict=False)[0]  # (B, 2, 4 T_a - 3, mel bins)
+                out.append(vocoder(mel).float().cpu())
+        return torch.cat(out)
