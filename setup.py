@@ -39,6 +39,11 @@ setup(
             "av==18.1.0",  # PyAV for engine.media's MP4 (bundled FFmpeg: libx264, aac); 19.x needs Python >= 3.12
         ],
         "text": ["diffusers==0.42.1", "transformers==5.24.0"],
+        # rewards: the media reward models' packages; CLAP comes from transformers. Audiobox Aesthetics is
+        # installed apart, `pip install --no-deps audiobox-aesthetics==0.0.4`: its declared dependencies pull a
+        # CUDA torchaudio that does not load with a CPU torch, and we import only its model module (torch, numpy,
+        # huggingface_hub, which transformers brings).
+        "rewards": ["transformers==5.24.0"],
         "wandb": ["wandb"],
         "media": ["av==18.1.0"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],

@@ -33,8 +33,9 @@ from .optim import OptimConfig
 from .parallel import ParallelConfig
 from .policy import EMAConfig, PolicyConfig, model_config
 from .profiling import ProfileConfig
-from .rewards import LATENT_REWARDS, RewardSpec, build_rewards
+from .rewards import LATENT_REWARDS, RewardSpec, check_rewards
 from .rewards.base import check_video_grid
+from .rewards.decode import DecodeConfig
 from .sampler import SamplerConfig
 from .trainer import EvalConfig, TrainConfig
 
@@ -57,6 +58,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     text: TextConfig = field(default_factory=TextConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name) for name in LATENT_REWARDS])
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -239,7 +241,7 @@ def _validate(cfg: Config) -> None:
             "text.encoder is set, but no weights for the text connectors: set text.connectors or model.init "
             "(the official file and a diffusers pipeline folder hold them)"
         )
-    build_rewards(cfg.rewards)
+    check_rewards(cfg.rewards)
     check_video_grid(cfg.rewards, cfg.task.video_grid)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import ConfigError, DataError
-from .fields import choice
+from .fields import bounded, choice
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,10 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "omninft"
     wandb_mode: str = choice("offline", "online", default="offline")
+    # Decoded rollouts saved as run_dir/media/<tag>/sample_NNN.mp4 (+ .wav) and to TensorBoard, every
+    # `media_every` iterations (0 = never), the first `media_samples` of the main rank's share.
+    media_every: int = bounded(0, None, default=0)
+    media_samples: int = bounded(1, None, default=2)
 
     def __post_init__(self) -> None:
         if self.wandb and importlib.util.find_spec("wandb") is None:
@@ -68,6 +72,24 @@ class MetricsLogger:
                 if key != "iteration" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, metrics["iteration"])
             self.writer.flush()
+
+    def log_media(self, kind: str, step: int, media: list[dict]) -> list[Path]:
+        """Writes each sample's `frames` (F, H, W, 3) in [0, 1] at `fps` with its `waveform` (channels,
+        samples) at `sample_rate` (or None) as run_dir/media/<kind>_<step>/sample_NNN.mp4 (+ .wav), and
+        to TensorBoard as `<kind>/sample_N` at `step`. `kind` is "train" or "eval"."""
+        from .media import log_tensorboard_media, write_mp4, write_wav
+
+        folder, written = self.path.parent / "media" / f"{kind}_{step:06d}", []
+        for k, m in enumerate(media):
+            audio = (m["waveform"], m["sample_rate"])
+            written.append(write_mp4(folder / f"sample_{k:03d}.mp4", m["frames"], m["fps"], *audio))
+            if m["waveform"] is not None:
+                written.append(write_wav(folder / f"sample_{k:03d}.wav", *audio))
+            if self.writer is not None:
+                log_tensorboard_media(self.writer, f"{kind}/sample_{k}", m["frames"], m["fps"], step, *audio)
+        if self.writer is not None:
+            self.writer.flush()
+        return written
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,29 +1,38 @@
 """What every reward is: a scorer of rollouts that declares the modality it judges, so routing (SPEC 2)
-can send its advantage only to the branch(es) it is about; the typed config entry that picks one;
-and the call that scores a rollout with all of them, failing loudly (never a silent 0).
+can send its advantage only to the branch(es) it is about, and what it reads (latents, decoded frames,
+the waveform, the prompts), so the trainer decodes media only when some reward needs them; the typed
+config entry that picks a built-in reward by name or a custom one by its import path; and the call
+that scores a rollout with all of them, failing loudly (never a silent 0).
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
+import inspect
 import math
 import numbers
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from models.latents import LatentGeometry
 
-from ..errors import ConfigError, RewardError
+from ..errors import CheckpointError, ConfigError, RewardError, UserError
 
 MODALITIES = ("video", "audio", "av")
+# What a reward may read: the clean latents, the decoded video frames, the decoded waveform, the prompts.
+READS = frozenset({"latents", "frames", "waveform", "text"})
+MEDIA = frozenset({"frames", "waveform"})  # what the trainer decodes only when some reward reads it
 
 
 @dataclass(frozen=True)
 class Rollout:
-    """What rewards score: clean latents of N samples."""
+    """What rewards score: clean latents of N samples and, when some reward reads them, their decoded media."""
 
     video: Tensor  # (N, F*H*W, C) video latent tokens, f-major order (token index = (f*H + h)*W + w)
     audio: Tensor  # (N, T_a, C) audio latent tokens, 25 per second
@@ -34,9 +43,13 @@ class Rollout:
     # The texts the video and audio rewards judge (the dataset's prompt_video / prompt_audio); () = `prompts`.
     video_prompts: tuple[str, ...] = ()
     audio_prompts: tuple[str, ...] = ()
+    # Decoded media, None unless a reward reads them (`reads_media`):
+    frames: Tensor | None = None  # (N, F_px, H_px, W_px, 3) RGB in [0, 1], `fps` frames per second
+    waveforms: Tensor | None = None  # (N, channels, samples) in [-1, 1]
+    sample_rate: int | None = None  # samples per second of `waveforms`
 
     def __post_init__(self) -> None:
-        """Rejects inconsistent shapes here, so rewards can index the grid without re-checking."""
+        """Rejects inconsistent shapes here, so rewards can index the grid and the media without re-checking."""
         if self.video.ndim != 3 or self.audio.ndim != 3:
             raise ValueError(
                 f"video and audio must be (N, tokens, C); got {tuple(self.video.shape)} and {tuple(self.audio.shape)}"
@@ -58,6 +71,27 @@ class Rollout:
                 raise ValueError(f"{name} has {len(getattr(self, name))} texts for {n} samples")
         if not (math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"fps must be a finite number > 0, got {self.fps}")
+        self._check_media(n)
+
+    def _check_media(self, n: int) -> None:
+        """Media shapes: frames (N, F_px, H_px, W_px, 3), waveforms (N, channels, samples) with a sample rate."""
+        if self.frames is not None:
+            shape = tuple(self.frames.shape)
+            if self.frames.ndim != 5 or shape[0] != n or shape[-1] != 3 or 0 in shape:
+                raise ValueError(f"frames must be (N={n}, frames, height, width, 3) with no empty axis, got {shape}")
+            if not self.frames.is_floating_point():
+                raise ValueError(f"frames must be floating point in [0, 1], got {self.frames.dtype}")
+        if self.waveforms is not None:
+            shape = tuple(self.waveforms.shape)
+            if self.waveforms.ndim != 3 or shape[0] != n or 0 in shape:
+                raise ValueError(f"waveforms must be (N={n}, channels, samples) with no empty axis, got {shape}")
+            if not self.waveforms.is_floating_point():
+                raise ValueError(f"waveforms must be floating point in [-1, 1], got {self.waveforms.dtype}")
+        if (self.waveforms is None) != (self.sample_rate is None):
+            raise ValueError("waveforms and sample_rate come together: give both or neither")
+        rate = self.sample_rate
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0):
+            raise ValueError(f"sample_rate must be an integer > 0 (Hz), got {rate!r}")
 
     @property
     def num_samples(self) -> int:
@@ -77,17 +111,38 @@ def _check_weight(value: object, where: str) -> float:
     return float(value)
 
 
+def _check_declarations(reward: type[Reward] | Reward) -> None:
+    """ValueError unless a reward class (or instance) declares a non-empty `name`, a `modality` of MODALITIES
+    and `reads` within READS: routing needs the modality, the decode step `reads`, logs and errors the name."""
+    name = getattr(reward, "name", None)
+    if not isinstance(name, str) or not name:
+        cls = reward if isinstance(reward, type) else type(reward)
+        raise ValueError(f"reward class {cls.__qualname__} must declare a non-empty string `name`, got {name!r}")
+    modality = getattr(reward, "modality", None)
+    if modality not in MODALITIES:
+        raise ValueError(f"reward {name!r} has modality {modality!r}; expected one of {MODALITIES}")
+    reads = reward.reads
+    if not isinstance(reads, (set, frozenset)) or not reads or not reads <= READS:
+        raise ValueError(f"reward {name!r} reads {reads!r}; expected a non-empty set of {sorted(READS)}")
+
+
 class Reward(abc.ABC):
-    """A scorer of rollouts, typed by the modality it judges so routing can target its advantage."""
+    """A scorer of rollouts, typed by the modality it judges so routing can target its advantage, and by what
+    it reads (`reads`, a subset of READS) so the trainer decodes media only for the rewards that need them.
+
+    A subclass takes its weight as `weight` and its config `args` as further keyword arguments, e.g.
+    `__init__(self, weight=1.0, *, path)`; it loads what it needs (weights from local paths) there, so a bad
+    path fails when the trainer builds the rewards, before any rollout.
+    """
 
     name: str
     modality: str
+    reads: frozenset[str] = frozenset({"latents"})
     # The smallest latent grid (frames, height, width) the reward can score: checked when the config is read.
     min_video_grid: tuple[int, int, int] = (1, 1, 1)
 
     def __init__(self, weight: float = 1.0) -> None:
-        if self.modality not in MODALITIES:
-            raise ValueError(f"reward {self.name!r} has modality {self.modality!r}; expected one of {MODALITIES}")
+        _check_declarations(self)
         self.weight = _check_weight(weight, f"{self.name}.weight")
 
     @abc.abstractmethod
@@ -100,12 +155,19 @@ class Reward(abc.ABC):
 
 @dataclass
 class RewardSpec:
-    """One entry of the config's `rewards` list: which reward, and the weight of its advantage."""
+    """One entry of the config's `rewards` list: a built-in reward by `name` (`{name: clap, args: {path: ...}}`)
+    or a custom one by `cls`, "package.module:Class" (a subclass of Reward), the weight of its advantage, and
+    the keyword arguments its constructor takes (`args`)."""
 
-    __config_hints__ = {"modality": "a reward's modality is its own and cannot be set"}
+    __config_hints__ = {
+        "modality": "a reward's modality is its own and cannot be set",
+        "class": "a custom reward is named by cls: package.module:Class (class is a Python keyword)",
+    }
 
-    name: str
+    name: str | None = None
     weight: float = 1.0
+    args: dict = field(default_factory=dict)
+    cls: str | None = None
 
 
 REGISTRY: dict[str, type[Reward]] = {}
@@ -113,55 +175,168 @@ REGISTRY: dict[str, type[Reward]] = {}
 
 def register(cls: type[Reward]) -> type[Reward]:
     """Class decorator: makes a reward buildable from a config entry by its `name`."""
+    _check_declarations(cls)
     REGISTRY[cls.name] = cls
     return cls
 
 
+def _one_line(error: BaseException) -> str:
+    """`Type: message` of an exception raised by user code, on one line (UserErrors are one line)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _import_class(path: str, where: str) -> type[Reward]:
+    """The Reward subclass at "package.module:Class" (ConfigError naming `where` if it cannot be used)."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{where} must look like package.module:Class, got {path!r}")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:  # the user's module may fail in any way while importing
+        raise ConfigError(f"{where} {path!r}: cannot import {module_name}: {_one_line(e)}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where} {path!r}: {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Reward)):
+        raise ConfigError(f"{where} {path!r} is not a subclass of engine.rewards.Reward")
+    if inspect.isabstract(obj):
+        raise ConfigError(f"{where} {path!r} is abstract (it must implement score)")
+    try:
+        _check_declarations(obj)
+    except ValueError as e:
+        raise ConfigError(f"{where} {path!r}: {e}") from e
+    return obj
+
+
+def _resolve(spec: RewardSpec, where: str) -> type[Reward]:
+    """The class an entry names: a registered name or an import path, exactly one of them."""
+    if (spec.name is None) == (spec.cls is None):
+        raise ConfigError(
+            f"{where} needs exactly one of name (a built-in reward: {', '.join(sorted(REGISTRY))}) "
+            "or cls (a custom reward, package.module:Class)"
+        )
+    if spec.cls is not None:
+        return _import_class(spec.cls, f"{where}.cls")
+    if spec.name not in REGISTRY:
+        raise ConfigError(f"{where}.name {spec.name!r} is unknown; available: {sorted(REGISTRY)}")
+    return REGISTRY[spec.name]
+
+
+def _check_spec(spec: RewardSpec, where: str) -> tuple[type[Reward], float]:
+    """The entry's class and weight, with its args checked against the constructor's signature (no construction)."""
+    cls = _resolve(spec, where)
+    try:
+        weight = _check_weight(spec.weight, f"{where}.weight")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    bad_keys = [k for k in spec.args if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"{where}.args keys must be strings, got {bad_keys}")
+    if "weight" in spec.args:
+        raise ConfigError(f"{where}.args.weight: set the weight beside args ({where}.weight), not inside")
+    try:
+        inspect.signature(cls).bind(weight=weight, **spec.args)
+    except TypeError as e:
+        raise ConfigError(f"{where}.args do not fit {cls.name} ({cls.__module__}.{cls.__qualname__}): {e}") from e
+    return cls, weight
+
+
+def _checked(specs: Sequence[RewardSpec]) -> list[tuple[type[Reward], float]]:
+    """Each entry's class and weight, every entry checked (see check_rewards)."""
+    if not specs:
+        raise ConfigError(f"rewards must name at least one reward; available: {sorted(REGISTRY)}")
+    checked: list[tuple[type[Reward], float]] = []
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        cls, weight = _check_spec(spec, f"rewards[{i}]")
+        if cls.name in seen:
+            raise ConfigError(f"rewards[{i}]: {cls.name!r} is a duplicate; each reward may appear once")
+        seen.add(cls.name)
+        checked.append((cls, weight))
+    return checked
+
+
+def check_rewards(specs: Sequence[RewardSpec]) -> None:
+    """Everything about the config's `rewards` list that can be checked without building a reward (which may
+    load a model): each entry names one class (imported for `cls`), a valid weight and args its constructor
+    accepts, and no reward appears twice. ConfigError naming the entry (`rewards[i]...`). The config loader
+    calls this; the trainer calls `build_rewards`."""
+    _checked(specs)
+
+
 def check_video_grid(specs: Sequence[RewardSpec], grid: Sequence[int]) -> None:
     """ConfigError naming the first reward of `specs` that cannot score latents of `grid` (F, H, W)."""
-    for i, spec in enumerate(specs):
-        need = REGISTRY[spec.name].min_video_grid
+    for i, (cls, _) in enumerate(_checked(specs)):
+        need = cls.min_video_grid
         if any(g < n for g, n in zip(grid, need)):
             raise ConfigError(
-                f"rewards[{i}]: {spec.name} needs task.video_grid of at least {list(need)} (latent frames, rows, "
+                f"rewards[{i}]: {cls.name} needs task.video_grid of at least {list(need)} (latent frames, rows, "
                 f"columns); got {list(grid)}"
             )
 
 
 def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
-    """The rewards of the config's `rewards` list (ConfigError naming the entry, `rewards[i]...`).
+    """The rewards of the config's `rewards` list, constructed with their args (ConfigError naming the entry,
+    `rewards[i]...`; a reward's own UserError, e.g. a missing weights path, passes through as it names it).
 
-    A reward's modality is part of what it measures, so a spec cannot override it. The loader calls
-    this when it reads a config, so a bad entry fails before any model is built."""
-    if not specs:
-        raise ConfigError(f"rewards must name at least one reward; available: {sorted(REGISTRY)}")
+    A reward's modality is part of what it measures, so a spec cannot override it."""
     rewards: list[Reward] = []
-    seen: set[str] = set()
-    for i, spec in enumerate(specs):
-        if spec.name not in REGISTRY:
-            raise ConfigError(f"rewards[{i}].name {spec.name!r} is unknown; available: {sorted(REGISTRY)}")
-        if spec.name in seen:
-            raise ConfigError(f"rewards[{i}].name {spec.name!r} is a duplicate; each reward may appear once")
-        seen.add(spec.name)
+    for i, ((cls, weight), spec) in enumerate(zip(_checked(specs), specs)):
         try:
-            weight = _check_weight(spec.weight, f"rewards[{i}].weight")
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        rewards.append(REGISTRY[spec.name](weight=weight))
+            rewards.append(cls(weight=weight, **spec.args))
+        except UserError:
+            raise
+        except Exception as e:  # a custom reward's constructor may reject its args in any way
+            raise ConfigError(f"rewards[{i}]: building {cls.name} raised {_one_line(e)}") from e
     return rewards
+
+
+def reads_media(rewards: Iterable[Reward]) -> set[str]:
+    """Which media ("frames", "waveform") some reward reads: the trainer decodes the video / audio only then."""
+    return set().union(*(r.reads for r in rewards)) & MEDIA
+
+
+def require_package(reward: str, module: str, install: str) -> ModuleType:
+    """The module `module`, imported; RewardError naming the reward and how to `install` it if it is absent
+    (reward models come from optional packages: the core engine runs without them)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise RewardError(f"reward {reward!r} needs {module}, which does not import ({e}): {install}") from e
+
+
+def local_dir(reward: str, path: str | Path, required: Sequence[str]) -> Path:
+    """`path` as a directory holding every file of `required` (CheckpointError naming the reward, the path and
+    what is missing): loaders get local paths only, and a hub loader given a missing path would try the network."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise CheckpointError(f"reward {reward!r}: {path} is not a directory")
+    missing = [name for name in required if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"reward {reward!r}: {path} lacks {', '.join(missing)}")
+    return directory
 
 
 def score_rewards(rewards: Sequence[Reward], rollout: Rollout) -> dict[str, Tensor]:
     """Runs every reward under torch.no_grad; returns name -> (N,) float32.
 
-    A reward that raises, returns a wrong shape, or returns any non-finite value raises RewardError
-    naming the reward (chained from the original exception). It never substitutes a 0: a silently
-    zeroed reward would still shift group advantages and train on garbage.
+    A reward that reads media the rollout lacks, raises, returns a wrong shape, or returns any
+    non-finite value raises RewardError naming the reward (chained from the original exception). It
+    never substitutes a 0: a silently zeroed reward would still shift group advantages and train on garbage.
     """
     names = [r.name for r in rewards]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"reward names must be unique, got duplicates {duplicates}")
+    present = {"frames": rollout.frames is not None, "waveform": rollout.waveforms is not None}
+    for reward in rewards:  # all checked before any model runs
+        lacking = sorted(m for m in reward.reads & MEDIA if not present[m])
+        if lacking:
+            raise RewardError(
+                f"reward {reward.name!r} reads {' and '.join(lacking)}, but the rollout has none: "
+                "decode what reads_media(rewards) names"
+            )
 
     n = rollout.num_samples
     scores: dict[str, Tensor] = {}

@@ -272,8 +272,8 @@ def test_build_rewards_defaults_and_modalities():
 
 
 def test_build_rewards_unknown_name_lists_available():
-    with pytest.raises(ConfigError, match="clap") as info:
-        build([{"name": "clap"}])
+    with pytest.raises(ConfigError, match="clapp") as info:
+        build([{"name": "clapp"}])
     for name in LATENT_REWARDS:
         assert name in str(info.value)
 
@@ -295,7 +295,7 @@ def test_build_rewards_unknown_keys():
 
 
 def test_build_rewards_missing_name():
-    with pytest.raises(ConfigError, match=r"rewards\[0\]\.name is required"):
+    with pytest.raises(ConfigError, match=r"rewards\[0\] needs exactly one of name .* or cls"):
         build([{"weight": 1.0}])
 
 
