@@ -60,27 +60,39 @@ def _sample(args: argparse.Namespace) -> int:
     indices = list(range(len(prompts) * cfg.train.group_size))
     noise_video, noise_audio = trainer.initial_noise(args.iteration, prompts, indices)
     rollout, _, _ = trainer.rollout(args.iteration, prompts, indices)
-    scores = score_rewards(trainer.rewards, rollout)
+    trainer.decoders = _sample_decoders(args.media, trainer)
+    media = rollout
+    if trainer.decoders is not None:
+        keys = trainer.sample_keys(args.iteration, prompts, indices)
+        media = trainer.decode(rollout, keys, {"frames", "waveform"})
+    scores = score_rewards(trainer.rewards, media)
     for name, value in scores.items():
         print(f"{name:18s} mean {float(value.mean()):+.4f} std {float(value.std(unbiased=False)):.4f}")
     out = Path(args.out) / "samples.safetensors"
-    atomic_save_file(
-        {
-            "noise/video": noise_video,
-            "noise/audio": noise_audio,
-            "latents/video": rollout.video,
-            "latents/audio": rollout.audio,
-            **{f"reward/{k}": v for k, v in scores.items()},
-        },
-        out,
-        metadata={
-            "prompts": json.dumps(list(rollout.prompts)),
-            "fps": json.dumps(rollout.fps),
-            "video_grid": json.dumps(list(rollout.video_grid)),
-            "sigmas": json.dumps([float(s) for s in trainer.sigmas]),
-            "iteration": str(args.iteration),
-        },
-    )
+    tensors = {
+        "noise/video": noise_video,
+        "noise/audio": noise_audio,
+        "latents/video": rollout.video,
+        "latents/audio": rollout.audio,
+        **{f"reward/{k}": v for k, v in scores.items()},
+    }
+    metadata = {
+        "prompts": json.dumps(list(rollout.prompts)),
+        "fps": json.dumps(rollout.fps),
+        "video_grid": json.dumps(list(rollout.video_grid)),
+        "sigmas": json.dumps([float(s) for s in trainer.sigmas]),
+        "iteration": str(args.iteration),
+    }
+    if media.frames is not None:
+        from .media import write_mp4, write_wav
+
+        tensors.update(video=media.frames.float().cpu(), audio=media.waveforms.float().cpu())
+        metadata["sample_rate"] = str(media.sample_rate)
+        for i in range(media.num_samples):
+            wave = media.waveforms[i].cpu()
+            write_mp4(Path(args.out) / f"sample_{i:03d}.mp4", media.frames[i].cpu(), media.fps, wave, media.sample_rate)
+            write_wav(Path(args.out) / f"sample_{i:03d}.wav", wave, media.sample_rate)
+    atomic_save_file(tensors, out, metadata=metadata)
     print(f"wrote {len(rollout.prompts)} samples to {out}")
     return 0
 
@@ -114,6 +126,29 @@ def _eval(args: argparse.Namespace) -> int:
             (out / "eval.json").write_text(json.dumps({"checkpoint": args.checkpoint, **metrics}, indent=2) + "\n")
             print(f"wrote {out / 'eval.json'}")
     return 0
+
+
+def _sample_decoders(mode: str, trainer):
+    """The decoders `omninft sample` writes media with: the trainer's, else (`--media auto|on`) those of
+    `decode.source` or `model.init`. With `auto`, weights without decoders (a DiT-only file) mean latents
+    only, said in one line; with `on` they are an error."""
+    from .rewards.decode import Decoders, decode_source
+
+    cfg = trainer.cfg
+    if mode == "off":
+        return None
+    if trainer.decoders is not None and trainer.decoders.vae is not None and trainer.decoders.vocoder is not None:
+        return trainer.decoders
+    if mode == "auto" and cfg.decode.source is None and cfg.model.init is None:
+        print("media: none (no decode.source or model.init holds the VAEs and vocoder); latents only")
+        return None
+    try:
+        return Decoders(cfg.decode, decode_source(cfg.decode, cfg.model.init), trainer.device)
+    except CheckpointError as e:
+        if mode == "on":
+            raise
+        print(f"media: none ({str(e).splitlines()[0]}); latents only")
+        return None
 
 
 def _encode_prompts(args: argparse.Namespace) -> int:
@@ -186,7 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--checkpoint", help="model weights (= model.init: a file, or a diffusers pipeline folder)")
     smp.add_argument("--prompt", action="append", help="a prompt to sample (repeatable); default: the config's")
     smp.add_argument("--iteration", type=int, default=0, help="which iteration's noise (and prompts) to use")
-    smp.add_argument("--out", required=True, help="directory for samples.safetensors")
+    smp.add_argument("--out", required=True, help="directory for samples.safetensors (and sample_NNN.mp4/.wav)")
+    smp.add_argument(
+        "--media",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode to sample_NNN.mp4/.wav: auto = when the weights hold the VAEs and vocoder",
+    )
     smp.add_argument("overrides", nargs="*")
     smp.set_defaults(func=_sample)
     ev = sub.add_parser("eval", help="sample task.eval_prompts with eval.* settings and fixed noise, and score them")

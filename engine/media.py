@@ -36,8 +36,10 @@ PCM_SCALE = 32767  # float -> int16 by round(x * 32767): symmetric, so -1 and 1 
 def _atomic(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary name beside `path` to write to; once written it is fsynced and renamed onto `path`
     (a reader never sees half a file). On an error the temporary file is removed and `path` is left as it was.
-    The file is created by the writer, so it gets the usual umask permissions (mkstemp's would be 0600)."""
+    The file is created by the writer, so it gets the usual umask permissions (mkstemp's would be 0600); missing
+    parent directories are created."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp

@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 
 # The phases of one training iteration, as nsys shows them. One list, so trainer and docs agree.
 ROLLOUT = "omninft.rollout"
+DECODE = "omninft.decode"
 REWARD = "omninft.reward"
 ADVANTAGE = "omninft.advantage"
 TRAIN_FWD = "omninft.train.fwd"
 TRAIN_BWD = "omninft.train.bwd"
 OPTIMIZER = "omninft.optimizer"
 EMA = "omninft.ema"
-RANGES = (ROLLOUT, REWARD, ADVANTAGE, TRAIN_FWD, TRAIN_BWD, OPTIMIZER, EMA)
+RANGES = (ROLLOUT, DECODE, REWARD, ADVANTAGE, TRAIN_FWD, TRAIN_BWD, OPTIMIZER, EMA)
 
 
 def nvtx_range(name: str) -> nvtx.annotate:

@@ -39,7 +39,8 @@ from .optim import apply_hyper_parameters, clip_and_step, grad_norm, make_optimi
 from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init_layout, split_batch
 from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy, model_config
 from .preemption import Preemption
-from .rewards import Rollout, build_rewards, score_rewards
+from .rewards import Rollout, build_rewards, reads_media, score_rewards
+from .rewards.decode import Decoders, decode_source
 from .sampler import SIGMA_MODES, SamplerConfig, sample, training_sigmas
 
 if TYPE_CHECKING:  # config.py composes TrainConfig from here
@@ -134,6 +135,18 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.optim, self.model, self.grad_sync, cfg.parallel.distributed_optimizer)
         self.rewards = build_rewards(cfg.rewards)
         self.reward_names = [r.name for r in self.rewards]
+        # Decoders only for rewards that read media (and media logging): a latent-only run never loads them.
+        self.media_parts = reads_media(self.rewards)
+        self.decoders = None
+        if self.media_parts or cfg.log.media_every:
+            self.decoders = Decoders(
+                cfg.decode,
+                decode_source(cfg.decode, cfg.model.init),
+                self.device,
+                video="frames" in self.media_parts or bool(cfg.log.media_every),
+                audio="waveform" in self.media_parts or bool(cfg.log.media_every),
+            )
+        self.logger: MetricsLogger | None = None  # the main rank's, while `run` runs
         self.grid = tuple(cfg.task.video_grid)
         self.geometry = self.model.config.geometry
         self.num_audio = self.geometry.audio_tokens_for(self.grid[0], cfg.task.fps)
@@ -188,26 +201,68 @@ class Trainer:
             model, cfg.eval.sampler, cfg.eval.sampler.sigmas(), cfg.eval.samples_per_prompt, cfg.eval.seed, "eval"
         )
 
+    def sample_keys(
+        self, iteration: int, prompts: list[PromptRecord], indices: list[int], evaluation: bool = False
+    ) -> list[tuple]:
+        """(seed, iteration or "eval", prompt, sample) of samples `indices` (sample i is number i % G of
+        prompt i // G): what every random stream of a sample is keyed by (engine.noise)."""
+        plan = self.plan(evaluation)
+        key, g = iteration if plan.noise_key is None else plan.noise_key, plan.group_size
+        return [(plan.seed, key, prompts[i // g].prompt, i % g) for i in indices]
+
     def initial_noise(
         self, iteration: int, prompts: list[PromptRecord], indices: list[int], evaluation: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """The rollout noise of samples `indices` (sample i is number i % G of prompt i // G): packed
-        video (n, F*H*W, C) and audio (n, T_a, C), on the CPU, keyed by (seed, iteration, prompt, sample)."""
-        mc, plan = self.model.config, self.plan(evaluation)
+        """The rollout noise of samples `indices`: packed video (n, F*H*W, C) and audio (n, T_a, C), on the CPU."""
+        mc = self.model.config
         f, h, w = self.grid
-        g = plan.group_size
         noise = [
-            rollout_noise(
-                plan.seed,
-                iteration if plan.noise_key is None else plan.noise_key,
-                prompts[i // g].prompt,
-                i % g,
-                (f * h * w, mc.in_channels),
-                (self.num_audio, mc.audio_in_channels),
-            )
-            for i in indices
+            rollout_noise(*key, (f * h * w, mc.in_channels), (self.num_audio, mc.audio_in_channels))
+            for key in self.sample_keys(iteration, prompts, indices, evaluation)
         ]
         return torch.stack([n[0] for n in noise]), torch.stack([n[1] for n in noise])
+
+    def decode(self, rollout: Rollout, keys: list[tuple], parts: set[str]) -> Rollout:
+        """The rollout with its decoded `parts` ("frames", "waveform") attached, on this rank's device
+        (where the rewards run); `keys` (sample_keys) key a timestep-conditioned VAE's decode noise."""
+        if not parts:
+            return rollout
+        frames = waveforms = sample_rate = None
+        if "frames" in parts:
+            frames = self.decoders.frames(rollout.video, rollout.video_grid, noise_keys=keys).to(self.device)
+        if "waveform" in parts:
+            waveforms = self.decoders.waveforms(rollout.audio).to(self.device)
+            sample_rate = self.decoders.sample_rate
+        return dataclasses.replace(rollout, frames=frames, waveforms=waveforms, sample_rate=sample_rate)
+
+    def save_media(self, kind: str, step: int, rollout: Rollout, keys: list[tuple]) -> None:
+        """The first `log.media_samples` samples of `rollout`, decoded, as mp4 + wav and to TensorBoard."""
+        k = min(self.cfg.log.media_samples, rollout.num_samples)
+        first = dataclasses.replace(
+            rollout,
+            video=rollout.video[:k],
+            audio=rollout.audio[:k],
+            prompts=rollout.prompts[:k],
+            video_prompts=rollout.video_prompts[:k],
+            audio_prompts=rollout.audio_prompts[:k],
+            frames=None,
+            waveforms=None,
+            sample_rate=None,
+        )
+        media = self.decode(first, keys[:k], {"frames", "waveform"})
+        self.logger.log_media(
+            kind,
+            step,
+            [
+                dict(
+                    frames=media.frames[i].cpu(),
+                    fps=rollout.fps,
+                    waveform=media.waveforms[i].cpu(),
+                    sample_rate=media.sample_rate,
+                )
+                for i in range(k)
+            ],
+        )
 
     def rollout(
         self, iteration: int, prompts: list[PromptRecord], indices: list[int], evaluation: bool = False
@@ -274,6 +329,10 @@ class Trainer:
         local = list(range(self.layout.dp_rank, n, self.layout.dp))
         self.model.eval()
         rollout, _, _ = self.rollout(iteration, prompts, local, evaluation=True)
+        keys = self.sample_keys(iteration, prompts, local, evaluation=True)
+        if self.logger is not None and self.decoders is not None:
+            self.save_media("eval", iteration, rollout, keys)
+        rollout = self.decode(rollout, keys, self.media_parts)
         scores = {
             k: self.layout.gather_samples(v.to(self.device), local, n)
             for k, v in score_rewards(self.rewards, rollout).items()
@@ -444,13 +503,23 @@ class Trainer:
         if layout.max_over("world", float(broken)):  # every rank stops, before a reward is blamed
             raise NonFiniteError(f"the old policy's rollout at iteration {iteration} has non-finite latents")
 
+        keys = self.sample_keys(iteration, prompts, local)
+        t = time.perf_counter()
+        with profiling.nvtx_range(profiling.DECODE):
+            scored = self.decode(rollout, keys, self.media_parts)
+        times["time/decode"] = time.perf_counter() - t
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.REWARD):
-            scores = {
-                k: layout.gather_samples(v.to(self.device), local, n)
-                for k, v in score_rewards(self.rewards, rollout).items()
-            }
+            scores = {}
+            for reward in self.rewards:  # one at a time, to time each
+                t_r = time.perf_counter()
+                (value,) = score_rewards([reward], scored).values()
+                scores[reward.name] = layout.gather_samples(value.to(self.device), local, n)
+                times[f"time/reward/{reward.name}"] = time.perf_counter() - t_r
+        del scored  # the media are freed once scored
         times["time/reward"] = time.perf_counter() - t
+        if self.logger is not None and cfg.log.media_every and (iteration + 1) % cfg.log.media_every == 0:
+            self.save_media("train", iteration, rollout, keys)
 
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.ADVANTAGE):
@@ -526,7 +595,7 @@ class Trainer:
         cfg, main = self.cfg, self.layout.is_main
         if self.resuming:
             self.resume()
-        logger = (
+        logger = self.logger = (
             MetricsLogger(
                 cfg.run_dir, cfg.log, self.state.iteration if self.resuming else None, dataclasses.asdict(cfg)
             )
@@ -566,6 +635,7 @@ class Trainer:
                 bar.close()
                 if logger is not None:
                     logger.close()
+                    self.logger = None
             if history:
                 path = self.save()
                 if main:
