@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import models
-from bench.kernels import CUDA, DTYPE, device_label, package_versions, timer
+from bench.kernels import CUDA, device_label, package_versions, timer
 from engine.config import load_config
 from engine.rewards.decode import AUDIO_VAE_19B, VIDEO_VAE_19B, VOCODER_19B, DecodeConfig, Decoders
 from engine.trainer import Trainer
@@ -64,7 +64,7 @@ def stand_in_folder(
 
 def throughput(divisor: int, grid: tuple[int, int, int], fps: float, reps: int) -> dict:
     device = torch.device("cuda" if CUDA else "cpu")
-    cfg = DecodeConfig(dtype="bfloat16" if CUDA else "float32")
+    cfg = DecodeConfig()  # dtype auto: bf16 on CUDA, fp32 on a CPU
     tokens = LatentGeometry().audio_tokens_for(grid[0], fps)
     with tempfile.TemporaryDirectory() as tmp:
         decoders = Decoders(cfg, str(stand_in_folder(Path(tmp), divisor)), device)
@@ -83,6 +83,7 @@ def throughput(divisor: int, grid: tuple[int, int, int], fps: float, reps: int) 
     wave = decoders.waveforms(audio)
     return {
         "divisor": divisor,
+        "dtype": str(decoders.dtype).removeprefix("torch."),
         "video_grid": list(grid),
         "frames": list(frames.shape[1:]),
         "audio_tokens": tokens,
@@ -128,6 +129,7 @@ def iteration_share(iterations: int) -> dict:
         "iterations": len(history),
         "samples_per_iteration": cfg.train.prompts_per_iteration * cfg.train.group_size,
         "video_grid": cfg.task.video_grid,
+        "dtype": "float32",
         "iteration_s": total / len(history),
         "share": {k.removeprefix("time/"): sum(row[k] for row in history) / total for k in keys},
     }
@@ -149,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         "host": platform.node(),
         "date": date.today().isoformat(),
         "versions": package_versions("diffusers"),
-        "dtype": str(DTYPE).removeprefix("torch."),
         "throughput": throughput(args.divisor, tuple(args.grid), args.fps, args.reps or (5 if CUDA else 2)),
     }
     if args.iterations:

@@ -13,6 +13,7 @@ once, and printed as one line, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -60,11 +61,11 @@ def _sample(args: argparse.Namespace) -> int:
     indices = list(range(len(prompts) * cfg.train.group_size))
     noise_video, noise_audio = trainer.initial_noise(args.iteration, prompts, indices)
     rollout, _, _ = trainer.rollout(args.iteration, prompts, indices)
-    trainer.decoders = _sample_decoders(args.media, trainer)
-    media = rollout
-    if trainer.decoders is not None:
-        keys = trainer.sample_keys(args.iteration, prompts, indices)
-        media = trainer.decode(rollout, keys, {"frames", "waveform"})
+    keys = trainer.sample_keys(args.iteration, prompts, indices)
+    writers = _sample_decoders(args.media, trainer)  # decoders for the media files, if any
+    if writers is not None:
+        trainer.decoders = writers
+    media = trainer.decode(rollout, keys, {"frames", "waveform"} if writers else trainer.media_parts)
     scores = score_rewards(trainer.rewards, media)
     for name, value in scores.items():
         print(f"{name:18s} mean {float(value.mean()):+.4f} std {float(value.std(unbiased=False)):.4f}")
@@ -83,7 +84,7 @@ def _sample(args: argparse.Namespace) -> int:
         "sigmas": json.dumps([float(s) for s in trainer.sigmas]),
         "iteration": str(args.iteration),
     }
-    if media.frames is not None:
+    if writers is not None:
         from .media import write_mp4, write_wav
 
         tensors.update(video=media.frames.float().cpu(), audio=media.waveforms.float().cpu())
@@ -106,23 +107,35 @@ def _weights(path: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
+    from models import load_model_weights
+
+    from .checkpoint import full
+    from .metrics import MetricsLogger
     from .trainer import Trainer
 
     cfg = load_config(args.config, [*args.overrides, f"model.init={_weights(args.checkpoint)}"])
     if cfg.task.eval_records() is None:
         raise ConfigError("omninft eval needs task.eval_prompts (a list or a .txt/.jsonl/.csv file)")
     trainer = Trainer(cfg, for_training=False)
-    trainer.old_model.load_state_dict(trainer.model.state_dict())
+    trainer.check_eval_layout()
+    src = Path(args.checkpoint)
+    if src.is_dir() and full.is_full_checkpoint(src) and (src / full.MODEL_FILES[1]).is_file():
+        load_model_weights(trainer.old_model, src / full.MODEL_FILES[1])  # the EMA, for eval.policy=old
+    else:
+        trainer.old_model.load_state_dict(trainer.model.state_dict())
+    out = Path(args.out) if args.out else None
+    if out is not None and trainer.layout.is_main:  # eval.json, and the media when the weights hold decoders
+        trainer.logger = MetricsLogger(out, dataclasses.replace(cfg.log, wandb=False))
     metrics = trainer.evaluate(iteration=0)
     if trainer.layout.is_main:
         for name in trainer.reward_names:
             mean, std = metrics[f"eval/reward/{name}"], metrics[f"eval/reward_std/{name}"]
             print(f"{name:18s} mean {mean:+.4f} std {std:.4f}")
-        if args.out:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
+        if out is not None:
+            trainer.logger.close()
             (out / "eval.json").write_text(json.dumps({"checkpoint": args.checkpoint, **metrics}, indent=2) + "\n")
             print(f"wrote {out / 'eval.json'}")
     return 0
@@ -136,6 +149,11 @@ def _sample_decoders(mode: str, trainer):
 
     cfg = trainer.cfg
     if mode == "off":
+        return None
+    if importlib.util.find_spec("av") is None:
+        if mode == "on":
+            raise ConfigError('--media on needs PyAV: pip install -c .ci/constraints.txt -e ".[media]"')
+        print("media: none (PyAV is not installed: the media extra); latents only")
         return None
     if trainer.decoders is not None and trainer.decoders.vae is not None and trainer.decoders.vocoder is not None:
         return trainer.decoders

@@ -170,9 +170,15 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
 def _build(cls: type, data: dict, prefix: str) -> Any:
     """An instance of the dataclass `cls` from `data`, every value checked against its field; the
     section's own rules run in its `__post_init__`. A class's `__config_hints__` explain keys that
-    users try but that do not exist."""
+    users try but that do not exist; its `__config_aliases__` map keys as users write them to fields."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    aliases = getattr(cls, "__config_aliases__", {})  # key as written -> field name
+    for alias, name in aliases.items():
+        if alias in data:
+            if name in data:
+                raise ConfigError(f"{prefix}: give {alias} or {name}, not both")
+            data = {**{k: v for k, v in data.items() if k != alias}, name: data[alias]}
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(data) - set(names)))

@@ -23,4 +23,12 @@ class DataError(UserError, ValueError):
     """Prompts or text features that cannot be used; the message names the file or key."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "RewardError", "UserError"]
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """`Type: message` of an exception raised by code we call (a package, megatron, a user's reward) as one
+    line of at most ~`limit` characters: the form a UserError built from it needs (a torch load error lists
+    every key over many lines; megatron's repeat a traceback per rank)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit] + ' ...' if len(text) > limit else text}"
+
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "RewardError", "UserError", "one_line"]

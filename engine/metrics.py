@@ -74,19 +74,22 @@ class MetricsLogger:
             self.writer.flush()
 
     def log_media(self, kind: str, step: int, media: list[dict]) -> list[Path]:
-        """Writes each sample's `frames` (F, H, W, 3) in [0, 1] at `fps` with its `waveform` (channels,
-        samples) at `sample_rate` (or None) as run_dir/media/<kind>_<step>/sample_NNN.mp4 (+ .wav), and
-        to TensorBoard as `<kind>/sample_N` at `step`. `kind` is "train" or "eval"."""
+        """Writes each sample's `frames` (F, H, W, 3) in [0, 1] at `fps` (or None) with its `waveform`
+        (channels, samples) at `sample_rate` (or None) as run_dir/media/<kind>_<step>/sample_NNN.mp4 and
+        .wav, and to TensorBoard as `<kind>/sample_N` at `step`. `kind` is "train" or "eval"."""
         from .media import log_tensorboard_media, write_mp4, write_wav
 
         folder, written = self.path.parent / "media" / f"{kind}_{step:06d}", []
         for k, m in enumerate(media):
-            audio = (m["waveform"], m["sample_rate"])
-            written.append(write_mp4(folder / f"sample_{k:03d}.mp4", m["frames"], m["fps"], *audio))
+            audio = (m["waveform"], m["sample_rate"]) if m["waveform"] is not None else (None, None)
+            if m["frames"] is not None:
+                written.append(write_mp4(folder / f"sample_{k:03d}.mp4", m["frames"], m["fps"], *audio))
             if m["waveform"] is not None:
                 written.append(write_wav(folder / f"sample_{k:03d}.wav", *audio))
-            if self.writer is not None:
+            if self.writer is not None and m["frames"] is not None:
                 log_tensorboard_media(self.writer, f"{kind}/sample_{k}", m["frames"], m["fps"], step, *audio)
+            elif self.writer is not None:  # audio only: TensorBoard's summaries are mono
+                self.writer.add_audio(f"{kind}/sample_{k}/audio", m["waveform"].mean(0), step, m["sample_rate"])
         if self.writer is not None:
             self.writer.flush()
         return written

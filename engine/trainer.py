@@ -11,6 +11,7 @@ reduction.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,12 +107,8 @@ class Trainer:
                 f"({', '.join(map(str, sorted(shares)))} samples here)"
             )
         self.total_steps = cfg.iterations * -(-n // cfg.train.batch_size)  # one per global mini-batch
-        n_eval = len(cfg.task.eval_records() or ()) * cfg.eval.samples_per_prompt
-        if n_eval % self.layout.dp:
-            raise ConfigError(
-                f"the {n_eval} evaluation samples (task.eval_prompts x eval.samples_per_prompt) must divide "
-                f"evenly over the {self.layout.dp} data-parallel ranks"
-            )
+        if cfg.eval.every:
+            self.check_eval_layout()
         self.checkpoints = CheckpointManager(
             cfg.run_dir,
             cfg.checkpoint_format,
@@ -147,6 +144,8 @@ class Trainer:
                 audio="waveform" in self.media_parts or bool(cfg.log.media_every),
             )
         self.logger: MetricsLogger | None = None  # the main rank's, while `run` runs
+        if cfg.log.media_every and importlib.util.find_spec("av") is None:  # fail now, not on the main rank later
+            raise ConfigError('log.media_every needs PyAV: pip install -c .ci/constraints.txt -e ".[media]"')
         self.grid = tuple(cfg.task.video_grid)
         self.geometry = self.model.config.geometry
         self.num_audio = self.geometry.audio_tokens_for(self.grid[0], cfg.task.fps)
@@ -236,7 +235,8 @@ class Trainer:
         return dataclasses.replace(rollout, frames=frames, waveforms=waveforms, sample_rate=sample_rate)
 
     def save_media(self, kind: str, step: int, rollout: Rollout, keys: list[tuple]) -> None:
-        """The first `log.media_samples` samples of `rollout`, decoded, as mp4 + wav and to TensorBoard."""
+        """The first `log.media_samples` samples of `rollout`, decoded with the decoders this run loaded
+        (video, audio or both), as mp4 / wav and to TensorBoard (main rank only; no collectives)."""
         k = min(self.cfg.log.media_samples, rollout.num_samples)
         first = dataclasses.replace(
             rollout,
@@ -249,26 +249,43 @@ class Trainer:
             waveforms=None,
             sample_rate=None,
         )
-        media = self.decode(first, keys[:k], {"frames", "waveform"})
+        parts = {
+            part for part, module in (("frames", self.decoders.vae), ("waveform", self.decoders.vocoder)) if module
+        }
+        media = self.decode(first, keys[:k], parts)
         self.logger.log_media(
             kind,
             step,
             [
                 dict(
-                    frames=media.frames[i].cpu(),
+                    frames=None if media.frames is None else media.frames[i].cpu(),
                     fps=rollout.fps,
-                    waveform=media.waveforms[i].cpu(),
+                    waveform=None if media.waveforms is None else media.waveforms[i].cpu(),
                     sample_rate=media.sample_rate,
                 )
                 for i in range(k)
             ],
         )
 
+    def check_eval_layout(self) -> None:
+        """Evaluation samples are spread evenly over the data-parallel ranks."""
+        n = len(self.cfg.task.eval_records() or ()) * self.cfg.eval.samples_per_prompt
+        if n % self.layout.dp:
+            raise ConfigError(
+                f"the {n} evaluation samples (task.eval_prompts x eval.samples_per_prompt) must divide evenly "
+                f"over the {self.layout.dp} data-parallel ranks"
+            )
+
+    def sync(self) -> None:
+        """Waits for the device, so that a host clock read times the work queued before it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def rollout(
         self, iteration: int, prompts: list[PromptRecord], indices: list[int], evaluation: bool = False
     ) -> tuple[Rollout, tuple[Tensor, Tensor], Tensor | None]:
         """Samples `indices` of the iteration (sample i is number i % G of prompt i // G) as `plan`
-        says; returns them as a Rollout (on the CPU, where rewards score them), their (video, audio)
+        says; returns them as a Rollout (latents on the CPU), their (video, audio)
         text contexts and their V2A scores (training only: on the device, summed over stages and
         averaged over heads of all ranks)."""
         cfg, mc, layout, plan = self.cfg, self.model.config, self.layout, self.plan(evaluation)
@@ -329,8 +346,11 @@ class Trainer:
         local = list(range(self.layout.dp_rank, n, self.layout.dp))
         self.model.eval()
         rollout, _, _ = self.rollout(iteration, prompts, local, evaluation=True)
+        broken = not (rollout.video.isfinite().all() and rollout.audio.isfinite().all())
+        if self.layout.max_over("world", float(broken)):  # every rank stops, before a reward is blamed
+            raise NonFiniteError(f"the evaluation rollout at iteration {iteration} has non-finite latents")
         keys = self.sample_keys(iteration, prompts, local, evaluation=True)
-        if self.logger is not None and self.decoders is not None:
+        if self.logger is not None and self.decoders is not None and importlib.util.find_spec("av") is not None:
             self.save_media("eval", iteration, rollout, keys)
         rollout = self.decode(rollout, keys, self.media_parts)
         scores = {
@@ -507,15 +527,17 @@ class Trainer:
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.DECODE):
             scored = self.decode(rollout, keys, self.media_parts)
+            self.sync()
         times["time/decode"] = time.perf_counter() - t
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.REWARD):
             scores = {}
-            for reward in self.rewards:  # one at a time, to time each
+            for reward in self.rewards:  # one at a time, to time each (the device synced around it)
                 t_r = time.perf_counter()
                 (value,) = score_rewards([reward], scored).values()
-                scores[reward.name] = layout.gather_samples(value.to(self.device), local, n)
+                self.sync()
                 times[f"time/reward/{reward.name}"] = time.perf_counter() - t_r
+                scores[reward.name] = layout.gather_samples(value.to(self.device), local, n)
         del scored  # the media are freed once scored
         times["time/reward"] = time.perf_counter() - t
         if self.logger is not None and cfg.log.media_every and (iteration + 1) % cfg.log.media_every == 0:

@@ -33,7 +33,7 @@ from models.config import ModelConfig
 from models.layouts import to_layout
 from models.weights import atomic_save_file, check_finite, check_state, config_metadata
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, one_line
 from ..optim import MAIN, MOMENTS, DistributedAdamW
 from .atomic import atomic_directory
 from .state import TrainState
@@ -175,7 +175,7 @@ def load(
             sharded_state(model, old_model, optimizer, dp_rank, loading=True, with_main=with_main), str(path)
         )
     except READ_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot load the distributed checkpoint: {_one_line(e)}") from e
+        raise CheckpointError(f"{path}: cannot load the distributed checkpoint: {one_line(e)}") from e
     with torch.no_grad():
         for key, m in zip(MODELS, (model, old_model)):
             check_finite(loaded[key], f"{path} ({key})")
@@ -200,12 +200,6 @@ def load(
     return TrainState.from_saved(loaded), loaded["config"]
 
 
-def _one_line(error: BaseException) -> str:
-    """megatron and torch DCP errors span many lines (a traceback per rank): their first line."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-
-
 def read_run_config(path: str | Path) -> dict:
     """The run config stored with the checkpoint (no process group needed)."""
     return _common_state(path)["config"]
@@ -227,7 +221,7 @@ def _common_state(path: str | Path) -> dict:
     try:
         return dist_checkpointing.load_common_state_dict(str(path))
     except READ_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot read the run config: {_one_line(e)}") from e
+        raise CheckpointError(f"{path}: cannot read the run config: {one_line(e)}") from e
 
 
 def export_official(path: str | Path, out_file: str | Path, model_config: ModelConfig | None = None) -> Path:
@@ -251,6 +245,6 @@ def export_official(path: str | Path, out_file: str | Path, model_config: ModelC
             {prefix + k: v for k, v in state.items()}, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True
         )
     except READ_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot read the model weights: {_one_line(e)}") from e
+        raise CheckpointError(f"{path}: cannot read the model weights: {one_line(e)}") from e
     atomic_save_file(to_layout(state, "official"), out_file, metadata=config_metadata(model_config))
     return Path(out_file)

@@ -20,7 +20,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, one_line
 from .audio import resample, to_mono
 from .base import Reward, Rollout, local_dir, register, require_package
 
@@ -66,7 +66,7 @@ class AudioboxAesthetics(Reward):
             with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints where it loads from
                 model = aes.AesMultiOutput.from_pretrained(str(directory), strict=True)
         except Exception as e:  # RuntimeError for missing / mis-shaped keys, JSON and safetensors errors, ...
-            raise CheckpointError(f"reward {self.name!r}: cannot load {path}: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"reward {self.name!r}: cannot load {path}: {one_line(e)}") from e
         transform = model.target_transform or {}
         if any(axis not in transform for axis in AXES):
             raise CheckpointError(

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from models.latents import LatentGeometry
 
-from ..errors import CheckpointError, ConfigError, RewardError, UserError
+from ..errors import CheckpointError, ConfigError, RewardError, UserError, one_line
 
 MODALITIES = ("video", "audio", "av")
 # What a reward may read: the clean latents, the decoded video frames, the decoded waveform, the prompts.
@@ -156,13 +156,11 @@ class Reward(abc.ABC):
 @dataclass
 class RewardSpec:
     """One entry of the config's `rewards` list: a built-in reward by `name` (`{name: clap, args: {path: ...}}`)
-    or a custom one by `cls`, "package.module:Class" (a subclass of Reward), the weight of its advantage, and
-    the keyword arguments its constructor takes (`args`)."""
+    or a custom one by `class` (or `cls`), "package.module:Class" (a subclass of Reward), the weight of its
+    advantage, and the keyword arguments its constructor takes (`args`)."""
 
-    __config_hints__ = {
-        "modality": "a reward's modality is its own and cannot be set",
-        "class": "a custom reward is named by cls: package.module:Class (class is a Python keyword)",
-    }
+    __config_hints__ = {"modality": "a reward's modality is its own and cannot be set"}
+    __config_aliases__ = {"class": "cls"}  # `class:` as users write it; a Python keyword cannot be a field
 
     name: str | None = None
     weight: float = 1.0
@@ -180,11 +178,6 @@ def register(cls: type[Reward]) -> type[Reward]:
     return cls
 
 
-def _one_line(error: BaseException) -> str:
-    """`Type: message` of an exception raised by user code, on one line (UserErrors are one line)."""
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"
-
-
 def _import_class(path: str, where: str) -> type[Reward]:
     """The Reward subclass at "package.module:Class" (ConfigError naming `where` if it cannot be used)."""
     module_name, _, attr = path.partition(":")
@@ -193,7 +186,7 @@ def _import_class(path: str, where: str) -> type[Reward]:
     try:
         obj = importlib.import_module(module_name)
     except Exception as e:  # the user's module may fail in any way while importing
-        raise ConfigError(f"{where} {path!r}: cannot import {module_name}: {_one_line(e)}") from e
+        raise ConfigError(f"{where} {path!r}: cannot import {module_name}: {one_line(e)}") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"{where} {path!r}: {module_name} has no attribute {attr!r}")
@@ -288,7 +281,7 @@ def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
         except UserError:
             raise
         except Exception as e:  # a custom reward's constructor may reject its args in any way
-            raise ConfigError(f"rewards[{i}]: building {cls.name} raised {_one_line(e)}") from e
+            raise ConfigError(f"rewards[{i}]: building {cls.name} raised {one_line(e)}") from e
     return rewards
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, one_line
 from .audio import power_spectrogram, power_to_db, resample, slaney_mel_filters, to_mono
 from .base import Reward, Rollout, local_dir, register, require_package
 
@@ -43,7 +43,7 @@ class ClapScore(Reward):
             extractor = transformers.ClapFeatureExtractor.from_pretrained(directory, local_files_only=True)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
         except Exception as e:  # transformers raises OSError, ValueError, RuntimeError (shape mismatch), ...
-            raise CheckpointError(f"reward 'clap': cannot load {path}: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"reward 'clap': cannot load {path}: {one_line(e)}") from e
         if model.config.audio_config.enable_fusion or extractor.truncation != "rand_trunc":
             raise CheckpointError(
                 f"reward 'clap': {path} is a fused CLAP (enable_fusion / truncation={extractor.truncation!r}); "

@@ -54,7 +54,8 @@ class DecodeConfig:
 
     # An official LTX-2 single file or a diffusers pipeline folder (vae/, audio_vae/, vocoder/); None: model.init.
     source: str | None = None
-    dtype: str = choice(*DTYPES, default="bfloat16")  # decoder weights and compute; outputs are float32
+    # Decoder weights and compute (outputs are float32); auto: bfloat16 on CUDA, float32 on a CPU (slow bf16 convs).
+    dtype: str = choice("auto", *DTYPES, default="auto")
     offload: bool = False  # keep the decoders on the CPU between decodes instead of resident on the device
     batch_size: int = bounded(1, None, default=1)  # samples per decoder call
     # Timestep-conditioned VAEs only (ltx-core's values; diffusers' pipeline defaults to 0 and no noise).
@@ -367,8 +368,13 @@ def _folder_part(root: Path, sub: str) -> _Part:
 def _build(part: _Part, source: str) -> tuple[nn.Module, list[str]]:
     """The part's diffusers module without its encoder, on the meta device (nothing allocated), and the problems
     its tensors have against it ("missing: ...", "unexpected: ...", "shape: ...")."""
-    import diffusers
-    from diffusers.pipelines.ltx2 import LTX2Vocoder
+    try:
+        import diffusers
+        from diffusers.pipelines.ltx2 import LTX2Vocoder
+    except ImportError as e:
+        raise ConfigError(
+            f'decoding needs diffusers ({e.name} is missing): pip install -c .ci/constraints.txt -e ".[text]"'
+        ) from e
 
     cls = LTX2Vocoder if part.class_name == "LTX2Vocoder" else getattr(diffusers, part.class_name)
     try:
@@ -444,7 +450,9 @@ class Decoders:
     ) -> None:
         if not (video or audio):
             raise ValueError("Decoders needs at least one of video, audio")
-        self.cfg, self.device, self.dtype = cfg, torch.device(device), DTYPES[cfg.dtype]
+        self.cfg, self.device = cfg, torch.device(device)
+        auto = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = DTYPES[auto if cfg.dtype == "auto" else cfg.dtype]
         self.vae, self.audio_vae, self.vocoder = load_decoders(source, self.dtype, video=video, audio=audio)
         # Statistics in float32 (the denormalisation runs there, before the cast to the decoders' dtype).
         if self.vae is not None:

@@ -9,11 +9,13 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import models
 from engine.cli import main
 from engine.config import load_config
 from engine.metrics import read_metrics
+from engine.rewards import Reward, Rollout
 from engine.trainer import Trainer
 from models.layouts import diffusers_config
 from tests.helpers import SMALL
@@ -95,3 +97,30 @@ def test_sample_writes_media_tensors_and_files(pipeline, tmp_path, capsys) -> No
     argv = ["sample", "--out", str(tmp_path / "latents"), f"model.init={dit}", *SMALL]
     assert main(argv) == 0 and "media: none" in capsys.readouterr().out
     assert main([*argv[:3], "--media", "on", *argv[3:]]) == 2
+
+
+class Loudness(Reward):
+    """A reward that reads the waveform only: the run loads the audio decoders alone."""
+
+    name, modality, reads = "loudness", "audio", frozenset({"waveform"})
+
+    def score(self, rollout: Rollout) -> torch.Tensor:
+        return rollout.waveforms.pow(2).mean(dim=(1, 2))
+
+
+def test_audio_only_rewards_load_audio_decoders_and_evaluate(pipeline, tmp_path) -> None:
+    audio_only = ["rewards=[{class: tests.engine.test_media_run:Loudness}]", *MEDIA[1:]]
+    run = tmp_path / "run"
+    cfg = load_config(
+        None, [*SMALL, f"run_dir={run}", f"model.init={pipeline}", "iterations=1", "eval.every=1", *audio_only]
+    )
+    trainer = Trainer(cfg)
+    assert trainer.decoders.vae is None and trainer.decoders.vocoder is not None
+    (metrics,) = trainer.run()
+    assert metrics["eval/reward/loudness"] > 0
+    assert (run / "media" / "eval_000000" / "sample_000.wav").is_file()  # no frames: a wav alone
+    assert not list((run / "media" / "eval_000000").glob("*.mp4"))
+    # --media off skips the files, not the decoding the rewards need.
+    out = tmp_path / "samples"
+    assert main(["sample", "--out", str(out), "--media", "off", f"model.init={pipeline}", *SMALL, *audio_only]) == 0
+    assert not list(out.glob("*.mp4")) and "reward/loudness" in load_file(out / "samples.safetensors")

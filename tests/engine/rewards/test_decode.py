@@ -338,7 +338,8 @@ def test_parts_offload_batches_and_dtype(sources) -> None:
     with pytest.raises(RuntimeError, match="video decoders were not loaded"):
         audio_only.frames(video, GRID)
 
-    bf16 = Decoders(DecodeConfig(), folder)  # the default dtype
+    assert next(Decoders(DecodeConfig(), folder).vae.parameters()).dtype == torch.float32  # auto on a CPU
+    bf16 = Decoders(DecodeConfig(dtype="bfloat16"), folder)  # what auto picks on CUDA
     assert next(bf16.vae.parameters()).dtype == torch.bfloat16
     bf16_frames = bf16.frames(video, GRID)
     assert bf16_frames.dtype == torch.float32 and (bf16_frames - frames).abs().max() < 0.1
@@ -352,7 +353,7 @@ def test_parts_offload_batches_and_dtype(sources) -> None:
 
 def test_config_and_source(sources) -> None:
     cfg = DecodeConfig()
-    assert (cfg.source, cfg.dtype, cfg.offload, cfg.batch_size) == (None, "bfloat16", False, 1)
+    assert (cfg.source, cfg.dtype, cfg.offload, cfg.batch_size) == (None, "auto", False, 1)
     assert decode_source(cfg, "dit.safetensors") == "dit.safetensors"
     folder = str(sources["plain"]["folder"])
     assert decode_source(DecodeConfig(source=folder), "dit.safetensors") == folder

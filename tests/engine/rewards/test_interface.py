@@ -253,7 +253,7 @@ def test_custom_reward_nested_class_and_defaults(custom):
         ({"cls": "{m}:Loudness", "args": {"gain": -1}}, r"rewards\[0\]: building loudness raised ValueError: gain"),
         ({"cls": "{m}:Loudness", "args": {"weight": 2}}, r"rewards\[0\]\.args\.weight: set the weight beside args"),
         ({"cls": "{m}:Loudness", "name": "av_sync"}, r"rewards\[0\] needs exactly one of name .* or cls"),
-        ({"class": "{m}:Loudness"}, r"rewards\[0\]\.class.*named by cls: package\.module:Class"),
+        ({"class": "{m}:Loudness", "cls": "{m}:Loudness"}, r"rewards\[0\]: give class or cls, not both"),
         ({"name": "av_align", "args": {"path": "x"}}, r"rewards\[0\]\.args do not fit av_align .*'path'"),
         ({"name": "clap"}, r"rewards\[0\]\.args do not fit clap .*missing a required argument: 'path'"),
         ({"name": "clap", "args": {"path": "x", "2": 1}}, r"rewards\[0\]\.args do not fit clap"),
@@ -282,3 +282,8 @@ def test_check_rewards_builds_nothing(custom):
     check_rewards([RewardSpec(name="clap", args={"path": "/no/such/dir"})])
     with pytest.raises(ConfigError, match="gain must be > 0"):
         build_rewards([RewardSpec(cls=f"{custom}:Loudness", args={"gain": -1})])
+
+
+def test_class_is_the_key_users_write(custom):
+    (spec,) = config_rewards([{"class": f"{custom}:Loudness", "weight": 2.0}])
+    assert spec.cls == f"{custom}:Loudness" and build_rewards([spec])[0].weight == 2.0
