@@ -8,6 +8,8 @@ and the model definition stays as it is.
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Literal
 
@@ -18,6 +20,21 @@ import kernels
 from ..sharding import Sharding
 
 ParallelRole = Literal["column", "row", "replicated"]
+
+
+def records_role(linear: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorates a backend's `linear`: the layer it builds carries its `parallel_role`, so code that
+    adds to a built model (models.lora: adapters split the way their layer is split) can read it."""
+
+    @functools.wraps(linear)
+    def build(
+        self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
+    ) -> nn.Module:
+        layer = linear(self, in_features, out_features, bias=bias, role=role)
+        layer.parallel_role = role
+        return layer
+
+    return build
 
 
 class TorchBackend:
@@ -36,6 +53,7 @@ class TorchBackend:
             )
         self.sharding = sharding.aligned(max(sharding.row_multiple, self.row_multiple))
 
+    @records_role
     def linear(
         self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
     ) -> nn.Module:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ParallelRole, TorchBackend
+from .base import ParallelRole, TorchBackend, records_role
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -109,6 +109,7 @@ class Fp8Backend(TorchBackend):
 
     name = "fp8"
 
+    @records_role
     def linear(
         self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
     ) -> nn.Module:

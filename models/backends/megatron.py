@@ -24,7 +24,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import Tensor, nn
 
 from ..sharding import Sharding
-from .base import ParallelRole, TorchBackend
+from .base import ParallelRole, TorchBackend, records_role
 
 
 def _init_like_torch(weight: Tensor) -> None:
@@ -96,6 +96,7 @@ class MegatronBackend(TorchBackend):
             params_dtype=params_dtype,
         )
 
+    @records_role
     def linear(
         self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
     ) -> nn.Module:

@@ -38,7 +38,7 @@ from megatron.core.fp8_utils import get_fp8_context  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 from ..sharding import Sharding  # noqa: E402
-from .base import ParallelRole  # noqa: E402
+from .base import ParallelRole, records_role  # noqa: E402
 from .megatron import BatchFirst, MegatronBackend, _init_like_torch  # noqa: E402
 
 FP8_RECIPES = ("tensorwise", "delayed")
@@ -81,6 +81,7 @@ class TEBackend(MegatronBackend):
             disable_parameter_transpose_cache=True,
         )
 
+    @records_role
     def linear(
         self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
     ) -> nn.Module:

@@ -33,7 +33,7 @@ from models.lora import (  # noqa: E402
     LoRAConfig,
     apply_lora,
     load_lora_state_dict,
-    lora_layers,
+    lora_named_parameters,
     lora_state_dict,
     merge_lora,
     use_adapter,
@@ -49,12 +49,11 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def adapter_grads(model) -> dict[str, torch.Tensor | None]:
     """Whole gradients of the "default" set (tensor-parallel slices joined), keyed as lora_state_dict."""
-    grads = {}
-    for name, lora in lora_layers(model).items():
-        for key, p in (("lora_A", lora.A["default"]), ("lora_B", lora.B["default"])):
-            split = lora.sharding.is_split(p) and p.grad is not None
-            grads[f"{name}.{key}.weight"] = lora.sharding.gather_weight(p.grad, p) if split else p.grad
-    return grads
+    sharding = model.sharding
+    return {
+        k: sharding.gather_weight(p.grad, p) if sharding.is_split(p) and p.grad is not None else p.grad
+        for k, p in lora_named_parameters(model).items()
+    }
 
 
 def main() -> None:
