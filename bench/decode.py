@@ -19,7 +19,6 @@ Writes bench/results/<device>-<date>-decode.json with the device, shapes, times 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 from datetime import date
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 import models
-from bench.kernels import CUDA, device_label, package_versions, timer
+from bench.kernels import CUDA, device_label, package_versions, report, timer
 from engine.config import load_config
 from engine.rewards.decode import AUDIO_VAE_19B, VIDEO_VAE_19B, VOCODER_19B, DecodeConfig, Decoders
 from engine.trainer import Trainer
@@ -155,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.iterations:
         result["iteration"] = iteration_share(args.iterations)
-    print(json.dumps(result, indent=2))
-    out = Path(args.out or f"bench/results/{result['device']}-{result['date']}-decode.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    report(result, args.out, "decode")
     return 0
 
 

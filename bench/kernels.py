@@ -210,6 +210,16 @@ def device_label(device: torch.device) -> str:
     return "cpu"
 
 
+def report(result: dict, out: str | None, suffix: str) -> Path:
+    """Prints `result` and writes it as JSON to `out`, default bench/results/<device>-<date>-<suffix>.json."""
+    print(json.dumps(result, indent=2))
+    path = Path(out or f"bench/results/{result['device']}-{result['date']}-{suffix}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def package_versions(*modules: str) -> dict[str, str]:
     """torch's version and those of the named optional packages that are installed, for the JSON."""
     versions = {"torch": torch.__version__}

@@ -19,16 +19,14 @@ Writes bench/results/<device>-<date>-text.json with the device, shapes, times an
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import string
 import tempfile
 from datetime import date
-from pathlib import Path
 
 import torch
 
-from bench.kernels import CUDA, DTYPE, device_label, package_versions, timer
+from bench.kernels import CUDA, DTYPE, device_label, package_versions, report, timer
 from engine.data import DEFAULT_PROMPTS
 from engine.data.cache import EmbeddingCache
 from engine.data.text import ContextConnectors, PromptEncoder, TextConfig, load_connectors
@@ -164,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "cache_bytes_per_prompt_mean": sum(sizes) / len(sizes),
         "connector_output_bytes_per_prompt_bf16": 2 * args.max_length * encoder.caption_channels * 2,
     }
-    print(json.dumps(result, indent=2))
-    out = Path(args.out or f"bench/results/{result['device']}-{result['date']}-text.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    report(result, args.out, "text")
     return 0
 
 

@@ -54,27 +54,36 @@ def open_safetensors(path: str | os.PathLike) -> Iterator:
 MAX_LISTED_PROBLEMS = 12  # a 19B checkpoint for another model would list thousands of keys
 
 
+def shape_problems(expected: dict[str, tuple], found: dict[str, tuple], prefix: str = "") -> list[str]:
+    """One line per missing, unexpected and mis-shaped key of `found` against `expected` (name -> shape)."""
+    problems = [f"{prefix}missing: {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
+    problems += [f"{prefix}unexpected: {k} {found[k]}" for k in sorted(set(found) - set(expected))]
+    problems += [
+        f"{prefix}shape: {k} is {found[k]}, expected {expected[k]}"
+        for k in sorted(set(found) & set(expected))
+        if found[k] != expected[k]
+    ]
+    return problems
+
+
+def raise_problems(source: str, problems: list[str], what: str = "the model") -> None:
+    """Raises one CheckpointError listing `problems` (the first MAX_LISTED_PROBLEMS), if there are any."""
+    if problems:
+        shown = problems[:MAX_LISTED_PROBLEMS]
+        more = len(problems) - len(shown)
+        raise CheckpointError(
+            f"{source} does not fit {what} ({len(problems)} problem(s)):\n  "
+            + "\n  ".join(shown)
+            + (f"\n  ... and {more} more" if more else "")
+        )
+
+
 def _check_shapes(
     expected: dict[str, tuple], found: dict[str, tuple], source: str, problems: list[str] | None = None
 ) -> None:
     """Raises one CheckpointError listing every missing, unexpected and mis-shaped key (after `problems`
     already found, such as keys held twice)."""
-    problems = list(problems or [])
-    problems += [f"missing: {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
-    problems += [f"unexpected: {k} {found[k]}" for k in sorted(set(found) - set(expected))]
-    problems += [
-        f"shape: {k} is {found[k]}, model has {expected[k]}"
-        for k in sorted(set(found) & set(expected))
-        if found[k] != expected[k]
-    ]
-    if problems:
-        shown = problems[:MAX_LISTED_PROBLEMS]
-        more = len(problems) - len(shown)
-        raise CheckpointError(
-            f"{source} does not fit the model ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(shown)
-            + (f"\n  ... and {more} more" if more else "")
-        )
+    raise_problems(source, [*(problems or []), *shape_problems(expected, found)])
 
 
 def check_finite(state: dict[str, Tensor], source: str) -> None:

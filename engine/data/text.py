@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from models.weights import MAX_LISTED_PROBLEMS, check_finite, open_safetensors
+from models.weights import check_finite, open_safetensors, raise_problems, shape_problems
 
 from ..errors import CheckpointError, ConfigError
 from ..fields import bounded, choice
@@ -131,15 +131,9 @@ def load_gemma(path: str | Path, dtype: torch.dtype, device: torch.device | str 
     problems += [f"unexpected: {k}" for k in sorted(info["unexpected_keys"])]
     problems += [f"shape: {k}" for k in sorted(str(m) for m in info.get("mismatched_keys", []))]
     if problems:
-        _raise_problems(f"text.encoder {folder}", problems)
+        raise_problems(f"text.encoder {folder}", problems, "Gemma 3")
     text_model = model.model.language_model if config.model_type == "gemma3" else model
     return text_model.to(device).eval().requires_grad_(False)
-
-
-def _raise_problems(source: str, problems: list[str]) -> None:
-    shown = problems[:MAX_LISTED_PROBLEMS]
-    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-    raise CheckpointError(f"{source} does not fit ({len(problems)} problem(s)):\n  " + "\n  ".join(shown) + more)
 
 
 def _official_connector_state(path: Path) -> tuple[dict[str, Tensor], dict]:
@@ -235,16 +229,9 @@ def load_connectors(path: str | Path, dtype: torch.dtype = torch.float32) -> LTX
     except TypeError as e:
         raise CheckpointError(f"{path}: connector config does not fit LTX2TextConnectors ({e})") from e
     expected = {k: tuple(v.shape) for k, v in connectors.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    problems = [f"missing: {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
-    problems += [f"unexpected: {k} {found[k]}" for k in sorted(set(found) - set(expected))]
-    problems += [
-        f"shape: {k} is {found[k]}, expected {expected[k]}"
-        for k in sorted(set(found) & set(expected))
-        if found[k] != expected[k]
-    ]
-    if problems:
-        _raise_problems(f"text connectors {path}", problems)
+    raise_problems(
+        str(path), shape_problems(expected, {k: tuple(v.shape) for k, v in state.items()}), "the text connectors"
+    )
     check_finite(state, f"text connectors {path}")
     connectors.load_state_dict(state, strict=True)
     # nn.Module's own cast: diffusers' ModelMixin.to warns about fp32-pinned modules, which these lack.

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from models.weights import MAX_LISTED_PROBLEMS, check_finite, open_safetensors
+from models.weights import check_finite, open_safetensors, raise_problems, shape_problems
 
 from ..errors import CheckpointError, ConfigError
 from ..fields import bounded, choice
@@ -385,15 +385,7 @@ def _build(part: _Part, source: str) -> tuple[nn.Module, list[str]]:
     if hasattr(module, "encoder"):
         del module.encoder
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in part.state.items()}
-    problems = [f"{part.name} missing: {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
-    problems += [f"{part.name} unexpected: {k} {found[k]}" for k in sorted(set(found) - set(expected))]
-    problems += [
-        f"{part.name} shape: {k} is {found[k]}, expected {expected[k]}"
-        for k in sorted(set(found) & set(expected))
-        if found[k] != expected[k]
-    ]
-    return module, problems
+    return module, shape_problems(expected, {k: tuple(v.shape) for k, v in part.state.items()}, f"{part.name} ")
 
 
 def load_decoders(
@@ -411,13 +403,7 @@ def load_decoders(
     else:
         raise CheckpointError(f"{path}: no such file or folder (expected an LTX-2 single file or pipeline folder)")
     built = [_build(part, str(path)) for part in parts]
-    problems = [p for _, ps in built for p in ps]
-    if problems:
-        shown = problems[:MAX_LISTED_PROBLEMS]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise CheckpointError(
-            f"{path} does not fit the decoders ({len(problems)} problem(s)):\n  " + "\n  ".join(shown) + more
-        )
+    raise_problems(str(path), [p for _, ps in built for p in ps], "the decoders")
     modules = {}
     for part, (module, _) in zip(parts, built):
         check_finite(part.state, f"{path} ({part.name})")

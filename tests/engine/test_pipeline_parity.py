@@ -17,6 +17,7 @@ from engine.sampler import ltx2_sigmas, sample
 from models.layouts import diffusers_config
 
 from .data import tiny_ltx2
+from .rewards import tiny_decoders
 
 pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -43,34 +44,10 @@ def setup(tmp_path_factory):
     gemma, tok, conn, dm = tiny_ltx2.gemma(), tiny_ltx2.tokenizer(), tiny_ltx2.connectors(), _dit()
     folder = tiny_ltx2.write_pipeline(root / "pipe", gemma, tok, conn)
     cfg = models.PRESETS["tiny"]
-    video_vae = diffusers.AutoencoderKLLTX2Video(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=cfg.in_channels,
-        block_out_channels=(8, 16, 32, 64),
-        decoder_block_out_channels=(8, 16, 32),
-        layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1),
-        spatio_temporal_scaling=(True,) * 4,
-        decoder_spatio_temporal_scaling=(True,) * 3,
-        decoder_inject_noise=(False,) * 4,
-        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
-        upsample_type=("spatiotemporal",) * 3,
-        upsample_residual=(True,) * 3,
-        upsample_factor=(2, 2, 2),
-        timestep_conditioning=False,
-        patch_size=4,
-        patch_size_t=1,
-        encoder_causal=True,
-        decoder_causal=False,
-        spatial_compression_ratio=32,
-        temporal_compression_ratio=8,
-    )
-    # base_channels = latent_channels * mel_bins / 4 = the DiT's audio channels (the pipeline's statistics
-    # are sized by base_channels and applied to packed tokens).
-    audio_vae = diffusers.AutoencoderKLLTX2Audio(
-        base_channels=cfg.audio_in_channels, latent_channels=4, mel_bins=16, ch_mult=(1, 2, 4), resolution=256
-    )
+    video_vae, audio_vae = tiny_decoders.video_vae(), tiny_decoders.audio_vae()
+    for vae in (video_vae, audio_vae):  # identity statistics: the pipeline's latent output is then ours
+        vae.latents_mean.zero_()
+        vae.latents_std.fill_(1.0)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=False, shift=1.0)
     pipe = diffusers.LTX2Pipeline(
         scheduler=scheduler,
