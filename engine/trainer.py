@@ -1,8 +1,11 @@
-"""The OmniNFT loop (SPEC section 6): sample from the old policy, score, route advantages, train, EMA.
+"""The OmniNFT loop (SPEC section 6): prompts -> rollout from the old policy -> decode (only for rewards
+that read media) -> rewards -> routed advantages and region weights -> train -> EMA.
 
-One `Trainer.iteration` is Algorithm 1 once; `Trainer.run` adds logging, checkpoints and resume.
-Where each idea lives: routing `engine.algorithm.advantages`, loss `engine.algorithm.loss`, surgery
-`engine.algorithm.surgery` (applied via `model.set_a2v_grad_scales`), reweighting
+One `Trainer.iteration` is Algorithm 1 once; `Trainer.run` adds logging, media, evaluation
+(`Trainer.evaluate`, on held-out prompts with its own noise), checkpoints and resume. Text contexts
+come from `engine.data.conditioning` (prepared before the DiT is built), decoders from
+`engine.rewards.decode`. Where each idea lives: routing `engine.algorithm.advantages`, loss
+`engine.algorithm.loss`, surgery `engine.algorithm.surgery` (applied via `model.set_a2v_grad_scales`), reweighting
 `engine.algorithm.reweighting` (its recorder is the model's V2A probe during the rollout). Under
 torchrun, `engine.parallel.ProcessLayout` decides which samples this rank handles and does every
 reduction.
