@@ -37,6 +37,7 @@ setup(
             "ruff==0.17.5",
             "wandb==0.31.0",
             "av==18.1.0",  # PyAV for engine.media's MP4 (bundled FFmpeg: libx264, aac); 19.x needs Python >= 3.12
+            "peft==0.21.2",  # diffusers' LoRA loader, for the test that our LoRA export loads there
         ],
         "text": ["diffusers==0.42.1", "transformers==5.24.0"],
         # rewards: the media reward models' packages; CLAP comes from transformers. Audiobox Aesthetics is
