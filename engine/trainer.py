@@ -241,21 +241,10 @@ class Trainer:
         """The first `log.media_samples` samples of `rollout`, decoded with the decoders this run loaded
         (video, audio or both), as mp4 / wav and to TensorBoard (main rank only; no collectives)."""
         k = min(self.cfg.log.media_samples, rollout.num_samples)
-        first = dataclasses.replace(
-            rollout,
-            video=rollout.video[:k],
-            audio=rollout.audio[:k],
-            prompts=rollout.prompts[:k],
-            video_prompts=rollout.video_prompts[:k],
-            audio_prompts=rollout.audio_prompts[:k],
-            frames=None,
-            waveforms=None,
-            sample_rate=None,
-        )
         parts = {
             part for part, module in (("frames", self.decoders.vae), ("waveform", self.decoders.vocoder)) if module
         }
-        media = self.decode(first, keys[:k], parts)
+        media = self.decode(rollout.head(k), keys[:k], parts)
         self.logger.log_media(
             kind,
             step,
@@ -278,6 +267,12 @@ class Trainer:
                 f"the {n} evaluation samples (task.eval_prompts x eval.samples_per_prompt) must divide evenly "
                 f"over the {self.layout.dp} data-parallel ranks"
             )
+
+    def check_finite(self, rollout: Rollout, what: str) -> None:
+        """Stops every rank when any rank's rollout has non-finite latents, before a reward is blamed."""
+        broken = not (rollout.video.isfinite().all() and rollout.audio.isfinite().all())
+        if self.layout.max_over("world", float(broken)):
+            raise NonFiniteError(f"{what} has non-finite latents")
 
     def sync(self) -> None:
         """Waits for the device, so that a host clock read times the work queued before it."""
@@ -349,9 +344,7 @@ class Trainer:
         local = list(range(self.layout.dp_rank, n, self.layout.dp))
         self.model.eval()
         rollout, _, _ = self.rollout(iteration, prompts, local, evaluation=True)
-        broken = not (rollout.video.isfinite().all() and rollout.audio.isfinite().all())
-        if self.layout.max_over("world", float(broken)):  # every rank stops, before a reward is blamed
-            raise NonFiniteError(f"the evaluation rollout at iteration {iteration} has non-finite latents")
+        self.check_finite(rollout, f"the evaluation rollout at iteration {iteration}")
         keys = self.sample_keys(iteration, prompts, local, evaluation=True)
         if self.logger is not None and self.decoders is not None and importlib.util.find_spec("av") is not None:
             self.save_media("eval", iteration, rollout, keys)
@@ -522,9 +515,7 @@ class Trainer:
         with profiling.nvtx_range(profiling.ROLLOUT):
             rollout, ctx, v2a_score = self.rollout(iteration, prompts, local)
         times["time/rollout"] = time.perf_counter() - t0
-        broken = not (rollout.video.isfinite().all() and rollout.audio.isfinite().all())
-        if layout.max_over("world", float(broken)):  # every rank stops, before a reward is blamed
-            raise NonFiniteError(f"the old policy's rollout at iteration {iteration} has non-finite latents")
+        self.check_finite(rollout, f"the old policy's rollout at iteration {iteration}")
 
         keys = self.sample_keys(iteration, prompts, local)
         t = time.perf_counter()

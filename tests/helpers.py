@@ -74,3 +74,19 @@ def torchrun(script: str, nproc: int, *args: str, out: Path) -> list[dict]:
     results = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     assert len(results) == nproc, f"expected {nproc} rank reports, got {len(results)}"
     return results
+
+
+def tiny_inputs(cfg) -> dict:
+    """Forward arguments for a model of `cfg` (a `models.ModelConfig`): batch 2, a (2, 3, 4) latent grid,
+    9 audio tokens, 7 and 6 context tokens, per-sample sigmas; fixed random values."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return dict(
+        video=torch.randn(2, 24, cfg.in_channels, generator=g),
+        audio=torch.randn(2, 9, cfg.audio_in_channels, generator=g),
+        sigma=torch.rand(2, generator=g) * 0.9 + 0.05,
+        video_context=torch.randn(2, 7, cfg.caption_channels, generator=g),
+        audio_context=torch.randn(2, 6, cfg.caption_channels, generator=g),
+        video_grid=(2, 3, 4),
+    )

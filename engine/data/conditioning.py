@@ -56,11 +56,9 @@ def encode_into(
 ) -> None:
     """Encodes `prompts` in `text.batch_size` chunks and hands each result to `store` as it is made,
     so a killed run keeps what it finished."""
-    size = encoder.batch_size
-    for start in range(0, len(prompts), size):
-        chunk = list(prompts[start : start + size])
-        for p, rows in zip(chunk, encoder.encode(chunk)):
-            store(p, rows)
+    for chunk, rows in encoder.batches(prompts):
+        for p, features in zip(chunk, rows):
+            store(p, features)
         if progress is not None:
             progress(len(chunk))
 

@@ -62,7 +62,8 @@ def encode_prompts(
     rank, world, device = _process()
     error: BaseException | None = None
     try:
-        connectors = load_connectors(connectors_source(text, model_init), DTYPES[text.dtype])
+        source = connectors_source(text, model_init)
+        connectors = load_connectors(source, DTYPES[text.dtype])
         ContextConnectors(connectors, text.max_length)  # what the trainer will need: fail now, not after encoding
         cache = EmbeddingCache(text.cache, encoding_fingerprint(text, connectors))
         texts = run_texts((*records, *(eval_records or ())), text.negative_prompt)
@@ -71,7 +72,7 @@ def encode_prompts(
             cache.write_info(
                 {
                     "encoder": str(text.encoder),
-                    "connectors": connectors_source(text, model_init),
+                    "connectors": source,
                     "max_length": text.max_length,
                     "dtype": text.dtype,
                     "caption_channels": connectors.config.caption_channels,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -342,13 +342,14 @@ class PromptEncoder:
         return torch.stack(out.hidden_states, dim=-1).flatten(2, 3).to(self.dtype), mask
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> list[Tensor]:
-        """Projected features of each prompt's real tokens: (n_tokens, caption_channels), on the CPU."""
+    def batches(self, prompts: Sequence[str]) -> Iterator[tuple[Sequence[str], list[Tensor]]]:
+        """(prompts, their projected features) per `batch_size` prompts, one Gemma forward each: callers
+        that store results as they come (engine.data.conditioning.encode_into) keep what a killed run did."""
         from diffusers.pipelines.ltx2.connectors import per_layer_masked_mean_norm
 
-        rows = []
         for start in range(0, len(prompts), self.batch_size):
-            states, mask = self.hidden_states(prompts[start : start + self.batch_size])
+            chunk = prompts[start : start + self.batch_size]
+            states, mask = self.hidden_states(chunk)
             normed = per_layer_masked_mean_norm(
                 states.unflatten(2, (self.caption_channels, -1)),
                 mask.sum(dim=-1),
@@ -357,8 +358,12 @@ class PromptEncoder:
                 scale_factor=NORM_SCALE,
             )
             projected = self.proj(normed)
-            rows += [p[m.bool()].cpu() for p, m in zip(projected, mask)]
-        return rows
+            yield chunk, [p[m.bool()].cpu() for p, m in zip(projected, mask)]
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> list[Tensor]:
+        """Projected features of each prompt's real tokens: (n_tokens, caption_channels), on the CPU."""
+        return [rows for _, batch in self.batches(prompts) for rows in batch]
 
 
 class ContextConnectors(torch.nn.Module):

@@ -8,6 +8,7 @@ that scores a rollout with all of them, failing loudly (never a silent 0).
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 import inspect
 import math
@@ -97,6 +98,20 @@ class Rollout:
     def num_samples(self) -> int:
         """N, the batch size every score must match."""
         return self.video.shape[0]
+
+    def head(self, k: int) -> Rollout:
+        """The first `k` samples, latents and texts only (what is decoded again for media logging)."""
+        return dataclasses.replace(
+            self,
+            video=self.video[:k],
+            audio=self.audio[:k],
+            prompts=self.prompts[:k],
+            video_prompts=self.video_prompts[:k],
+            audio_prompts=self.audio_prompts[:k],
+            frames=None,
+            waveforms=None,
+            sample_rate=None,
+        )
 
     def video_frames(self) -> Tensor:
         """Video latent as (N, F, H, W, C): the f-major token order makes this a plain reshape."""

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 import models
 from models.backends.fp8 import E4M3, E5M2, Fp8Backend, Fp8Linear, quantize
+from tests.helpers import tiny_inputs
 
 SHAPES = [((4, 33), 64, 128), ((7,), 32, 16), ((2, 3, 5), 256, 64)]  # (leading dims, in, out)
 FWD_BOUND, BWD_BOUND = 0.08, 0.15
@@ -125,18 +126,6 @@ def test_backend_roles():
     assert isinstance(backend.linear(64, 32, bias=False, role="row"), Fp8Linear)
 
 
-def _tiny_inputs(cfg: models.ModelConfig) -> dict:
-    g = torch.Generator().manual_seed(1)
-    return dict(
-        video=torch.randn(2, 24, cfg.in_channels, generator=g),
-        audio=torch.randn(2, 9, cfg.audio_in_channels, generator=g),
-        sigma=torch.rand(2, generator=g) * 0.9 + 0.05,
-        video_context=torch.randn(2, 7, cfg.caption_channels, generator=g),
-        audio_context=torch.randn(2, 6, cfg.caption_channels, generator=g),
-        video_grid=(2, 3, 4),
-    )
-
-
 def test_tiny_model_on_fp8_backend():
     torch.manual_seed(0)
     ref = models.build_model("tiny")
@@ -150,7 +139,7 @@ def test_tiny_model_on_fp8_backend():
     assert any("adaln" in n for n in outside) and any("caption" in n for n in outside)
     assert any("proj" in n for n in outside) and all(kind is nn.Linear for kind in outside.values())
 
-    inputs = _tiny_inputs(ref.config)
+    inputs = tiny_inputs(ref.config)
     outputs = []
     for model in (ref, fp8):
         video, audio = model(**inputs)

@@ -24,24 +24,12 @@ from models.lora import (
     merge_lora,
     use_adapter,
 )
-from tests.helpers import torchrun
+from tests.helpers import tiny_inputs, torchrun
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
 FWD_BOUND, BWD_BOUND = 0.08, 0.15  # FP8 rounding bounds of tests/models/test_fp8.py
-
-
-def _inputs(cfg: models.ModelConfig) -> dict:
-    g = torch.Generator().manual_seed(1)
-    return dict(
-        video=torch.randn(2, 24, cfg.in_channels, generator=g),
-        audio=torch.randn(2, 9, cfg.audio_in_channels, generator=g),
-        sigma=torch.rand(2, generator=g) * 0.9 + 0.05,
-        video_context=torch.randn(2, 7, cfg.caption_channels, generator=g),
-        audio_context=torch.randn(2, 6, cfg.caption_channels, generator=g),
-        video_grid=(2, 3, 4),
-    )
 
 
 def _model(backend: str | None = None, lora: LoRAConfig | None = LORA, seed: int = 0, **kw) -> models.LTX2AVTransformer:
@@ -65,7 +53,7 @@ def _randomize(model: models.LTX2AVTransformer, adapter: str = "default", seed: 
 
 
 def _forward(model: models.LTX2AVTransformer, backward: bool = False) -> tuple[Tensor, Tensor]:
-    video, audio = model(**_inputs(model.config))
+    video, audio = model(**tiny_inputs(model.config))
     if backward:
         (video.square().mean() + audio.square().mean()).backward()
     return video.detach(), audio.detach()
@@ -284,7 +272,7 @@ def test_bf16_base_stays_bf16_with_fp32_adapters():
     base = [p for n, p in model.named_parameters() if ".lora." not in n]
     assert all(p.dtype == torch.bfloat16 for p in base)
     assert all(p.dtype == torch.float32 for p in lora_parameters(model) + lora_parameters(model, "old"))
-    video, audio = model(**{k: v.bfloat16() if torch.is_tensor(v) else v for k, v in _inputs(model.config).items()})
+    video, audio = model(**{k: v.bfloat16() if torch.is_tensor(v) else v for k, v in tiny_inputs(model.config).items()})
     assert video.dtype == audio.dtype == torch.bfloat16
     (video.float().square().mean() + audio.float().square().mean()).backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora_parameters(model))

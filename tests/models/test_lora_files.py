@@ -13,35 +13,13 @@ from torch import Tensor
 import models
 from models.errors import CheckpointError
 from models.layouts import diffusers_config, to_layout
-from models.lora import (
-    LoRAConfig,
-    apply_lora,
-    export_lora,
-    load_lora_file,
-    load_lora_state_dict,
-    lora_layers,
-    lora_state_dict,
-    read_lora_file,
-    save_lora_file,
-    use_adapter,
-)
+from models.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_layers, lora_state_dict, use_adapter
+from models.lora_files import export_lora, load_lora_file, read_lora_file, save_lora_file
+from tests.helpers import tiny_inputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 LORA = LoRAConfig(rank=4, alpha=8.0, targets=("attn1.to_q", "audio_to_video_attn.to_k", "ff.net.2", "patchify_proj"))
-GRID = (2, 3, 4)
-
-
-def _inputs(cfg: models.ModelConfig) -> dict:
-    g = torch.Generator().manual_seed(1)
-    return dict(
-        video=torch.randn(2, 24, cfg.in_channels, generator=g),
-        audio=torch.randn(2, 9, cfg.audio_in_channels, generator=g),
-        sigma=torch.rand(2, generator=g) * 0.9 + 0.05,
-        video_context=torch.randn(2, 7, cfg.caption_channels, generator=g),
-        audio_context=torch.randn(2, 6, cfg.caption_channels, generator=g),
-        video_grid=GRID,
-    )
 
 
 def _model(lora: LoRAConfig = LORA, randomize: bool = True) -> models.LTX2AVTransformer:
@@ -58,7 +36,7 @@ def _model(lora: LoRAConfig = LORA, randomize: bool = True) -> models.LTX2AVTran
 
 def _forward(model: models.LTX2AVTransformer) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
-        video, audio = model(**_inputs(model.config))
+        video, audio = model(**tiny_inputs(model.config))
     return video, audio
 
 
@@ -229,8 +207,8 @@ def test_diffusers_loads_export_with_identical_outputs(tmp_path) -> None:
         expected = before[key] + deltas[key] if key in deltas else before[key]
         assert (value - expected).abs().max() < 1e-5, key
 
-    x = _inputs(ours.config)
-    f, h, w = GRID
+    x = tiny_inputs(ours.config)
+    f, h, w = x["video_grid"]
     with torch.no_grad():
         ref_v, ref_a = dm(
             x["video"],

@@ -17,6 +17,17 @@ CAPTION = 32  # Gemma width = caption_channels
 LAYERS = 2  # Gemma layers: 3 hidden states, 96 features
 REGISTERS = 8
 MAX_LENGTH = 16  # a multiple of REGISTERS
+# LTX2Pipeline settings for what the engine does not implement, switched off (STG has its own parity test),
+# and the 19B's own timestep handling (`use_cross_timestep=False`, diffusers' "legacy LTX-2.0 behaviour").
+PIPELINE_EXTRAS_OFF = dict(
+    stg_scale=0.0,
+    audio_stg_scale=0.0,
+    modality_scale=1.0,
+    audio_modality_scale=1.0,
+    guidance_rescale=0.0,
+    audio_guidance_rescale=0.0,
+    use_cross_timestep=False,
+)
 
 
 def tokenizer():
