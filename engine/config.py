@@ -31,7 +31,7 @@ from .fields import bounded, choice
 from .metrics import LogConfig
 from .optim import OptimConfig
 from .parallel import ParallelConfig
-from .policy import EMAConfig, PolicyConfig, model_config
+from .policy import EMAConfig, LoRASection, PolicyConfig, model_config
 from .profiling import ProfileConfig
 from .rewards import LATENT_REWARDS, RewardSpec, check_rewards
 from .rewards.base import check_video_grid
@@ -55,6 +55,7 @@ class Config:
     # every rank writes its shards, reshards on load; auto: dist when distributed on CUDA, else full.
     checkpoint_format: str = choice(*CHECKPOINT_FORMATS, default="auto")
     model: PolicyConfig = field(default_factory=PolicyConfig)
+    lora: LoRASection = field(default_factory=LoRASection)
     task: TaskConfig = field(default_factory=TaskConfig)
     text: TextConfig = field(default_factory=TextConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

@@ -157,13 +157,17 @@ class DistributedAdamW:
             adam_eps=eps,
             clip_grad=max_norm,
             use_distributed_optimizer=True,
-            params_dtype=next(sync.model.parameters()).dtype,
+            params_dtype=next(p for p in sync.model.parameters() if p.requires_grad).dtype,
         )
         # No overrides: weight decay on every parameter (megatron's default skips biases and norms).
         chained = get_megatron_optimizer(config, [sync.ddp], config_overrides={})
         (self.optimizer,) = chained.chained_optimizers
         self.chained, self.model, self.layout = chained, sync.model, sync.layout
         self.masters = config.params_dtype != torch.float32
+
+    def trained(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters it steps (the adapters alone when training LoRA), by name."""
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
 
     def zero_grad(self) -> None:
         """Drops the gradients of a step that is not taken."""
@@ -205,7 +209,7 @@ class DistributedAdamW:
 
     def _steps_taken(self) -> Tensor:
         """AdamW's step count: per-parameter state in torch's AdamW, per group in TE's or apex's FusedAdam."""
-        for p in self.model.parameters():
+        for _, p in self.trained():
             if (mine := self._slice(p)) is not None:
                 _, state, group, _ = mine
                 step = state.get("step", group.get("step", 0))
@@ -220,7 +224,7 @@ class DistributedAdamW:
         device = next(self.model.parameters()).device
         step = self.layout.max_over("dp", self._steps_taken().to(device)).float().cpu()
         keys, out = self._keys, {}
-        for name, p in self.model.named_parameters():
+        for name, p in self.trained():
             flat = torch.zeros(len(keys), p.numel(), dtype=torch.float32, device=p.device)
             if (mine := self._slice(p)) is not None:
                 rows, state, _, main = mine
@@ -250,7 +254,7 @@ class DistributedAdamW:
         """Keeps this rank's slice of each parameter's tensors. Call after the model's weights are
         loaded: without main copies in the checkpoint (it was written by plain AdamW) they are taken
         from the parameters."""
-        for name, p in self.model.named_parameters():
+        for name, p in self.trained():
             if (mine := self._slice(p)) is None:
                 continue
             rows, st, group, main = mine

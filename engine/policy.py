@@ -1,24 +1,42 @@
 """The policies of a run: the trainable model (`model.*`), the old policy that samples rollouts and
-follows it by EMA, and the frozen KL reference; all built for this rank's place in the layout."""
+follows it by EMA, and the frozen KL reference; all built for this rank's place in the layout.
+
+Full fine-tuning keeps whole frozen copies for the old policy and the reference. LoRA (`lora.*`,
+models.lora) keeps one frozen base: the trained policy is its "default" adapter set, the old policy
+its "old" set (EMA over the adapters only) and the reference the base with adapters off."""
 
 from __future__ import annotations
 
 import contextlib
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import models
 from models import LTX2AVTransformer, ModelConfig
 from models.config import PRESETS
-from models.weights import load_full_state, weights_source
+from models.lora import (
+    DEFAULT_TARGETS,
+    INITS,
+    AdapterView,
+    LoRAConfig,
+    apply_lora,
+    load_lora_state_dict,
+    lora_layers,
+    lora_named_parameters,
+    lora_state_dict,
+)
+from models.lora_files import load_lora_file
+from models.weights import gather_whole, load_full_state, weights_source
 
 from .errors import ConfigError, UserError
 from .fields import bounded, choice
 from .parallel.layout import ProcessLayout
 
+TRAINED, OLD = LoRAConfig.adapters  # models.lora's adapter sets: the trained policy and the old policy
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -50,6 +68,34 @@ class PolicyConfig:
                 weights_source(self.init)
             except UserError as e:
                 raise ConfigError(f"model.init: {e}") from e
+
+
+@dataclass
+class LoRASection:
+    """`lora.*`: LoRA post-training on the frozen base (models.lora); rank 0 is full fine-tuning."""
+
+    rank: int = bounded(0, None, default=0)
+    alpha: float = bounded(0.0, None, default=64.0)  # the update is (alpha / rank) B A
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # module-path patterns
+    init: str = choice(*INITS, default="gaussian")  # A's init; B starts at zero
+    # An LTX-2 LoRA file to start both adapter sets from (ours / ltx-trainer / ComfyUI / diffusers, or
+    # kohya lora_down/lora_up/alpha), at lora.rank
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            self.spec()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if self.init_from is not None:
+            if self.rank == 0:
+                raise ConfigError("lora.init_from needs lora.rank > 0 (the rank of the file's adapters)")
+            if not Path(self.init_from).is_file():
+                raise ConfigError(f"lora.init_from: {self.init_from} is not a file")
+
+    def spec(self) -> LoRAConfig:
+        """The adapters apply_lora adds: "default" (trained) and "old" (the old policy)."""
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets), init=self.init)
 
 
 @dataclass
@@ -98,6 +144,56 @@ def build_policy(cfg: PolicyConfig, layout: ProcessLayout, sequence_parallel: bo
     return model.to(DTYPES[cfg.dtype])
 
 
+def add_adapters(cfg: LoRASection, model: LTX2AVTransformer, seed: int) -> None:
+    """With `lora.rank` > 0: freezes `model` and adds the adapter sets, drawn from `seed` (the same in
+    every layout) or read from `lora.init_from`; "old" starts equal to "default"."""
+    if cfg.rank == 0:
+        return
+    apply_lora(model, cfg.spec(), seed)
+    if cfg.init_from is not None:
+        load_lora_file(model, cfg.init_from, TRAINED)
+        load_lora_state_dict(model, lora_state_dict(model, TRAINED), OLD, source=cfg.init_from)
+
+
+def old_and_reference(
+    cfg: PolicyConfig, model: LTX2AVTransformer, kl: bool
+) -> tuple[nn.Module | AdapterView, nn.Module | AdapterView | None]:
+    """The old policy and (with `kl`) the KL reference of `model`: its "old" adapter set and its base when
+    it has adapters, else frozen copies of it."""
+    if lora_layers(model):
+        return AdapterView(model, OLD), AdapterView(model, None) if kl else None
+    return frozen_copy(cfg, model), frozen_copy(cfg, model) if kl else None
+
+
+def policy_state(policy: nn.Module | AdapterView) -> dict[str, Tensor]:
+    """What training changes in a policy, by name (this rank's slices; parameters, so megatron's split
+    attributes come along): with adapters, the set's `<layer>.lora_A/B.weight` (the trained model's
+    "default", an AdapterView's own); without, the model's whole state dict. The EMA, checkpoints and
+    exports read and write exactly this."""
+    if isinstance(policy, AdapterView):
+        return lora_named_parameters(policy.model, policy.adapter)
+    if lora_layers(policy):
+        return lora_named_parameters(policy, TRAINED)
+    return policy.state_dict(keep_vars=True)
+
+
+def whole_policy_state(policy: nn.Module | AdapterView) -> dict[str, Tensor]:
+    """`policy_state` as one process holds it: tensor-parallel slices and pipeline stages joined
+    (collective: every rank gets all of it)."""
+    return gather_whole(policy_state(policy), policy.sharding, policy.stage)
+
+
+def load_whole_policy_state(policy: nn.Module | AdapterView, state: dict[str, Tensor], source: str) -> None:
+    """Loads `whole_policy_state`'s form into a policy of any layout (each rank keeps its share); every
+    missing, unexpected or mis-shaped entry is one CheckpointError naming `source`."""
+    if isinstance(policy, AdapterView):
+        load_lora_state_dict(policy.model, state, policy.adapter, whole=True, source=source)
+    elif lora_layers(policy):
+        load_lora_state_dict(policy, state, TRAINED, whole=True, source=source)
+    else:
+        load_full_state(policy, state, source)
+
+
 def frozen_copy(cfg: PolicyConfig, model: LTX2AVTransformer) -> LTX2AVTransformer:
     """Same layers, layout and weights, no gradients (the old policy and the KL reference). The shape is
     `model.config` (what model_config gave build_policy), so `model.init` is not read again."""
@@ -125,7 +221,10 @@ def ema_decay(step: int, decay_rate: float, max_decay: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(old: nn.Module, new: nn.Module, eta: float) -> None:
-    """theta_old <- eta * theta_old + (1 - eta) * theta."""
-    for p_old, p in zip(old.parameters(), new.parameters()):
-        p_old.mul_(eta).add_(p.detach(), alpha=1.0 - eta)
+def ema_update(old: nn.Module | AdapterView, new: nn.Module, eta: float) -> None:
+    """theta_old <- eta * theta_old + (1 - eta) * theta over the parameters of `policy_state` (the adapters
+    alone with LoRA)."""
+    old_state = policy_state(old)
+    for name, p in policy_state(new).items():
+        if isinstance(p, nn.Parameter):
+            old_state[name].mul_(eta).add_(p.detach(), alpha=1.0 - eta)

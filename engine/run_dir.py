@@ -15,7 +15,7 @@ from .metrics import console
 from .parallel import ProcessLayout
 
 # What a checkpoint's weights and noise are: resuming with another value would not continue that run.
-PROTECTED = ("seed", "model.preset", "model.init", "model.init_seed")
+PROTECTED = ("seed", "model.preset", "model.init", "model.init_seed", "lora.rank", "lora.alpha", "lora.targets")
 # Files a run writes at the top of its run_dir (checkpoints/ aside).
 RUN_FILES = ("metrics.jsonl", "config_history.jsonl", "rewards.png", "tensorboard", "wandb", "wandb_id")
 HISTORY = "config_history.jsonl"

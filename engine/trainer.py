@@ -41,7 +41,16 @@ from .metrics import MetricsLogger, console, format_line, plot_rewards
 from .noise import rollout_noise, training_noise
 from .optim import apply_hyper_parameters, clip_and_step, grad_norm, make_optimizer, scheduled_lr, set_lr
 from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init_layout, split_batch
-from .policy import DTYPES, autocast, build_policy, ema_decay, ema_update, frozen_copy, model_config
+from .policy import (
+    DTYPES,
+    add_adapters,
+    autocast,
+    build_policy,
+    ema_decay,
+    ema_update,
+    model_config,
+    old_and_reference,
+)
 from .preemption import Preemption
 from .rewards import Rollout, build_rewards, reads_media, score_rewards
 from .rewards.decode import Decoders, decode_source
@@ -127,10 +136,10 @@ class Trainer:
         # Text first: prompts the cache lacks are encoded before any DiT weights take device memory.
         self.conditioning = self.build_conditioning(model_config(cfg.model).caption_channels)
         self.model = build_policy(cfg.model, self.layout, cfg.parallel.sequence_parallel)
+        add_adapters(cfg.lora, self.model, cfg.model.init_seed)  # with lora.rank > 0: the base is frozen
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.old_model = frozen_copy(cfg.model, self.model)
-        self.ref_model = frozen_copy(cfg.model, self.model) if cfg.loss.kl_weight > 0 else None
+        self.old_model, self.ref_model = old_and_reference(cfg.model, self.model, kl=cfg.loss.kl_weight > 0)
         self.grad_sync = grad_sync(self.model, self.layout, cfg.parallel.distributed_optimizer)
         self.optimizer = make_optimizer(cfg.optim, self.model, self.grad_sync, cfg.parallel.distributed_optimizer)
         self.rewards = build_rewards(cfg.rewards)

@@ -357,6 +357,8 @@ def load_lora_state_dict(
     reported in one CheckpointError."""
     sharding: Sharding = model.sharding
     params = lora_named_parameters(model, adapter)
+    if whole:
+        state = stage_share(model, state)
     sliced = {k for k, p in params.items() if whole and sharding.is_split(p)}
     expected = {k: tuple(p.shape) for k, p in params.items()}
     for k in sliced:  # the whole tensor is tp slices along the split dim
@@ -366,6 +368,42 @@ def load_lora_state_dict(
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state[k][sharding.weight_slice(p)] if k in sliced else state[k])
+
+
+def stage_share(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of a whole model's LoRA state (`<module path>.lora_A/B.weight`) that this pipeline stage
+    holds: all of them without pipeline stages; with stages, those of its blocks and of the other layers it
+    has (another stage's entries are that stage's to check)."""
+    stage = model.stage
+    if stage.count == 1:
+        return state
+    modules = {name for name, _ in model.named_modules()}
+
+    def here(key: str) -> bool:
+        module = key.rsplit(".", 2)[0]
+        if module.startswith(BLOCKS):
+            return int(module.split(".")[1]) in stage.layers
+        return module in modules
+
+    return {k: v for k, v in state.items() if here(k)}
+
+
+class AdapterView:
+    """`model` run with adapter set `adapter`, or with none (None: the base): the old policy ("old") and
+    the KL reference (None) of a LoRA run, on the trained model's one frozen base. A call runs the model
+    under `use_adapter`; every other attribute is the model's (config, stage, set_input_tensor, ...).
+    For no-grad forwards: a backward through activation checkpointing would recompute under whatever
+    set is active then."""
+
+    def __init__(self, model: nn.Module, adapter: str | None):
+        self.model, self.adapter = model, adapter
+
+    def __call__(self, *args, **kwargs):
+        with use_adapter(self.model, self.adapter):
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
 
 
 def merge_lora(model: nn.Module, adapter: str = "default") -> list[str]:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .layouts import our_name, to_layout
-from .lora import BLOCKS, load_lora_state_dict, lora_layers, lora_named_parameters, lora_state_dict
+from .lora import BLOCKS, load_lora_state_dict, lora_layers, lora_named_parameters, lora_state_dict, stage_share
 from .sharding import Sharding
 from .weights import atomic_save_file, check_finite, open_safetensors, raise_problems, shape_problems
 
@@ -210,7 +210,7 @@ def load_lora_file(model: LTX2AVTransformer, path: str | os.PathLike, adapter: s
     if not layers:
         raise ValueError("the model has no LoRA adapters to load a LoRA file into")
     source = str(path)
-    state = read_lora_file(path, [name for name, _ in model.named_modules()])
+    state = stage_share(model, read_lora_file(path, [name for name, _ in model.named_modules()]))
     sharding: Sharding = model.sharding
     params = lora_named_parameters(model, adapter)
     expected: dict[str, tuple] = {}

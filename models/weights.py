@@ -36,6 +36,8 @@ from .layouts import (
     our_name,
     to_layout,
 )
+from .sharding import Sharding
+from .stage import Stage
 
 
 @contextlib.contextmanager
@@ -319,15 +321,20 @@ def load_full_state(model: nn.Module, state: dict[str, Tensor], source: str = "f
 
 def gather_full_state(model: nn.Module) -> dict[str, Tensor]:
     """The single-process state dict of a model of any layout (collective: every rank gets all of it)."""
-    sharding, params = model.sharding, dict(model.named_parameters())
+    return gather_whole(model.state_dict(keep_vars=True), model.sharding, model.stage)
+
+
+def gather_whole(tensors: dict[str, Tensor], sharding: Sharding, stage: Stage) -> dict[str, Tensor]:
+    """This rank's `tensors` (parameters carry megatron's split attributes) as the single process holds them:
+    split ones gathered over the tensor-parallel group, and every pipeline stage's entries joined
+    (collective over both: every rank gets all of it)."""
     out = {
-        name: sharding.gather_weight(t, params[name]) if sharding.is_split(params.get(name)) else t
-        for name, t in model.state_dict().items()
+        name: sharding.gather_weight(t.detach(), t) if sharding.is_split(t) else t.detach()
+        for name, t in tensors.items()
     }
-    stage = model.stage
     if stage.count > 1:
         stages: list[dict[str, Tensor] | None] = [None] * stage.count
-        torch.distributed.all_gather_object(stages, {k: v.detach().cpu() for k, v in out.items()}, group=stage.group)
-        device = next(iter(out.values())).device
+        torch.distributed.all_gather_object(stages, {k: v.cpu() for k, v in out.items()}, group=stage.group)
+        device = next(iter(tensors.values())).device
         out = {k: v.to(device) for part in stages for k, v in part.items()}
     return out

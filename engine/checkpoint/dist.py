@@ -31,10 +31,12 @@ from torch import Tensor, nn
 import models
 from models.config import ModelConfig
 from models.layouts import to_layout
+from models.lora import AdapterView
 from models.weights import atomic_save_file, check_finite, check_state, config_metadata
 
 from ..errors import CheckpointError, one_line
 from ..optim import MAIN, MOMENTS, DistributedAdamW
+from ..policy import policy_state
 from .atomic import atomic_directory
 from .state import TrainState
 
@@ -54,11 +56,11 @@ def _sharded(key: str, tensor: Tensor, param: Tensor | None, sharding: models.Sh
     return ShardedTensor.from_rank_offsets(key, tensor, replica_id=(0, tp_rank, dp_rank))
 
 
-def _model_state(prefix: str, model: nn.Module, dp_rank: int) -> dict[str, ShardedTensor]:
-    params = dict(model.named_parameters())
+def _model_state(prefix: str, policy: nn.Module | AdapterView, dp_rank: int) -> dict[str, ShardedTensor]:
+    """The policy's `policy_state` (whole models, or LoRA adapter sets) as ShardedTensors under `prefix`."""
     return {
-        name: _sharded(f"{prefix}.{name}", t.detach(), params.get(name), model.sharding, dp_rank)
-        for name, t in model.state_dict(keep_vars=True).items()
+        name: _sharded(f"{prefix}.{name}", t.detach(), t, policy.sharding, dp_rank)
+        for name, t in policy_state(policy).items()
     }
 
 
@@ -179,7 +181,8 @@ def load(
     with torch.no_grad():
         for key, m in zip(MODELS, (model, old_model)):
             check_finite(loaded[key], f"{path} ({key})")
-            m.load_state_dict(loaded[key], strict=True)
+            for name, t in policy_state(m).items():  # the keys sharded_state asked for
+                t.copy_(loaded[key][name])
     opt, sharded = loaded["optimizer"], isinstance(optimizer, DistributedAdamW)
     groups = 1 if sharded else len(optimizer.param_groups)
     if len(opt["param_groups"]) != groups:
@@ -198,6 +201,12 @@ def load(
             for p in group["params"]:
                 optimizer.state[p] = state[names[id(p)]]
     return TrainState.from_saved(loaded), loaded["config"]
+
+
+def holds_adapters(path: str | Path) -> bool:
+    """A checkpoint of a LoRA run (adapter sets, no base weights)."""
+    _check_is_checkpoint(Path(path))
+    return any(".lora_A." in k for k in dist_checkpointing.load_tensors_metadata(str(path)))
 
 
 def read_run_config(path: str | Path) -> dict:

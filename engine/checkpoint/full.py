@@ -1,6 +1,10 @@
-"""The full checkpoint format: both models whole, in the official LTX-2 layout (rank 0 writes what all
-ranks gathered), so they load into any parallel layout; optimizer and RNG state per rank, resumable in
-the layout that wrote it. Written as one directory under a temporary name and renamed into place.
+"""The full checkpoint format: both policies whole (rank 0 writes what all ranks gathered), so they load
+into any parallel layout; optimizer and RNG state per rank, resumable in the layout that wrote it.
+Written as one directory under a temporary name and renamed into place.
+
+The policies are the two models in the official LTX-2 layout (`MODEL_FILES`), or, when training LoRA,
+the "default" and "old" adapter sets alone (`ADAPTER_FILES`: `<layer>.lora_A/B.weight`, alpha not
+folded; the frozen base is `model.init`, which the run config names).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .atomic import atomic_directory
 from .state import TrainState
 
 MODEL_FILES = ("model.safetensors", "old_model.safetensors")
+ADAPTER_FILES = ("model_lora.safetensors", "old_model_lora.safetensors")
 STATE_FILE = "trainer_state.json"
 
 
@@ -36,9 +41,10 @@ def save(
     config: dict,
     rank: int,
     layout: dict,
+    adapters: bool = False,
 ) -> Path:
-    """Collective: every rank calls it with the gathered (full) model and old-model state dicts and
-    writes its optimizer and RNG state; rank 0 writes the models and the counters."""
+    """Collective: every rank calls it with the gathered (whole) policy states, the models' or (`adapters`)
+    the LoRA sets', and writes its optimizer and RNG state; rank 0 writes the policies and the counters."""
     with atomic_directory(path) as tmp:
         torch.save(optimizer.state_dict(), tmp / f"optimizer.rank{rank}.pt")
         torch.save(
@@ -47,12 +53,9 @@ def save(
         )
         if rank == 0:
             meta = config_metadata(model_config)
-            for name, sd in zip(MODEL_FILES, models_state):
-                save_file(
-                    {k: v.detach().contiguous().cpu() for k, v in to_layout(sd, "official").items()},
-                    tmp / name,
-                    metadata=meta,
-                )
+            for name, sd in zip(ADAPTER_FILES if adapters else MODEL_FILES, models_state):
+                sd = sd if adapters else to_layout(sd, "official")
+                save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp / name, metadata=meta)
             (tmp / STATE_FILE).write_text(
                 json.dumps({**dataclasses.asdict(state), "layout": layout, "config": config}, indent=1)
             )
@@ -61,7 +64,12 @@ def save(
 
 def is_full_checkpoint(path: Path) -> bool:
     """A directory this module wrote."""
-    return (path / STATE_FILE).is_file() and (path / MODEL_FILES[0]).is_file()
+    return (path / STATE_FILE).is_file() and any((path / files[0]).is_file() for files in (MODEL_FILES, ADAPTER_FILES))
+
+
+def holds_adapters(path: Path) -> bool:
+    """A full checkpoint of a LoRA run (adapter sets, no base weights)."""
+    return (path / ADAPTER_FILES[0]).is_file()
 
 
 def read_run_config(path: Path) -> dict:
@@ -86,8 +94,11 @@ def read(
             f"checkpoint_format=dist to reshard)"
         )
     states = []
-    for name in MODEL_FILES:
+    for name in ADAPTER_FILES if holds_adapters(path) else MODEL_FILES:
         raw = load_file(path / name)
+        if holds_adapters(path):
+            states.append(raw)
+            continue
         if not all(k.startswith(OFFICIAL_PREFIX) for k in raw):
             raise CheckpointError(f"{path / name} is not in the official layout")
         states.append(from_layout(raw, "official"))

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.weights import gather_full_state, load_full_state
+from models.lora import lora_layers
 
 from ..errors import CheckpointError, ConfigError
 from ..metrics import console
 from ..parallel.layout import ProcessLayout
+from ..policy import load_whole_policy_state, whole_policy_state
 from . import full
 from .atomic import write_text_atomic
 from .integrity import verify, write_manifest
@@ -164,8 +165,18 @@ class CheckpointManager:
 
             dist.save(path, model, old_model, optimizer, state, config, self.layout.dp_rank)
         else:
-            models_state = (gather_full_state(model), gather_full_state(old_model))
-            full.save(path, state, models_state, model.config, optimizer, config, self.layout.rank, self.layout_key)
+            models_state = (whole_policy_state(model), whole_policy_state(old_model))
+            full.save(
+                path,
+                state,
+                models_state,
+                model.config,
+                optimizer,
+                config,
+                self.layout.rank,
+                self.layout_key,
+                adapters=bool(lora_layers(model)),
+            )
         write_manifest(path, self.layout)
         self.point_latest(path)
         self.prune(path)
@@ -197,13 +208,24 @@ class CheckpointManager:
         path = self.resume_from or self.find_resumable()
         if path is None:
             raise CheckpointError(f"resume=true but {self.root} holds no checkpoint (start without --resume)")
+        lora = bool(lora_layers(model))
         if self.format_of(path) == "dist":
             from . import dist
 
+            _check_policies(path, dist.holds_adapters(path), lora)
             state, _ = dist.load(path, model, old_model, optimizer, self.layout.dp_rank)
         else:
+            _check_policies(path, full.holds_adapters(path), lora)
+            files = full.ADAPTER_FILES if lora else full.MODEL_FILES
             with self.layout.collectively(f"resuming {path}"):
                 state, model_sd, old_sd = full.read(path, optimizer, self.layout.rank, self.layout_key)
-                load_full_state(model, model_sd, str(path / full.MODEL_FILES[0]))
-                load_full_state(old_model, old_sd, str(path / full.MODEL_FILES[1]))
+                load_whole_policy_state(model, model_sd, str(path / files[0]))
+                load_whole_policy_state(old_model, old_sd, str(path / files[1]))
         return state, path
+
+
+def _check_policies(path: Path, saved_adapters: bool, adapters: bool) -> None:
+    """A LoRA run resumes LoRA checkpoints, a full fine-tuning run full ones."""
+    if saved_adapters != adapters:
+        what = ("LoRA adapters", "lora.rank > 0") if saved_adapters else ("whole models", "lora.rank=0")
+        raise CheckpointError(f"{path} holds {what[0]} (a run with {what[1]}); this run's lora.rank differs")
