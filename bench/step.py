@@ -1,6 +1,6 @@
 """One OmniNFT training step at LTX-2 19B layer shapes: model TFLOP/s, MFU and peak memory per backend.
 
-    python -m bench.step [--blocks N] [--batch B] [--steps S] [--backends torch fp8 te] [--out PATH]
+    python -m bench.step [--blocks N] [--batch B] [--steps S] [--backends torch fp8 te lora] [--out PATH]
 
 A step is what the trainer does per mini-batch and training sigma: a no-grad forward of the old
 policy, a forward of the policy, the NFT loss (`engine.algorithm.loss.nft_loss`), its backward, then gradient
@@ -11,19 +11,23 @@ On CUDA: the `ltx2-19b` preset cut to `--blocks` blocks (default 2), bf16 parame
 tokens (latent grid 16x16x24) + 126 audio tokens (25 per second over the 121 frames at 24 fps), a
 1024-token text context at caption_channels, batch 1; backends torch (bf16), fp8 (torch-native,
 `models.backends.fp8`) and, where Transformer Engine is installed, te (`models.backends.te`, FP8 tensorwise, run in a
-one-process megatron layout); the output says whether TE is importable. On a CPU the same code
-runs the `tiny` preset at a small grid in fp32 (CPUs lack fast bf16 matmuls), and the figures are
-labelled CPU figures; on a busy machine run it
-with OMP_NUM_THREADS=1, as contended OpenMP threads make the tiny model's small ops many times slower.
+one-process megatron layout); the output says whether TE is importable; and lora: the torch layers
+with LoRA rank 32 adapters (fp32) on the frozen base, the old policy's forward run by the same model
+with its "old" adapter set (`models.lora.AdapterView`: under `use_adapter`) instead of a second model,
+AdamW over the adapters alone. On a CPU the same code runs the `tiny` preset at a small grid in fp32
+(CPUs lack fast bf16 matmuls), and the figures are labelled CPU figures; on a busy machine run it with
+OMP_NUM_THREADS=1, as contended OpenMP threads make the tiny model's small ops many times slower.
 
 Model FLOPs are counted analytically (`forward_flops`): matmuls only, backward = 2x forward, so a
-step is 4 forwards' worth. That is the usual model-FLOP convention: attention recomputation in the
-backward and optimizer arithmetic are not counted, and the input gradients the first layers skip
-(patchify, caption and timestep embedders' first linears: under 0.2% at the GPU shapes) are.
+step is 4 forwards' worth (lora: `step_flops`, adapters added, the frozen base's backward 1x). That is
+the usual model-FLOP convention: attention recomputation in the backward and optimizer arithmetic are
+not counted, and the input gradients the first layers skip (patchify, caption and timestep embedders'
+first linears: under 0.2% at the GPU shapes) are.
 MFU divides the achieved rate by the bf16 (CPU: fp32) matmul rate measured in the same run, and,
 where the device is known, by the datasheet dense rate of the backend's GEMM precision.
-Peak memory is `torch.cuda.max_memory_allocated` over one step: both models' weights, gradients,
-AdamW state and activations. Writes bench/results/<device>-<date>-step.json.
+Peak memory is `torch.cuda.max_memory_allocated` over one step: both models' weights (lora: one model
+with two adapter sets), gradients, AdamW state and activations. Writes
+bench/results/<device>-<date>-step.json.
 """
 
 from __future__ import annotations
@@ -48,13 +52,15 @@ from engine.algorithm.loss import nft_loss
 from engine.optim import build_optimizer, clip_and_step
 from engine.parallel import ProcessLayout, init_one_process
 from models import LTX2AVTransformer, ModelConfig
+from models.lora import AdapterView, LoRAConfig, apply_lora
 
 # Dense (no sparsity) tensor-core TFLOP/s by device label and GEMM precision, from NVIDIA's datasheets.
 DATASHEET_TFLOPS: dict[str, dict[str, float]] = {
     "nvidia-h100-80gb-hbm3": {"bf16": 989.0, "fp8": 1979.0},  # H100 SXM
     "nvidia-h200": {"bf16": 989.0, "fp8": 1979.0},
 }
-GEMM_PRECISION = {"torch": "bf16", "fp8": "fp8", "te": "fp8"}
+GEMM_PRECISION = {"torch": "bf16", "fp8": "fp8", "te": "fp8", "lora": "bf16"}  # lora: torch layers
+LORA_RANK = 32  # the authors' (models.lora.LoRAConfig)
 HAS_TE = importlib.util.find_spec("transformer_engine") is not None
 
 
@@ -86,13 +92,11 @@ def _attention_flops(b: int, heads: int, head_dim: int, nq: int, nk: int, query_
     }
 
 
-def forward_flops(cfg: ModelConfig, shapes: Shapes) -> dict[str, int]:
-    """Matmul FLOPs of one forward, by part: 'linear' and 'attention' inside the blocks, 'outside'
-    for patchify, caption projections, adaLN (one row per sample: sigma is shared by the tokens)
-    and output projections. Elementwise work (norms, RoPE, softmax, GELU, modulation) is not counted."""
-    b, nv, na, nt = shapes.batch, shapes.video_tokens, shapes.audio_tokens, shapes.text_tokens
+def _attentions(cfg: ModelConfig, shapes: Shapes) -> list[tuple[int, int, int, int, int, int]]:
+    """(heads, head_dim, query tokens, key tokens, query width, key width) of a block's six attentions."""
+    nv, na, nt = shapes.video_tokens, shapes.audio_tokens, shapes.text_tokens
     dv, da, h = cfg.video_dim, cfg.audio_dim, cfg.num_heads
-    attentions = [
+    return [
         (h, cfg.video_head_dim, nv, nv, dv, dv),  # video self
         (h, cfg.audio_head_dim, na, na, da, da),  # audio self
         (h, cfg.video_head_dim, nv, nt, dv, dv),  # video-text (context already projected to dv)
@@ -100,8 +104,16 @@ def forward_flops(cfg: ModelConfig, shapes: Shapes) -> dict[str, int]:
         (h, cfg.audio_head_dim, nv, na, dv, da),  # A2V: video queries, audio keys, audio head layout
         (h, cfg.audio_head_dim, na, nv, da, dv),  # V2A
     ]
+
+
+def forward_flops(cfg: ModelConfig, shapes: Shapes) -> dict[str, int]:
+    """Matmul FLOPs of one forward, by part: 'linear' and 'attention' inside the blocks, 'outside'
+    for patchify, caption projections, adaLN (one row per sample: sigma is shared by the tokens)
+    and output projections. Elementwise work (norms, RoPE, softmax, GELU, modulation) is not counted."""
+    b, nv, na, nt = shapes.batch, shapes.video_tokens, shapes.audio_tokens, shapes.text_tokens
+    dv, da = cfg.video_dim, cfg.audio_dim
     block = {"linear": 0, "attention": 0}
-    for args in attentions:
+    for args in _attentions(cfg, shapes):
         for part, flops in _attention_flops(b, *args).items():
             block[part] += flops
     block["linear"] += 2 * b * (nv * dv * 4 * dv * 2 + na * da * 4 * da * 2)  # 4x FFNs, in and out
@@ -115,6 +127,38 @@ def forward_flops(cfg: ModelConfig, shapes: Shapes) -> dict[str, int]:
         "linear": layers * block["linear"],
         "attention": layers * block["attention"],
         "outside": adaln + caption + io,
+    }
+
+
+def adapter_flops(cfg: ModelConfig, shapes: Shapes, rank: int) -> int:
+    """Matmul FLOPs LoRA rank `rank` adds to one forward: A then B, 2 * tokens * rank * (in + out), on each of
+    the 28 linears of every block (models.lora's default targets: the six attentions' q, k, v, out and both
+    FFNs' two linears), each over the tokens it sees."""
+    linears = []  # (tokens, in, out)
+    for heads, head_dim, nq, nk, dq, dk in _attentions(cfg, shapes):
+        inner = heads * head_dim
+        linears += [(nq, dq, inner), (nk, dk, inner), (nk, dk, inner), (nq, inner, dq)]
+    for n, d in ((shapes.video_tokens, cfg.video_dim), (shapes.audio_tokens, cfg.audio_dim)):
+        linears += [(n, d, 4 * d), (n, 4 * d, d)]
+    return cfg.num_layers * sum(2 * shapes.batch * n * rank * (i + o) for n, i, o in linears)
+
+
+def step_flops(cfg: ModelConfig, shapes: Shapes, lora_rank: int = 0) -> dict[str, int]:
+    """Model FLOPs of one step (old-policy forward, policy forward, backward) and of its parts. Full
+    fine-tuning: backward = 2x forward (input and weight gradients), a step 4 forwards. LoRA: each forward
+    adds the adapters; the backward takes the frozen linears' input gradients only (1x), attention's 2x
+    and the adapters' 2x; like full fine-tuning's count, it includes the input gradients autograd skips
+    (text keys and values, everything before the first adapter: 0.8% of a LoRA step at the GPU shapes)."""
+    parts = forward_flops(cfg, shapes)
+    fwd = sum(parts.values())
+    if lora_rank == 0:
+        return {"forward": fwd, "forward_backward": 3 * fwd, "step": 4 * fwd}
+    adapters = adapter_flops(cfg, shapes, lora_rank)
+    backward = parts["linear"] + parts["outside"] + 2 * parts["attention"] + 2 * adapters
+    return {
+        "forward": fwd + adapters,
+        "forward_backward": fwd + adapters + backward,
+        "step": 2 * (fwd + adapters) + backward,
     }
 
 
@@ -151,7 +195,7 @@ def make_batch(cfg: ModelConfig, shapes: Shapes, device: torch.device, dtype: to
     )
 
 
-def _velocity(model: LTX2AVTransformer, batch: Batch) -> tuple[Tensor, Tensor]:
+def _velocity(model: LTX2AVTransformer | AdapterView, batch: Batch) -> tuple[Tensor, Tensor]:
     return model(*batch.xt, batch.sigma, batch.context, batch.context, batch.grid)
 
 
@@ -176,12 +220,20 @@ def peak_gib(fn: Callable[[], object]) -> float | None:
 
 def bench_backend(cfg: ModelConfig, backend: str, shapes: Shapes, device: torch.device, steps: int) -> dict:
     """Seconds per step, forward and forward+backward, and peak memory of one backend. Everything it
-    allocates is local, so the next backend starts from an empty device."""
+    allocates is local, so the next backend starts from an empty device. Backend `lora` is the torch
+    layers with LoRA rank LORA_RANK: the old policy is the "old" adapter set of the same model
+    (`models.lora.AdapterView`: its forward under `use_adapter`), not a second model, and AdamW steps the
+    "default" set alone."""
     torch.manual_seed(0)
-    policy = models.build_model(cfg, device=device, dtype=DTYPE, backend=backend)
-    old = models.build_model(cfg, device=device, dtype=DTYPE, backend=backend)
-    old.load_state_dict(policy.state_dict())
-    old.requires_grad_(False)
+    lora = backend == "lora"
+    policy = models.build_model(cfg, device=device, dtype=DTYPE, backend="torch" if lora else backend)
+    if lora:
+        apply_lora(policy, LoRAConfig(rank=LORA_RANK))  # freezes the base; adapters fp32
+        old = AdapterView(policy, "old")  # the policy's forward under use_adapter(policy, "old")
+    else:
+        old = models.build_model(cfg, device=device, dtype=DTYPE, backend=backend)
+        old.load_state_dict(policy.state_dict())
+        old.requires_grad_(False)
     optimizer = build_optimizer(policy, lr=3e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)  # config defaults
     batch = make_batch(cfg, shapes, device, DTYPE)
     with torch.no_grad():
@@ -204,7 +256,7 @@ def bench_backend(cfg: ModelConfig, backend: str, shapes: Shapes, device: torch.
     # A non-finite loss or gradient would make every figure below meaningless.
     loss = _loss(batch, v_old, _velocity(policy, batch))
     loss.backward()
-    grad_sq = sum(p.grad.float().pow(2).sum() for p in policy.parameters())
+    grad_sq = sum(p.grad.float().pow(2).sum() for p in policy.parameters() if p.grad is not None)
     if not (torch.isfinite(loss) and torch.isfinite(grad_sq)):
         raise RuntimeError(f"{backend}: loss {float(loss)} or gradient norm^2 {float(grad_sq)} is not finite")
     policy.zero_grad(set_to_none=True)
@@ -228,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "--backends",
         nargs="+",
         choices=sorted(GEMM_PRECISION),
-        default=["torch", "fp8", *(["te"] if HAS_TE and CUDA else [])],
+        default=["torch", "fp8", *(["te"] if HAS_TE and CUDA else []), "lora"],
     )
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>-step.json)")
     args = parser.parse_args(argv)
@@ -254,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         if CUDA:
             torch.cuda.empty_cache()
         gc.collect()
-        r.update(step_flops=4 * fwd, forward_flops=fwd, forward_backward_flops=3 * fwd)
+        flops = step_flops(cfg, shapes, LORA_RANK if name == "lora" else 0)
+        r.update({f"{k}_flops": v for k, v in flops.items()}, lora_rank=LORA_RANK if name == "lora" else 0)
         r["tflops"] = r["step_flops"] / r["step_s"] / 1e12
-        r["forward_tflops"] = fwd / r["forward_s"] / 1e12
-        r["forward_backward_tflops"] = 3 * fwd / r["forward_backward_s"] / 1e12
+        r["forward_tflops"] = r["forward_flops"] / r["forward_s"] / 1e12
+        r["forward_backward_tflops"] = r["forward_backward_flops"] / r["forward_backward_s"] / 1e12
         r["mfu_measured"] = r["tflops"] / matmul_tflops
         r["datasheet_precision"] = GEMM_PRECISION[name] if datasheet else None
         r["mfu_datasheet"] = r["tflops"] / datasheet[GEMM_PRECISION[name]] if datasheet else None
@@ -277,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.num_layers} blocks, batch {shapes.batch}, video {shapes.video_tokens} tokens "
         f"(grid {'x'.join(map(str, shapes.video_grid))}), audio {shapes.audio_tokens}, text {shapes.text_tokens}; "
         f"forward {fwd / 1e12:.4g} TFLOP (block linears {parts['linear'] / fwd:.1%}, attention "
-        f"{parts['attention'] / fwd:.1%}, outside blocks {parts['outside'] / fwd:.1%}); step = 4x forward"
+        f"{parts['attention'] / fwd:.1%}, outside blocks {parts['outside'] / fwd:.1%}); step = 4x forward "
+        f"(lora: `step_flops`)"
     )
     print(
         f"{'backend':8s} {'ms/step':>9s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} {'MFU meas':>9s} "

@@ -246,7 +246,7 @@ class DistributedAdamW:
         keys = self._keys if with_main else MOMENTS
         return {
             name: {**{k: torch.empty(p.shape, dtype=torch.float32) for k in keys}, "step": torch.zeros(())}
-            for name, p in self.model.named_parameters()
+            for name, p in self.trained()
         }
 
     @torch.no_grad()

@@ -40,18 +40,29 @@ _ALPHA_SUFFIX = ".alpha"
 def export_lora(
     model: LTX2AVTransformer, adapter: str = "default", dtype: torch.dtype = torch.float32
 ) -> dict[str, Tensor]:
-    """Set `adapter` as the interoperable LoRA file content: `diffusion_model.<official module name>.lora_A.weight`
-    (rank, in) and `.lora_B.weight` (out, rank), whole tensors (tensor-parallel slices gathered: a collective over
-    the tensor-parallel group; a pipeline stage gives its own layers), alpha / rank folded into B so that every
-    reader's W + B @ A is our update, in `dtype` (fp32, the adapters' training precision, by default); no alpha keys.
-    Folding happens in fp32, before any cast."""
-    state = lora_state_dict(model, adapter, whole=True)
+    """Set `adapter` as the interoperable LoRA file content (`lora_file_tensors`), whole tensors: tensor-parallel
+    slices gathered (a collective over the tensor-parallel group; a pipeline stage gives its own layers)."""
+    return lora_file_tensors(lora_state_dict(model, adapter, whole=True), _scale(model), dtype)
+
+
+def lora_file_tensors(state: dict[str, Tensor], scale: float, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Whole adapters in our names (`lora_state_dict`'s `<layer>.lora_A/B.weight`, trained at `scale` = alpha /
+    rank) as the interoperable file: `diffusion_model.<official module name>.lora_A.weight` (rank, in) and
+    `.lora_B.weight` (out, rank) with the scale folded into B, so that every reader's W + B @ A is our update, in
+    `dtype` (fp32, the adapters' training precision, by default); no alpha keys. Folding happens in fp32, before
+    any cast."""
     out: dict[str, Tensor] = {}
-    for name, layer in lora_layers(model).items():
-        a, b = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
-        out[f"{LORA_FILE_PREFIX}{name}.lora_A.weight"] = a.float().to(dtype).contiguous()
-        out[f"{LORA_FILE_PREFIX}{name}.lora_B.weight"] = (b.float() * layer.scale).to(dtype).contiguous()
+    for key, t in state.items():
+        folded = t.float() * scale if key.endswith(".lora_B.weight") else t.float()
+        out[f"{LORA_FILE_PREFIX}{key}"] = folded.to(dtype).contiguous()
     return out
+
+
+def _scale(model: LTX2AVTransformer) -> float:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to export")
+    return next(iter(layers.values())).scale
 
 
 def _targets_summary(names: Sequence[str]) -> list[str]:
@@ -67,26 +78,35 @@ def _targets_summary(names: Sequence[str]) -> list[str]:
 def save_lora_file(
     model: LTX2AVTransformer, path: str | os.PathLike, adapter: str = "default", dtype: torch.dtype | None = None
 ) -> None:
-    """Writes `export_lora(model, adapter, dtype)` as a safetensors file, atomically (models.weights.atomic_save_file).
-    The header's `omninft_lora` (JSON: rank, alpha, scale folded into B, targets, layer count) is for humans only;
-    readers need nothing but the tensors. Collective over the tensor-parallel group: every rank must call it (each
-    writes the same file; call it on one data/pipeline rank set, or give each rank its own path)."""
+    """Writes set `adapter` as an interoperable LoRA file (`write_lora_file`). Collective over the tensor-parallel
+    group: every rank must call it (each writes the same file; call it on one data/pipeline rank set, or give each
+    rank its own path)."""
+    scale = _scale(model)
+    write_lora_file(lora_state_dict(model, adapter, whole=True), scale, path, dtype, adapter)
 
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA adapters to save")
-    tensors = export_lora(model, adapter, torch.float32 if dtype is None else dtype)
-    first = next(iter(layers.values()))
-    rank = int(first.A[adapter].shape[0])
+
+def write_lora_file(
+    state: dict[str, Tensor],
+    scale: float,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    adapter: str = "default",
+) -> None:
+    """Writes `lora_file_tensors(state, scale, dtype)` (fp32 without `dtype`) as a safetensors file, atomically
+    (models.weights.atomic_save_file). The header's `omninft_lora` (JSON: rank, alpha, scale folded into B, targets,
+    layer count) is for humans only; readers need nothing but the tensors."""
+    layers = [k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")]
+    rank = int(state[f"{layers[0]}.lora_A.weight"].shape[0])
     info = {
         "format": "diffusion_model.<official module>.lora_A/B.weight, alpha/rank folded into lora_B (scale 1)",
         "adapter": adapter,
         "rank": rank,
-        "alpha": first.scale * rank,
-        "scale_folded_into_B": first.scale,
+        "alpha": scale * rank,
+        "scale_folded_into_B": scale,
         "layers": len(layers),
-        "targets": _targets_summary(list(layers)),
+        "targets": _targets_summary(layers),
     }
+    tensors = lora_file_tensors(state, scale, torch.float32 if dtype is None else dtype)
     atomic_save_file(tensors, path, metadata={"format": "pt", "omninft_lora": json.dumps(info)})
 
 

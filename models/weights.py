@@ -288,9 +288,12 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike, layout: Layout
     model.load_state_dict(local, strict=True)
 
 
-def convert_file(src: str | os.PathLike, dst: str | os.PathLike, layout: Layout) -> int:
-    """Rewrites the DiT of a weights file or diffusers folder as one file in `layout` (renaming only; keys
-    outside the DiT are dropped); returns the number of tensors written."""
+def convert_file(
+    src: str | os.PathLike, dst: str | os.PathLike, layout: Layout, dtype: torch.dtype | None = None
+) -> int:
+    """Rewrites the DiT of a weights file or diffusers folder as one file in `layout` (renaming only, and
+    floating-point tensors cast to `dtype` if given; keys outside the DiT are dropped); returns the number
+    of tensors written."""
     source = weights_source(src)
     state, meta = {}, {}
     for file in source.files:
@@ -300,6 +303,8 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, layout: Layout)
                 meta = f.metadata() or {}
     if source.config is not None:
         meta = {**meta, **config_metadata(source.config)}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     atomic_save_file(to_layout(state, layout), dst, metadata=meta)
     return len(state)
 

@@ -30,9 +30,8 @@ from torch import Tensor, nn
 
 import models
 from models.config import ModelConfig
-from models.layouts import to_layout
 from models.lora import AdapterView
-from models.weights import atomic_save_file, check_finite, check_state, config_metadata
+from models.weights import check_finite, check_state
 
 from ..errors import CheckpointError, one_line
 from ..optim import MAIN, MOMENTS, DistributedAdamW
@@ -233,27 +232,21 @@ def _common_state(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: cannot read the run config: {one_line(e)}") from e
 
 
-def export_official(path: str | Path, out_file: str | Path, model_config: ModelConfig | None = None) -> Path:
-    """Writes the checkpoint's model weights as one safetensors file in the official LTX-2 layout, with
-    `model_config` (default: the one the checkpoint stores, read_model_config) in its header.
+def read_tensors(path: str | Path, prefix: str, model_config: ModelConfig | None = None) -> dict[str, Tensor]:
+    """The whole tensors stored under `prefix` ("model": the trained policy, whole model or LoRA set;
+    "old_model"), in our names, checked against the DiT shape `model_config` when given (whole models).
 
     Runs in a plain process: megatron's own full-tensor loader needs a process group, so the
     torch_dist files (torch DCP underneath) are read whole with `dcp.load(no_dist=True)`."""
     path = Path(path)
     _check_is_checkpoint(path)
-    if model_config is None:
-        model_config = read_model_config(path)
     meta = dist_checkpointing.load_tensors_metadata(str(path))
-    prefix = "model."
-    state = {
-        k[len(prefix) :]: torch.empty(t.global_shape, dtype=t.dtype) for k, t in meta.items() if k.startswith(prefix)
-    }
-    check_state(models.build_model(model_config, device="meta"), state, str(path))
+    head = prefix + "."
+    state = {k[len(head) :]: torch.empty(t.global_shape, dtype=t.dtype) for k, t in meta.items() if k.startswith(head)}
+    if model_config is not None:
+        check_state(models.build_model(model_config, device="meta"), state, str(path))
     try:
-        dcp.load(
-            {prefix + k: v for k, v in state.items()}, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True
-        )
+        dcp.load({head + k: v for k, v in state.items()}, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
     except READ_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot read the model weights: {one_line(e)}") from e
-    atomic_save_file(to_layout(state, "official"), out_file, metadata=config_metadata(model_config))
-    return Path(out_file)
+        raise CheckpointError(f"{path}: cannot read the {prefix} tensors: {one_line(e)}") from e
+    return state

@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="model.dtype")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value for every phase (e.g. lora.rank=4)")
     args = parser.parse_args()
     layout = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
               f"parallel.distributed_optimizer={str(args.dist_opt).lower()}", f"model.dtype={args.dtype}",
@@ -40,7 +41,7 @@ def main() -> None:
               "checkpoint_format=dist", f"run_dir={args.run_dir}"]
     steps = {"save": ["iterations=2"], "resume": ["iterations=3", "resume=true"],
              "straight": ["iterations=3"]}[args.phase]
-    trainer = Trainer(load_config(None, [*TASK, *layout, *steps, "checkpoint_every=0"]))
+    trainer = Trainer(load_config(None, [*TASK, *args.overrides, *layout, *steps, "checkpoint_every=0"]))
     history = trainer.run()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import models
 from engine.checkpoint import full
+from engine.cli import main
 from engine.errors import CheckpointError, ConfigError
 from engine.policy import ema_decay, policy_state
 from engine.trainer import Trainer
 from models.lora import AdapterView, lora_layers, lora_parameters, use_adapter
-from models.lora_files import save_lora_file
-from tests.helpers import small_config
+from models.lora_files import export_lora, save_lora_file
+from tests.helpers import SMALL, small_config, tiny_inputs
 
 LORA = ("lora.rank=4", "lora.alpha=8", "model.init_seed=3")
 
@@ -55,20 +58,17 @@ def test_policies_share_one_base(tmp_path):
     storages = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
     for view in (trainer.old_model, trainer.ref_model):
         assert {p.untyped_storage().data_ptr() for p in view.parameters()} == storages
-    mc, x = trainer.model.config, torch.randn(2, 12, trainer.model.config.in_channels)
-    a = torch.randn(2, 5, mc.audio_in_channels)
-    ctx_v, ctx_a = torch.randn(2, 7, mc.caption_channels), torch.randn(2, 7, mc.caption_channels)
-    args = (x, a, torch.full((2,), 0.5), ctx_v, ctx_a, (3, 2, 2), 24.0)
+    inputs = tiny_inputs(trainer.model.config)
     for layer in lora_layers(trainer.model).values():  # make the three policies differ
         for s, value in (("default", 0.01), ("old", -0.02)):
             layer.B[s].data.fill_(value)
     with torch.no_grad():
-        outs = {name: view(*args) for name, view in (("old", trainer.old_model), ("ref", trainer.ref_model))}
+        outs = {name: view(**inputs) for name, view in (("old", trainer.old_model), ("ref", trainer.ref_model))}
         with use_adapter(trainer.model, "old"):
-            want_old = trainer.model(*args)
+            want_old = trainer.model(**inputs)
         with use_adapter(trainer.model, None):
-            want_ref = trainer.model(*args)
-        default = trainer.model(*args)  # the view restored the trained set
+            want_ref = trainer.model(**inputs)
+        default = trainer.model(**inputs)  # the view restored the trained set
     torch.testing.assert_close(outs["old"], want_old, rtol=0, atol=0)
     torch.testing.assert_close(outs["ref"], want_ref, rtol=0, atol=0)
     assert not torch.allclose(default[0], want_old[0]) and not torch.allclose(default[0], want_ref[0])
@@ -121,3 +121,45 @@ def test_init_from_a_lora_file_starts_both_sets_there(tmp_path):
 def test_lora_config_errors_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         _cfg(tmp_path, override)
+
+
+def test_convert_exports_the_adapters_and_the_merged_model(tmp_path, capsys):
+    trainer = Trainer(_cfg(tmp_path, "iterations=1"))
+    trainer.run()
+    ckpt = tmp_path / "checkpoints" / "iter_000000"
+    lora_file, official, diffusers = (tmp_path / f"{n}.safetensors" for n in ("lora", "official", "diffusers"))
+    assert main(["convert", str(ckpt), str(lora_file), "--to", "lora"]) == 0
+    exported, expected = load_file(lora_file), export_lora(trainer.model)
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+    assert main(["convert", str(ckpt), str(tmp_path / "bf16.safetensors"), "--to", "lora", "--dtype", "bfloat16"]) == 0
+    assert {v.dtype for v in load_file(tmp_path / "bf16.safetensors").values()} == {torch.bfloat16}
+
+    # Merged: the plain model from the file computes what the base with the trained adapters computes.
+    assert main(["convert", str(ckpt), str(official), "--to", "official"]) == 0
+    assert main(["convert", str(ckpt), str(diffusers), "--to", "diffusers"]) == 0
+    inputs = tiny_inputs(trainer.model.config)
+    with torch.no_grad():
+        want = trainer.model(**inputs)
+        with use_adapter(trainer.model, None):
+            base = trainer.model(**inputs)
+        for path in (official, diffusers):
+            plain = models.build_model(trainer.model.config)
+            models.load_model_weights(plain, path)
+            got = plain(**inputs)
+            for g, w, b in zip(got, want, base):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+                assert not torch.allclose(g, b, rtol=0, atol=1e-6)  # the adapters did change the model
+
+    # `sample --checkpoint` on the LoRA checkpoint samples what the merged weights sample.
+    for name, src in (("lora", ckpt), ("merged", official)):
+        assert main(["sample", "--checkpoint", str(src), "--out", str(tmp_path / name), *SMALL]) == 0
+    from_lora, from_merged = (load_file(tmp_path / n / "samples.safetensors") for n in ("lora", "merged"))
+    for key in ("latents/video", "latents/audio"):
+        torch.testing.assert_close(from_lora[key], from_merged[key], rtol=1e-4, atol=1e-5)
+
+    capsys.readouterr()
+    Trainer(small_config(tmp_path / "full", "iterations=1")).run()
+    full_ckpt = tmp_path / "full" / "checkpoints" / "iter_000000"
+    assert main(["convert", str(full_ckpt), str(tmp_path / "x.safetensors"), "--to", "lora"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a full fine-tuning checkpoint: use --to official or --to diffusers" in err

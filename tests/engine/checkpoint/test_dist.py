@@ -22,7 +22,8 @@ from safetensors import safe_open  # noqa: E402
 import models  # noqa: E402
 from engine.checkpoint import TrainState  # noqa: E402
 from engine.checkpoint import dist as dist_checkpoint  # noqa: E402
-from engine.checkpoint.dist import export_official, sharded_state  # noqa: E402
+from engine.checkpoint.dist import read_tensors, sharded_state  # noqa: E402
+from engine.checkpoint.export import convert  # noqa: E402
 from engine.cli import main  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from models.errors import CheckpointError
@@ -102,7 +103,8 @@ def test_save_tp1_load_tp2(runs):
 
 
 def test_export_official_loads_into_a_fresh_model(runs, tmp_path):
-    out = export_official(runs["ckpts"] / "tp2", tmp_path / "model.safetensors", TINY)
+    out = tmp_path / "model.safetensors"
+    convert(runs["ckpts"] / "tp2", out, "official")
     saved = torch.load(runs["ckpts"] / "tp2.reference.pt", weights_only=True)
     torch.manual_seed(123)
     fresh = models.build_model("tiny")
@@ -124,16 +126,16 @@ def test_missing_or_corrupt_checkpoint_errors(runs, tmp_path, capsys):
     assert not any("\n" in e for e in errors.values()), errors  # one line each, megatron's traces cut
 
     with pytest.raises(CheckpointError, match="absent"):
-        export_official(tmp_path / "absent", tmp_path / "x.safetensors", TINY)
+        read_tensors(tmp_path / "absent", "model", TINY)
     with pytest.raises(
         CheckpointError, match=r"does not fit the model \(\d+ problem\(s\)\):\n  unexpected: transformer_blocks.2\."
     ):
-        export_official(runs["ckpts"] / "tp2", tmp_path / "x.safetensors", dataclasses.replace(TINY, num_layers=2))
+        read_tensors(runs["ckpts"] / "tp2", "model", dataclasses.replace(TINY, num_layers=2))
     truncated = shutil.copytree(runs["ckpts"] / "tp2", tmp_path / "truncated")
     for f in truncated.glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:64])
-    with pytest.raises(CheckpointError, match="cannot read the model weights"):
-        export_official(truncated, tmp_path / "x.safetensors", TINY)
+    with pytest.raises(CheckpointError, match="cannot read the model tensors"):
+        read_tensors(truncated, "model", TINY)
     assert not (tmp_path / "x.safetensors").exists()
     # The CLI: megatron's and torch DCP's exceptions reach the user as one line, exit status 2.
     capsys.readouterr()

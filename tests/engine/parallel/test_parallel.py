@@ -20,7 +20,10 @@ from engine.cli import main  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.parallel import ProcessLayout  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
+from models.lora_files import read_lora_file  # noqa: E402
 from tests.helpers import ROOT, TASK, TIMEOUT_S, free_port, torchrun  # noqa: E402
+
+LORA = ["lora.rank=4", "lora.alpha=8"]  # rank-4 adapters at scale 2, as the authors train (rank 32, alpha 64)
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,9 @@ def test_parallel_model_matches_single_process(tmp_path, nproc, args):
         # megatron's distributed optimizer: AdamW state sharded over the data-parallel ranks.
         (2, ["--tp", "1", "--dist-opt"], 2),
         (4, ["--tp", "2", "--sp", "--dist-opt"], 2),
+        # LoRA (adapters alone trained; the old policy is the "old" set of the same base).
+        (4, ["--tp", "2", "--pp", "2", "--sp", "--micro", "2", *LORA], 1),
+        (2, ["--tp", "1", "--dist-opt", *LORA], 2),
     ],
     ids=[
         "tp2xdp2",
@@ -69,6 +75,8 @@ def test_parallel_model_matches_single_process(tmp_path, nproc, args):
         "tp2xpp2-sp-micro2",
         "dp2-distopt",
         "tp2xdp2-sp-distopt",
+        "tp2xpp2-sp-micro2-lora",
+        "dp2-distopt-lora",
     ],
 )
 def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
@@ -90,8 +98,9 @@ def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
         ((4, ["--tp", "2", "--pp", "2"]), (1, ["--tp", "1"])),
         ((2, ["--tp", "1", "--dist-opt"]), (1, ["--tp", "1"])),
         ((1, ["--tp", "1"]), (2, ["--tp", "1", "--dist-opt"])),
+        ((4, ["--tp", "2", "--pp", "2", *LORA]), (2, ["--tp", "1", "--dist-opt", *LORA])),
     ],
-    ids=["tp2xpp2-to-1", "distopt-to-1", "1-to-distopt"],
+    ids=["tp2xpp2-to-1", "distopt-to-1", "1-to-distopt", "lora-tp2xpp2-to-distopt"],
 )
 def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, save, resume):
     """Train 2 iterations with megatron distributed checkpoints in one layout, resume in another:
@@ -111,8 +120,11 @@ def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, sa
         out=tmp_path / "resume",
     )
     (resumed,) = json.loads((tmp_path / "resume" / "resume.json").read_text())
+    overrides = [a for a in save[1] if "=" in a]
     straight = Trainer(
-        load_config(None, [*TASK, "iterations=3", f"run_dir={tmp_path / 'straight'}", "checkpoint_every=0"]),
+        load_config(
+            None, [*TASK, *overrides, "iterations=3", f"run_dir={tmp_path / 'straight'}", "checkpoint_every=0"]
+        ),
         layout=ProcessLayout(),
     ).run()[2]
     assert resumed["iteration"] == straight["iteration"] == 2
@@ -122,7 +134,11 @@ def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, sa
     exported = tmp_path / "exported.safetensors"
     assert main(["convert", str(run_dir / "checkpoints" / "iter_000001"), str(exported), "--to", "official"]) == 0
     model = models.build_model("tiny")
-    models.load_model_weights(model, exported)  # every key and shape checked
+    models.load_model_weights(model, exported)  # every key and shape checked (a LoRA run's: merged)
+    if overrides:  # a LoRA run's adapters, read from the distributed checkpoint
+        lora = tmp_path / "lora.safetensors"
+        assert main(["convert", str(run_dir / "checkpoints" / "iter_000001"), str(lora), "--to", "lora"]) == 0
+        assert len(read_lora_file(lora)) == 2 * 28 * models.PRESETS["tiny"].num_layers
 
 
 def test_distributed_optimizer_on_bf16_parameters_resumes_exactly(tmp_path):
