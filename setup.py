@@ -38,6 +38,7 @@ setup(
             "wandb==0.31.0",
             "av==18.1.0",  # PyAV for engine.media's MP4 (bundled FFmpeg: libx264, aac); 19.x needs Python >= 3.12
             "peft==0.21.2",  # diffusers' LoRA loader, for the test that our LoRA export loads there
+            "aiohttp==3.14.3",  # omninft reward-server (the serve extra), tested with real servers on 127.0.0.1
         ],
         "text": ["diffusers==0.42.1", "transformers==5.24.0"],
         # rewards: the media reward models' packages; CLAP comes from transformers. Audiobox Aesthetics is
@@ -47,6 +48,8 @@ setup(
         "rewards": ["transformers==5.24.0"],
         "wandb": ["wandb"],
         "media": ["av==18.1.0"],
+        # serve: `omninft reward-server` (aiohttp); the trainer's client (engine.rewards.remote) is the stdlib's.
+        "serve": ["aiohttp==3.14.3"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
     },
     entry_points={"console_scripts": ["omninft = engine.cli:main"]},

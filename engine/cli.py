@@ -1,10 +1,11 @@
-"""`omninft train | sample | eval | encode-prompts | convert`.
+"""`omninft train | sample | eval | encode-prompts | convert | reward-server`.
 
     omninft train [--config FILE] [--resume] [key=value ...]   e.g. omninft train iterations=2 seed=0 run_dir=out
     omninft sample [--prompt TEXT ...] --out DIR [key=value ...]  rollouts, scored, saved as DIR/samples.safetensors
     omninft eval --checkpoint PATH [--config FILE] [key=value ...]  score task.eval_prompts with fixed noise
     omninft encode-prompts [--config FILE] [key=value ...]  fill text.cache (torchrun: sharded over ranks)
     omninft convert SRC DST --to {official,diffusers}
+    omninft reward-server --reward NAME | --class pkg.mod:Class [--path P] --port N [key=value ...]  serve a reward
 
 A mistake of the user's (a config key, a file, a checkpoint, a reward) is a `UserError`: caught here,
 once, and printed as one line, with exit status 2.
@@ -17,8 +18,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from .checkpoint.export import TARGETS, checkpoint_overrides, load_checkpoint_adapters, lora_checkpoint
 from .config import load_config
 from .errors import CheckpointError, ConfigError, UserError
+from .policy import ema_update
+from .rewards.server import MAX_BATCH, MAX_REQUEST_MB, MAX_WAIT_MS
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -48,12 +52,14 @@ def _sample(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.checkpoint:
-        overrides.append(f"model.init={_weights(args.checkpoint)}")
+        overrides += checkpoint_overrides(args.checkpoint)
     if args.prompt:  # the prompts to condition on are the ones given (and encoded if the cache lacks them)
         overrides.append("task.prompts=" + json.dumps(args.prompt, ensure_ascii=False))
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, for_training=False)
-    trainer.old_model.load_state_dict(trainer.model.state_dict())
+    if args.checkpoint and lora_checkpoint(args.checkpoint):
+        load_checkpoint_adapters(args.checkpoint, trainer.model, trainer.old_model)
+    ema_update(trainer.old_model, trainer.model, 0.0)  # sample the trained policy (EMA with eta 0: a copy)
     if args.prompt:
         prompts = [PromptRecord(p, p, p) for p in (p.strip() for p in args.prompt)]
     else:
@@ -98,14 +104,6 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights(path: str) -> str:
-    """A training checkpoint directory's trained policy, or the weights source as given."""
-    from .checkpoint import full
-
-    src = Path(path)
-    return str(src / full.MODEL_FILES[0]) if src.is_dir() and full.is_full_checkpoint(src) else path
-
-
 def _eval(args: argparse.Namespace) -> int:
     import dataclasses
     import json
@@ -116,16 +114,18 @@ def _eval(args: argparse.Namespace) -> int:
     from .metrics import MetricsLogger
     from .trainer import Trainer
 
-    cfg = load_config(args.config, [*args.overrides, f"model.init={_weights(args.checkpoint)}"])
+    cfg = load_config(args.config, [*args.overrides, *checkpoint_overrides(args.checkpoint)])
     if cfg.task.eval_records() is None:
         raise ConfigError("omninft eval needs task.eval_prompts (a list or a .txt/.jsonl/.csv file)")
     trainer = Trainer(cfg, for_training=False)
     trainer.check_eval_layout()
     src = Path(args.checkpoint)
-    if src.is_dir() and full.is_full_checkpoint(src) and (src / full.MODEL_FILES[1]).is_file():
+    if lora_checkpoint(src):  # both adapter sets: the old one is the EMA, for eval.policy=old
+        load_checkpoint_adapters(src, trainer.model, trainer.old_model)
+    elif src.is_dir() and full.is_full_checkpoint(src) and (src / full.MODEL_FILES[1]).is_file():
         load_model_weights(trainer.old_model, src / full.MODEL_FILES[1])  # the EMA, for eval.policy=old
     else:
-        trainer.old_model.load_state_dict(trainer.model.state_dict())
+        ema_update(trainer.old_model, trainer.model, 0.0)  # no EMA stored: the policy itself (eta 0: a copy)
     out = Path(args.out) if args.out else None
     if out is not None and trainer.layout.is_main:  # eval.json, and the media when the weights hold decoders
         trainer.logger = MetricsLogger(out, dataclasses.replace(cfg.log, wandb=False))
@@ -184,31 +184,26 @@ def _encode_prompts(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from models import convert_file
+    from .checkpoint.export import convert
 
-    from .checkpoint import full, is_distributed_checkpoint
+    print(convert(args.src, args.dst, args.to, args.dtype))
+    return 0
 
-    src = Path(args.src)
-    if src.is_dir() and is_distributed_checkpoint(src):
-        if args.to != "official":
-            raise ConfigError("a distributed checkpoint exports to --to official only")
-        from .checkpoint.dist import export_official
 
-        export_official(src, args.dst)  # the model shape is stored with the checkpoint
-        print(f"wrote the model weights of {src} to {args.dst} (official layout)")
-        return 0
-    src = Path(_weights(args.src))  # a full checkpoint's trained policy (the old policy is its EMA)
-    # Anything else is a weights source: a file, or a diffusers pipeline / transformer folder.
-    try:
-        n = convert_file(src, args.dst, args.to)
-    except CheckpointError as e:
-        if not src.is_dir():
-            raise
-        raise CheckpointError(
-            f"{src} is not a training checkpoint (no {full.STATE_FILE} and {full.MODEL_FILES[0]}, and no "
-            f"distributed checkpoint metadata.json), and {e}"
-        ) from e
-    print(f"wrote {n} tensors of {src} to {args.dst} ({args.to} layout)")
+def _reward_server(args: argparse.Namespace) -> int:
+    from .rewards import server
+
+    reward_args = server.parse_args(args.args, args.path)
+    server.serve(
+        lambda: server.build_reward(args.reward, args.cls, reward_args),
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        token_env=args.token_env,
+        max_request_mb=args.max_request_mb,
+        port_file=args.port_file,
+    )
     return 0
 
 
@@ -263,13 +258,47 @@ def build_parser() -> argparse.ArgumentParser:
     enc.set_defaults(func=_encode_prompts)
     conv = sub.add_parser(
         "convert",
-        help="rewrite a DiT checkpoint in the official or diffusers layout, or export "
-        "a training checkpoint directory's model to one file",
+        help="export a training checkpoint's policy (a LoRA run's adapters merged, or as a LoRA file), or rewrite "
+        "DiT weights, in the official or diffusers layout",
     )
-    conv.add_argument("src", help="safetensors file, or a checkpoints/iter_NNNNNN directory (full or distributed)")
-    conv.add_argument("dst")
-    conv.add_argument("--to", choices=("official", "diffusers"), required=True)
+    conv.add_argument(
+        "src", help="a checkpoints/iter_NNNNNN directory (full or distributed), or weights (file or diffusers folder)"
+    )
+    conv.add_argument("dst", help="the safetensors file to write")
+    conv.add_argument(
+        "--to",
+        choices=TARGETS,
+        required=True,
+        help="official / diffusers: the whole DiT in that key layout (LoRA adapters merged); "
+        "lora: a LoRA run's adapters as diffusion_model.*.lora_A/B.weight (diffusers, ltx-trainer, ComfyUI)",
+    )
+    conv.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="cast what is written (default: fp32 for LoRA files, the weights' own dtype otherwise)",
+    )
     conv.set_defaults(func=_convert)
+    srv = sub.add_parser(
+        "reward-server",
+        help="serve one reward over HTTP (batched), for configs that name it by url (rewards[i].url)",
+    )
+    which = srv.add_mutually_exclusive_group(required=True)
+    which.add_argument("--reward", help="a built-in reward's name, e.g. clap")
+    which.add_argument("--class", dest="cls", help="a custom reward, package.module:Class (a Reward subclass)")
+    srv.add_argument("--path", help="shorthand for path=PATH (the reward's weights directory)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one (printed)")
+    srv.add_argument("--port-file", help="write the port here once listening (for scripts that pass --port 0)")
+    srv.add_argument("--max-batch", type=int, default=MAX_BATCH, help="samples scored per call")
+    srv.add_argument(
+        "--max-wait-ms", type=float, default=MAX_WAIT_MS, help="how long a request waits for others to batch with"
+    )
+    srv.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_MB, help="the largest request body")
+    srv.add_argument(
+        "--token-env", help="environment variable holding the token clients must send (Authorization: Bearer)"
+    )
+    srv.add_argument("args", nargs="*", help="key=value arguments of the reward's constructor, e.g. axes.PC=-1")
+    srv.set_defaults(func=_reward_server)
     return parser
 
 

@@ -36,8 +36,9 @@ from .profiling import ProfileConfig
 from .rewards import LATENT_REWARDS, RewardSpec, check_rewards
 from .rewards.base import check_video_grid
 from .rewards.decode import DecodeConfig
+from .rollout import EvalConfig
 from .sampler import SamplerConfig
-from .trainer import EvalConfig, TrainConfig
+from .trainer import TrainConfig
 
 
 @dataclass

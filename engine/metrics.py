@@ -145,7 +145,7 @@ def plot_rewards(metrics_path: str | Path, png_path: str | Path, reward_names: l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
+    rows = [r for r in read_metrics(metrics_path) if not r.get("skipped")]  # skipped iterations have no scores
     its = [r["iteration"] for r in rows]
     fig, axes = plt.subplots(1, len(reward_names), figsize=(4 * len(reward_names), 3), squeeze=False)
     for ax, name in zip(axes[0], reward_names):

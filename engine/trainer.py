@@ -2,7 +2,8 @@
 that read media) -> rewards -> routed advantages and region weights -> train -> EMA.
 
 One `Trainer.iteration` is Algorithm 1 once; `Trainer.run` adds logging, media, evaluation
-(`Trainer.evaluate`, on held-out prompts with its own noise), checkpoints and resume. Text contexts
+(`Trainer.evaluate`, on held-out prompts with its own noise), checkpoints and resume. The rollout half
+(sampling in chunks, decoding, scoring, evaluation) is `engine.rollout.RolloutPhases`. Text contexts
 come from `engine.data.conditioning` (prepared before the DiT is built), decoders from
 `engine.rewards.decode`. Where each idea lives: routing `engine.algorithm.advantages`, loss
 `engine.algorithm.loss`, surgery `engine.algorithm.surgery` (applied via `model.set_a2v_grad_scales`), reweighting
@@ -16,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,18 +31,17 @@ from models.latents import frame_ids
 from . import profiling, run_dir
 from .algorithm.advantages import optimality_probability, route_advantages
 from .algorithm.loss import nft_loss
-from .algorithm.reweighting import V2AMassRecorder, reference_blocks, reference_steps, region_weights
+from .algorithm.reweighting import region_weights
 from .algorithm.surgery import a2v_grad_scales
 from .checkpoint import CheckpointManager, TrainState
-from .data import PromptRecord, prompts_for
 from .data.conditioning import Conditioning, StandInConditioning, TextConditioning, run_texts
 from .errors import ConfigError
 from .fields import bounded, choice
 from .guard import NonFiniteError, StepGuard
 from .metrics import MetricsLogger, console, format_line, plot_rewards
-from .noise import rollout_noise, training_noise
+from .noise import training_noise
 from .optim import apply_hyper_parameters, clip_and_step, grad_norm, make_optimizer, scheduled_lr, set_lr
-from .parallel import Pipeline, PipelinedForward, ProcessLayout, grad_sync, init_layout, split_batch
+from .parallel import Pipeline, ProcessLayout, grad_sync, init_layout, split_batch
 from .policy import (
     DTYPES,
     add_adapters,
@@ -52,26 +53,15 @@ from .policy import (
     old_and_reference,
 )
 from .preemption import Preemption
-from .rewards import Rollout, build_rewards, reads_media, score_rewards
+from .rewards import Rollout, build_rewards, reads_media
 from .rewards.decode import Decoders, decode_source
-from .sampler import SIGMA_MODES, SamplerConfig, sample, training_sigmas
+from .rollout import RolloutPhases
+from .sampler import SIGMA_MODES, training_sigmas
 
 if TYPE_CHECKING:  # config.py composes TrainConfig from here
     from .config import Config
 
 LOSS_KEYS = ("loss", "loss/video", "loss/audio", "loss/kl")
-
-
-@dataclass
-class RolloutPlan:
-    """Which policy samples, with which sampler settings and noise keys (`Trainer.plan`)."""
-
-    model: torch.nn.Module
-    sampler: SamplerConfig
-    sigmas: Tensor
-    group_size: int  # samples per prompt
-    seed: int
-    noise_key: str | None  # replaces the iteration in the noise keys; None: the iteration
 
 
 @dataclass
@@ -90,20 +80,18 @@ class TrainConfig:
     # Samples per forward/backward (gradient accumulation; the pipeline's microbatches); 0 = a rank's
     # whole share of the mini-batch. It must divide that share.
     micro_batch_size: int = bounded(0, None, default=0)
+    # Samples a rank samples at once in a rollout: each chunk's rewards start on it while the next chunk
+    # samples (remote rewards in the background); 0 = the rank's whole rollout in one chunk. A multiple of
+    # micro_batch_size when that is set.
+    rollout_chunk: int = bounded(0, None, default=0)
+
+    def __post_init__(self) -> None:
+        m, c = self.micro_batch_size, self.rollout_chunk
+        if m and c and c % m:
+            raise ConfigError(f"train.rollout_chunk={c} must be a multiple of train.micro_batch_size={m}")
 
 
-@dataclass
-class EvalConfig:
-    """`eval.*`: sampling the held-out `task.eval_prompts` with fixed noise and scoring every reward."""
-
-    every: int = bounded(0, None, default=0)  # iterations between evaluations; 0 = only `omninft eval`
-    samples_per_prompt: int = bounded(1, None, default=2)
-    seed: int = 0  # the evaluation noise's own seed (the same noise at every evaluation)
-    policy: str = choice("model", "old", default="model")  # the trained policy, or its EMA (the old policy)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # steps, CFG, STG of evaluation
-
-
-class Trainer:
+class Trainer(RolloutPhases):
     """One OmniNFT run of `cfg` on this rank. With `for_training` (not for `omninft sample`), the run
     directory is checked first (engine.run_dir): whether it resumes, and what it may overwrite."""
 
@@ -142,8 +130,12 @@ class Trainer:
         self.old_model, self.ref_model = old_and_reference(cfg.model, self.model, kl=cfg.loss.kl_weight > 0)
         self.grad_sync = grad_sync(self.model, self.layout, cfg.parallel.distributed_optimizer)
         self.optimizer = make_optimizer(cfg.optim, self.model, self.grad_sync, cfg.parallel.distributed_optimizer)
-        self.rewards = build_rewards(cfg.rewards)
+        self.rewards = build_rewards(cfg.rewards)  # a remote reward's server is asked for its /info here
         self.reward_names = [r.name for r in self.rewards]
+        remote = [r for r in self.rewards if getattr(r, "remote", False)]  # scored in background threads
+        self.reward_pool = (
+            ThreadPoolExecutor(sum(getattr(r, "concurrency", 1) for r in remote), "reward") if remote else None
+        )
         # Decoders only for rewards that read media (and media logging): a latent-only run never loads them.
         self.media_parts = reads_media(self.rewards)
         self.decoders = None
@@ -187,186 +179,6 @@ class Trainer:
                 f"{caption_channels} (model caption_channels)"
             )
         return conditioning
-
-    def negative_prompt(self, record: PromptRecord) -> str:
-        """The record's own negative prompt, else `text.negative_prompt`."""
-        return self.cfg.text.negative_prompt if record.negative_prompt is None else record.negative_prompt
-
-    # ---- one iteration, phase by phase -------------------------------------------------------------
-    def prompts_for(self, iteration: int) -> list[PromptRecord]:
-        """The prompts of iteration `iteration`: the next `prompts_per_iteration` of the dataset,
-        reshuffled every epoch from the seed (engine.data.prompts_for), so a resumed run sees the same."""
-        cfg = self.cfg
-        return prompts_for(cfg.task.records(), cfg.seed, iteration, cfg.train.prompts_per_iteration)
-
-    def plan(self, evaluation: bool) -> RolloutPlan:
-        """How rollouts are drawn: for training, the old policy with `sampler.*`, noise keyed by (seed,
-        iteration) and groups of `train.group_size`; for evaluation, `eval.policy` with `eval.sampler.*`,
-        groups of `eval.samples_per_prompt` and noise keyed by `eval.seed` alone (every evaluation sees
-        the same noise, and none of training's random streams is touched)."""
-        cfg = self.cfg
-        if not evaluation:
-            return RolloutPlan(self.old_model, cfg.sampler, self.sigmas, cfg.train.group_size, cfg.seed, None)
-        model = self.model if cfg.eval.policy == "model" else self.old_model
-        return RolloutPlan(
-            model, cfg.eval.sampler, cfg.eval.sampler.sigmas(), cfg.eval.samples_per_prompt, cfg.eval.seed, "eval"
-        )
-
-    def sample_keys(
-        self, iteration: int, prompts: list[PromptRecord], indices: list[int], evaluation: bool = False
-    ) -> list[tuple]:
-        """(seed, iteration or "eval", prompt, sample) of samples `indices` (sample i is number i % G of
-        prompt i // G): what every random stream of a sample is keyed by (engine.noise)."""
-        plan = self.plan(evaluation)
-        key, g = iteration if plan.noise_key is None else plan.noise_key, plan.group_size
-        return [(plan.seed, key, prompts[i // g].prompt, i % g) for i in indices]
-
-    def initial_noise(
-        self, iteration: int, prompts: list[PromptRecord], indices: list[int], evaluation: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """The rollout noise of samples `indices`: packed video (n, F*H*W, C) and audio (n, T_a, C), on the CPU."""
-        mc = self.model.config
-        f, h, w = self.grid
-        noise = [
-            rollout_noise(*key, (f * h * w, mc.in_channels), (self.num_audio, mc.audio_in_channels))
-            for key in self.sample_keys(iteration, prompts, indices, evaluation)
-        ]
-        return torch.stack([n[0] for n in noise]), torch.stack([n[1] for n in noise])
-
-    def decode(self, rollout: Rollout, keys: list[tuple], parts: set[str]) -> Rollout:
-        """The rollout with its decoded `parts` ("frames", "waveform") attached, on this rank's device
-        (where the rewards run); `keys` (sample_keys) key a timestep-conditioned VAE's decode noise."""
-        if not parts:
-            return rollout
-        frames = waveforms = sample_rate = None
-        if "frames" in parts:
-            frames = self.decoders.frames(rollout.video, rollout.video_grid, noise_keys=keys).to(self.device)
-        if "waveform" in parts:
-            waveforms = self.decoders.waveforms(rollout.audio).to(self.device)
-            sample_rate = self.decoders.sample_rate
-        return dataclasses.replace(rollout, frames=frames, waveforms=waveforms, sample_rate=sample_rate)
-
-    def save_media(self, kind: str, step: int, rollout: Rollout, keys: list[tuple]) -> None:
-        """The first `log.media_samples` samples of `rollout`, decoded with the decoders this run loaded
-        (video, audio or both), as mp4 / wav and to TensorBoard (main rank only; no collectives)."""
-        k = min(self.cfg.log.media_samples, rollout.num_samples)
-        parts = {
-            part for part, module in (("frames", self.decoders.vae), ("waveform", self.decoders.vocoder)) if module
-        }
-        media = self.decode(rollout.head(k), keys[:k], parts)
-        self.logger.log_media(
-            kind,
-            step,
-            [
-                dict(
-                    frames=None if media.frames is None else media.frames[i].cpu(),
-                    fps=rollout.fps,
-                    waveform=None if media.waveforms is None else media.waveforms[i].cpu(),
-                    sample_rate=media.sample_rate,
-                )
-                for i in range(k)
-            ],
-        )
-
-    def check_eval_layout(self) -> None:
-        """Evaluation samples are spread evenly over the data-parallel ranks."""
-        n = len(self.cfg.task.eval_records() or ()) * self.cfg.eval.samples_per_prompt
-        if n % self.layout.dp:
-            raise ConfigError(
-                f"the {n} evaluation samples (task.eval_prompts x eval.samples_per_prompt) must divide evenly "
-                f"over the {self.layout.dp} data-parallel ranks"
-            )
-
-    def check_finite(self, rollout: Rollout, what: str) -> None:
-        """Stops every rank when any rank's rollout has non-finite latents, before a reward is blamed."""
-        broken = not (rollout.video.isfinite().all() and rollout.audio.isfinite().all())
-        if self.layout.max_over("world", float(broken)):
-            raise NonFiniteError(f"{what} has non-finite latents")
-
-    def sync(self) -> None:
-        """Waits for the device, so that a host clock read times the work queued before it."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def rollout(
-        self, iteration: int, prompts: list[PromptRecord], indices: list[int], evaluation: bool = False
-    ) -> tuple[Rollout, tuple[Tensor, Tensor], Tensor | None]:
-        """Samples `indices` of the iteration (sample i is number i % G of prompt i // G) as `plan`
-        says; returns them as a Rollout (latents on the CPU), their (video, audio)
-        text contexts and their V2A scores (training only: on the device, summed over stages and
-        averaged over heads of all ranks)."""
-        cfg, mc, layout, plan = self.cfg, self.model.config, self.layout, self.plan(evaluation)
-        f, h, w = self.grid
-        records = [prompts[i // plan.group_size] for i in indices]
-        texts = [r.prompt for r in records]
-        on = {"device": self.device, "dtype": self.dtype}
-        video_noise, audio_noise = (n.to(**on) for n in self.initial_noise(iteration, prompts, indices, evaluation))
-        ctx = self.conditioning.contexts(texts, **on)
-        guided = plan.sampler.cfg_video != 1.0 or plan.sampler.cfg_audio != 1.0
-        uncond = self.conditioning.contexts([self.negative_prompt(r) for r in records], **on) if guided else None
-        recorder = None
-        if cfg.reweight.mode != "off" and not evaluation:
-            recorder = V2AMassRecorder(
-                steps=reference_steps(cfg.sampler.steps, cfg.reweight.first_step, cfg.reweight.last_step),
-                blocks=reference_blocks(mc.num_layers, cfg.reweight.first_deep_block),
-                rows=len(indices),
-                num_video_tokens=f * h * w,
-                device=self.device,
-            )
-        result = sample(
-            PipelinedForward(self.pipeline, plan.model, cfg.train.micro_batch_size),
-            video_noise,
-            audio_noise,
-            ctx[0],
-            ctx[1],
-            self.grid,
-            cfg.task.fps,
-            plan.sigmas,
-            plan.sampler.cfg_video,
-            plan.sampler.cfg_audio,
-            uncond,
-            v2a_recorder=recorder,
-            stg_scale=plan.sampler.stg_scale,
-            stg_blocks=plan.sampler.stg_blocks,
-        )
-        rollout = Rollout(
-            video=result.video.float().cpu(),
-            audio=result.audio.float().cpu(),
-            video_grid=self.grid,
-            fps=cfg.task.fps,
-            prompts=tuple(texts),
-            video_prompts=tuple(r.prompt_video for r in records),
-            audio_prompts=tuple(r.prompt_audio for r in records),
-            geometry=self.geometry,
-        )
-        score = None if recorder is None else recorder.score()
-        if score is not None:  # a rank saw its heads of its stage's blocks
-            score = layout.sum_over("pp", layout.mean_over("tp", score))
-        return rollout, ctx, score
-
-    @torch.no_grad()
-    def evaluate(self, iteration: int) -> dict[str, float]:
-        """Every reward's mean and std over the held-out `task.eval_prompts` (`eval/...` metrics), the
-        samples spread over the data-parallel ranks."""
-        prompts = list(self.cfg.task.eval_records())
-        n = len(prompts) * self.cfg.eval.samples_per_prompt
-        local = list(range(self.layout.dp_rank, n, self.layout.dp))
-        self.model.eval()
-        rollout, _, _ = self.rollout(iteration, prompts, local, evaluation=True)
-        self.check_finite(rollout, f"the evaluation rollout at iteration {iteration}")
-        keys = self.sample_keys(iteration, prompts, local, evaluation=True)
-        if self.logger is not None and self.decoders is not None and importlib.util.find_spec("av") is not None:
-            self.save_media("eval", iteration, rollout, keys)
-        rollout = self.decode(rollout, keys, self.media_parts)
-        scores = {
-            k: self.layout.gather_samples(v.to(self.device), local, n)
-            for k, v in score_rewards(self.rewards, rollout).items()
-        }
-        metrics = {}
-        for name, value in scores.items():
-            metrics[f"eval/reward/{name}"] = float(value.mean())
-            metrics[f"eval/reward_std/{name}"] = float(value.std(unbiased=False))
-        return metrics
 
     def train(
         self,
@@ -521,28 +333,20 @@ class Trainer:
         n = len(prompts) * cfg.train.group_size
         batches = layout.local_indices(n, cfg.train.batch_size)
         local = [i for b in batches for i in b]
-        with profiling.nvtx_range(profiling.ROLLOUT):
-            rollout, ctx, v2a_score = self.rollout(iteration, prompts, local)
-        times["time/rollout"] = time.perf_counter() - t0
-        self.check_finite(rollout, f"the old policy's rollout at iteration {iteration}")
-
+        rollout, ctx, v2a_score, result = self.sample_and_score(iteration, prompts, local, times)
+        if self.reward_verdict(iteration, result):
+            self.state.iteration = iteration
+            return {
+                "iteration": iteration,
+                "step": self.state.step,
+                "skipped": 1,
+                "skipped_iterations": self.state.skipped_iterations,
+                **{f"reward_failure/{name}": 1 for name in result.failures},
+                **times,
+                "time/iteration": time.perf_counter() - t0,
+            }
+        scores = {name: layout.gather_samples(v.to(self.device), local, n) for name, v in result.values.items()}
         keys = self.sample_keys(iteration, prompts, local)
-        t = time.perf_counter()
-        with profiling.nvtx_range(profiling.DECODE):
-            scored = self.decode(rollout, keys, self.media_parts)
-            self.sync()
-        times["time/decode"] = time.perf_counter() - t
-        t = time.perf_counter()
-        with profiling.nvtx_range(profiling.REWARD):
-            scores = {}
-            for reward in self.rewards:  # one at a time, to time each (the device synced around it)
-                t_r = time.perf_counter()
-                (value,) = score_rewards([reward], scored).values()
-                self.sync()
-                times[f"time/reward/{reward.name}"] = time.perf_counter() - t_r
-                scores[reward.name] = layout.gather_samples(value.to(self.device), local, n)
-        del scored  # the media are freed once scored
-        times["time/reward"] = time.perf_counter() - t
         if self.logger is not None and cfg.log.media_every and (iteration + 1) % cfg.log.media_every == 0:
             self.save_media("train", iteration, rollout, keys)
 
@@ -581,6 +385,7 @@ class Trainer:
         metrics = {
             "iteration": iteration,
             "step": self.state.step,
+            "skipped_iterations": self.state.skipped_iterations,
             **train_metrics,
             **times,
             "time/iteration": time.perf_counter() - t0,
@@ -648,8 +453,9 @@ class Trainer:
                     history.append(metrics)
                     if main:
                         logger.log(metrics)
-                        console(format_line(metrics, self.reward_names))
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                        if not metrics.get("skipped"):
+                            console(format_line(metrics, self.reward_names))
+                            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                     self.stopped_by = self.stopped_by or preemption.agreed(self.layout)
                     if self.stopped_by is not None and it + 1 < cfg.iterations:
                         break  # the checkpoint below
@@ -658,6 +464,8 @@ class Trainer:
             finally:
                 window.close()
                 bar.close()
+                if self.reward_pool is not None:
+                    self.reward_pool.shutdown(wait=False, cancel_futures=True)
                 if logger is not None:
                     logger.close()
                     self.logger = None

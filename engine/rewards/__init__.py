@@ -1,12 +1,16 @@
 """Rewards: the interface (`base`), the embedded latent rewards (`latent`) and the media rewards (`clap`,
 `audiobox`, `av_align`, which read decoded frames or waveforms), registered by name. The media rewards
-import their model packages only when built, so the engine runs without them."""
+import their model packages only when built, so the engine runs without them.
+
+Any of them can run as a service: `omninft reward-server` (`server`, aiohttp: the `serve` extra) hosts one,
+a config entry with `url` scores through it (`remote.RemoteReward`, stdlib HTTP), and `wire` is what travels."""
 
 from .audiobox import AudioboxAesthetics
 from .av_align import AVAlign
 from .base import (
     MEDIA,
     MODALITIES,
+    ON_FAILURE,
     READS,
     REGISTRY,
     Reward,
@@ -20,11 +24,13 @@ from .base import (
 )
 from .clap import ClapScore
 from .latent import LATENT_REWARDS, AudioSteadiness, AVSync, VideoSharpness
+from .remote import RemoteReward
 
 __all__ = [
     "LATENT_REWARDS",
     "MEDIA",
     "MODALITIES",
+    "ON_FAILURE",
     "READS",
     "REGISTRY",
     "AVAlign",
@@ -32,6 +38,7 @@ __all__ = [
     "AudioSteadiness",
     "AudioboxAesthetics",
     "ClapScore",
+    "RemoteReward",
     "Reward",
     "RewardSpec",
     "Rollout",

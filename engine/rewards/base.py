@@ -1,8 +1,9 @@
 """What every reward is: a scorer of rollouts that declares the modality it judges, so routing (SPEC 2)
 can send its advantage only to the branch(es) it is about, and what it reads (latents, decoded frames,
 the waveform, the prompts), so the trainer decodes media only when some reward needs them; the typed
-config entry that picks a built-in reward by name or a custom one by its import path; and the call
-that scores a rollout with all of them, failing loudly (never a silent 0).
+config entry that picks a built-in reward by name, a custom one by its import path, or one a reward server
+hosts by its URL (engine.rewards.remote); and the call that scores a rollout with all of them, failing
+loudly (never a silent 0).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import urlsplit
 
 import torch
 from torch import Tensor
@@ -24,11 +26,13 @@ from torch import Tensor
 from models.latents import LatentGeometry
 
 from ..errors import CheckpointError, ConfigError, RewardError, UserError, one_line
+from ..fields import bounded, choice
 
 MODALITIES = ("video", "audio", "av")
 # What a reward may read: the clean latents, the decoded video frames, the decoded waveform, the prompts.
 READS = frozenset({"latents", "frames", "waveform", "text"})
 MEDIA = frozenset({"frames", "waveform"})  # what the trainer decodes only when some reward reads it
+ON_FAILURE = ("stop", "skip")  # what the trainer does when a reward fails (RewardSpec.on_failure)
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,10 @@ class Reward(abc.ABC):
     reads: frozenset[str] = frozenset({"latents"})
     # The smallest latent grid (frames, height, width) the reward can score: checked when the config is read.
     min_video_grid: tuple[int, int, int] = (1, 1, 1)
+    # Scored by a server (engine.rewards.remote): blocking I/O the trainer may overlap in a background thread.
+    remote: bool = False
+    # What the trainer does when the reward fails (ON_FAILURE); build_rewards sets it from the config entry.
+    on_failure: str = "stop"
 
     def __init__(self, weight: float = 1.0) -> None:
         _check_declarations(self)
@@ -170,9 +178,21 @@ class Reward(abc.ABC):
 
 @dataclass
 class RewardSpec:
-    """One entry of the config's `rewards` list: a built-in reward by `name` (`{name: clap, args: {path: ...}}`)
-    or a custom one by `class` (or `cls`), "package.module:Class" (a subclass of Reward), the weight of its
-    advantage, and the keyword arguments its constructor takes (`args`)."""
+    """One entry of the config's `rewards` list, one of:
+
+    - a built-in reward by `name` (`{name: clap, args: {path: ...}}`) or a custom one by `class` (or `cls`),
+      "package.module:Class" (a subclass of Reward), with the keyword arguments its constructor takes (`args`);
+    - a reward hosted by `omninft reward-server` at `url` (one URL, or a list of replicas that share the load),
+      `{name: clap, url: http://judge:8500}`: `name` names it here (metrics, errors; a built-in name must agree
+      with the server's modality), the server holds its class and args. `timeout` (seconds per request),
+      `retries` (of transient failures: connection errors, timeouts, HTTP 5xx; with exponential backoff, each
+      retry on the next replica), `concurrency` (requests in flight from this process) and `token_env` (the
+      environment variable holding the server's shared token: never the token itself, as configs are logged)
+      apply to it alone. Checking the entry never connects; building it asks every replica for its /info.
+
+    Every entry has the `weight` of its advantage and `on_failure`: when the reward raises (a remote one after
+    its retries), `stop` ends the run naming the reward (default), `skip` makes the trainer drop that iteration
+    and go on; a failed reward is never scored 0."""
 
     __config_hints__ = {"modality": "a reward's modality is its own and cannot be set"}
     __config_aliases__ = {"class": "cls"}  # `class:` as users write it; a Python keyword cannot be a field
@@ -181,6 +201,12 @@ class RewardSpec:
     weight: float = 1.0
     args: dict = field(default_factory=dict)
     cls: str | None = None
+    url: str | list[str] | None = None
+    timeout: float = bounded(0, None, default=60.0)
+    retries: int = bounded(0, None, default=3)
+    concurrency: int = bounded(1, None, default=4)
+    token_env: str | None = None
+    on_failure: str = choice(*ON_FAILURE, default="stop")
 
 
 REGISTRY: dict[str, type[Reward]] = {}
@@ -250,32 +276,95 @@ def _check_spec(spec: RewardSpec, where: str) -> tuple[type[Reward], float]:
     return cls, weight
 
 
-def _checked(specs: Sequence[RewardSpec]) -> list[tuple[type[Reward], float]]:
-    """Each entry's class and weight, every entry checked (see check_rewards)."""
+def _is_server_url(url: object) -> bool:
+    """Whether `url` looks like http(s)://host[:port][/prefix], a server's base URL (no query or fragment)."""
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a port that is not a number, a malformed IPv6 host
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0 and not parts.query + parts.fragment
+
+
+def _check_remote(spec: RewardSpec, where: str) -> float:
+    """A remote entry's weight, the entry checked without connecting: a name, no cls or args (its
+    server holds them), http(s)://host[:port][/prefix] URLs without repeats, and sane client settings."""
+    if not isinstance(spec.name, str) or not spec.name:
+        raise ConfigError(f"{where}: a remote reward (url) needs a name, which names it in metrics and errors")
+    if spec.cls is not None or spec.args:
+        raise ConfigError(
+            f"{where}: a remote reward (url) is built by its server: give its class and args to "
+            "`omninft reward-server`, not here"
+        )
+    urls = [spec.url] if isinstance(spec.url, str) else list(spec.url or ())
+    if not urls:
+        raise ConfigError(f"{where}.url must be a URL or a non-empty list of replica URLs")
+    for url in urls:
+        if not _is_server_url(url):
+            raise ConfigError(f"{where}.url {url!r} must look like http://host:port (or https://)")
+    if len(set(urls)) < len(urls):
+        raise ConfigError(f"{where}.url lists a replica twice: {urls}")
+    numbers_ok = (
+        not isinstance(spec.timeout, bool)
+        and isinstance(spec.timeout, numbers.Real)
+        and math.isfinite(spec.timeout)
+        and spec.timeout > 0
+    )
+    if not numbers_ok:
+        raise ConfigError(f"{where}.timeout must be a finite number of seconds > 0, got {spec.timeout!r}")
+    for key, least in (("retries", 0), ("concurrency", 1)):
+        value = getattr(spec, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{where}.{key} must be an integer >= {least}, got {value!r}")
+    env = spec.token_env
+    if env is not None and (not isinstance(env, str) or not env or "=" in env):
+        raise ConfigError(f"{where}.token_env must name an environment variable (not the token), got {env!r}")
+    try:
+        return _check_weight(spec.weight, f"{where}.weight")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _checked(specs: Sequence[RewardSpec]) -> list[tuple[type[Reward] | None, float]]:
+    """Each entry's class (None for a remote one) and weight, every entry checked (see check_rewards)."""
     if not specs:
         raise ConfigError(f"rewards must name at least one reward; available: {sorted(REGISTRY)}")
-    checked: list[tuple[type[Reward], float]] = []
+    checked: list[tuple[type[Reward] | None, float]] = []
     seen: set[str] = set()
     for i, spec in enumerate(specs):
-        cls, weight = _check_spec(spec, f"rewards[{i}]")
-        if cls.name in seen:
-            raise ConfigError(f"rewards[{i}]: {cls.name!r} is a duplicate; each reward may appear once")
-        seen.add(cls.name)
+        if spec.url is not None:
+            cls, weight = None, _check_remote(spec, f"rewards[{i}]")
+        else:
+            cls, weight = _check_spec(spec, f"rewards[{i}]")
+        if spec.on_failure not in ON_FAILURE:
+            raise ConfigError(
+                f"rewards[{i}].on_failure must be one of {', '.join(ON_FAILURE)}; got {spec.on_failure!r}"
+            )
+        name = spec.name if cls is None else cls.name
+        if name in seen:
+            raise ConfigError(f"rewards[{i}]: {name!r} is a duplicate; each reward may appear once")
+        seen.add(name)
         checked.append((cls, weight))
     return checked
 
 
 def check_rewards(specs: Sequence[RewardSpec]) -> None:
     """Everything about the config's `rewards` list that can be checked without building a reward (which may
-    load a model): each entry names one class (imported for `cls`), a valid weight and args its constructor
-    accepts, and no reward appears twice. ConfigError naming the entry (`rewards[i]...`). The config loader
-    calls this; the trainer calls `build_rewards`."""
+    load a model) or connecting to a server: each entry names one class (imported for `cls`), a valid weight and
+    args its constructor accepts, or is a well-formed remote entry (`url`), and no reward appears twice.
+    ConfigError naming the entry (`rewards[i]...`). The config loader calls this; the trainer calls
+    `build_rewards`."""
     _checked(specs)
 
 
 def check_video_grid(specs: Sequence[RewardSpec], grid: Sequence[int]) -> None:
-    """ConfigError naming the first reward of `specs` that cannot score latents of `grid` (F, H, W)."""
+    """ConfigError naming the first reward of `specs` that cannot score latents of `grid` (F, H, W). A remote
+    reward's server checks each request instead (HTTP 400): the config check does not connect."""
     for i, (cls, _) in enumerate(_checked(specs)):
+        if cls is None:
+            continue
         need = cls.min_video_grid
         if any(g < n for g, n in zip(grid, need)):
             raise ConfigError(
@@ -285,18 +374,27 @@ def check_video_grid(specs: Sequence[RewardSpec], grid: Sequence[int]) -> None:
 
 
 def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
-    """The rewards of the config's `rewards` list, constructed with their args (ConfigError naming the entry,
-    `rewards[i]...`; a reward's own UserError, e.g. a missing weights path, passes through as it names it).
+    """The rewards of the config's `rewards` list, constructed with their args, or connected to their servers
+    (engine.rewards.remote.RemoteReward, which asks every replica for its /info), each with its entry's
+    `on_failure`. ConfigError naming the entry (`rewards[i]...`); a reward's own UserError, e.g. a missing
+    weights path or an unreachable server, passes through as it names it.
 
     A reward's modality is part of what it measures, so a spec cannot override it."""
     rewards: list[Reward] = []
     for i, ((cls, weight), spec) in enumerate(zip(_checked(specs), specs)):
         try:
-            rewards.append(cls(weight=weight, **spec.args))
+            if cls is None:
+                from .remote import RemoteReward  # stdlib HTTP only, but not needed by a local reward set
+
+                reward = RemoteReward.from_spec(spec, weight)
+            else:
+                reward = cls(weight=weight, **spec.args)
         except UserError:
             raise
         except Exception as e:  # a custom reward's constructor may reject its args in any way
-            raise ConfigError(f"rewards[{i}]: building {cls.name} raised {one_line(e)}") from e
+            raise ConfigError(f"rewards[{i}]: building {spec.name or cls.name} raised {one_line(e)}") from e
+        reward.on_failure = spec.on_failure
+        rewards.append(reward)
     return rewards
 
 
@@ -352,6 +450,8 @@ def score_rewards(rewards: Sequence[Reward], rollout: Rollout) -> dict[str, Tens
         for reward in rewards:
             try:
                 out = reward.score(rollout)
+            except RewardError:  # names the reward already (a remote reward's failure after its retries)
+                raise
             except Exception as exc:
                 raise RewardError(f"reward {reward.name!r} raised {type(exc).__name__}: {exc}") from exc
             if not isinstance(out, Tensor):
