@@ -25,6 +25,7 @@ from .metrics import console
 from .noise import rollout_noise
 from .parallel import PipelinedForward
 from .rewards import Rollout, score_rewards
+from .rewards.desync import desync_from_scores
 from .rewards.scoring import Scores, Scoring, join_rollouts
 from .sampler import SamplerConfig, sample
 
@@ -235,6 +236,12 @@ class RolloutPhases:
         for name, value in scores.items():
             metrics[f"eval/reward/{name}"] = float(value.mean())
             metrics[f"eval/reward_std/{name}"] = float(value.std(unbiased=False))
+        if "desync" in scores:  # the paper's sync metric: mean |offset| in seconds, from each sample's reward
+            seconds = desync_from_scores(scores["desync"])
+            metrics["eval/desync"], metrics["eval/desync_std"] = (
+                float(seconds.mean()),
+                float(seconds.std(unbiased=False)),
+            )
         return metrics
 
     def sample_and_score(

@@ -1,6 +1,7 @@
 """Rewards: the interface (`base`), the embedded latent rewards (`latent`) and the media rewards (`clap`,
-`audiobox`, `av_align`, which read decoded frames or waveforms), registered by name. The media rewards
-import their model packages only when built, so the engine runs without them.
+`audiobox`, `av_align`, and the paper's judges `videoalign`, `hpsv3` (Qwen2-VL, `qwen2vl`) and `desync`
+(our Synchformer, `synchformer`), which read decoded frames or waveforms), registered by name. The media
+rewards import their model packages only when built, so the engine runs without them.
 
 Any of them can run as a service: `omninft reward-server` (`server`, aiohttp: the `serve` extra) hosts one,
 a config entry with `url` scores through it (`remote.RemoteReward`, stdlib HTTP), and `wire` is what travels."""
@@ -23,8 +24,11 @@ from .base import (
     score_rewards,
 )
 from .clap import ClapScore
+from .desync import DeSync
+from .hpsv3 import HPSv3Score
 from .latent import LATENT_REWARDS, AudioSteadiness, AVSync, VideoSharpness
 from .remote import RemoteReward
+from .videoalign import VideoAlignScore
 
 __all__ = [
     "LATENT_REWARDS",
@@ -38,10 +42,13 @@ __all__ = [
     "AudioSteadiness",
     "AudioboxAesthetics",
     "ClapScore",
+    "DeSync",
+    "HPSv3Score",
     "RemoteReward",
     "Reward",
     "RewardSpec",
     "Rollout",
+    "VideoAlignScore",
     "VideoSharpness",
     "build_rewards",
     "check_rewards",

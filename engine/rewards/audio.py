@@ -1,5 +1,5 @@
 """Audio signal processing for the media rewards, in torch: mono mixing, band-limited resampling, power
-and mel spectrograms, decibels.
+and mel spectrograms (Slaney and HTK mel scales), decibels.
 
 torchaudio and torchvision do not load with the CPU torch of our CI, and the reward models' own
 pipelines (librosa, torchaudio, numpy feature extractors) would force a CPU round trip; these run on
@@ -62,16 +62,23 @@ def resample(
     return out[:, :length].reshape(*shape[:-1], length)
 
 
-def power_spectrogram(waveform: Tensor, n_fft: int, hop_length: int, *, pad_mode: str) -> Tensor:
-    """|STFT|^2 of (..., samples) -> (..., n_fft // 2 + 1, frames), periodic Hann window of n_fft,
-    frames centred on multiples of `hop_length` (the signal padded by n_fft // 2 with `pad_mode`:
-    "reflect" as transformers' feature extractors, "constant" (zeros) as librosa >= 0.10)."""
+def power_spectrogram(
+    waveform: Tensor, n_fft: int, hop_length: int, *, pad_mode: str, win_length: int | None = None
+) -> Tensor:
+    """|STFT|^2 of (..., samples) -> (..., n_fft // 2 + 1, frames), periodic Hann window of `win_length`
+    (default n_fft; a shorter one is zero-padded to n_fft on both sides, as torch.stft and torchaudio's
+    Spectrogram do), frames centred on multiples of `hop_length` (the signal padded by n_fft // 2 with
+    `pad_mode`: "reflect" as transformers' feature extractors and torchaudio, "constant" (zeros) as
+    librosa >= 0.10)."""
     shape = waveform.shape
     flat = waveform.reshape(-1, shape[-1])
     pad = n_fft // 2
     flat = torch.nn.functional.pad(flat[:, None], (pad, pad), mode=pad_mode)[:, 0]
-    window = torch.hann_window(n_fft, periodic=True, dtype=waveform.dtype, device=waveform.device)
-    spec = torch.stft(flat, n_fft, hop_length=hop_length, window=window, center=False, return_complex=True)
+    win_length = n_fft if win_length is None else win_length
+    window = torch.hann_window(win_length, periodic=True, dtype=waveform.dtype, device=waveform.device)
+    spec = torch.stft(
+        flat, n_fft, hop_length=hop_length, win_length=win_length, window=window, center=False, return_complex=True
+    )
     power = spec.real.square() + spec.imag.square()
     return power.reshape(*shape[:-1], *power.shape[-2:])
 
@@ -96,17 +103,35 @@ def slaney_mel_filters(
     normalisation: librosa.filters.mel(htk=False, norm="slaney"), which CLAP's unfused feature
     extractor and librosa's onset strength use. Each filter rises from mel point i to i + 1 and falls
     to i + 2 (n_mels + 2 points evenly spaced in mel between f_min and f_max), measured in Hz."""
-    fft_hz = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64, device=device)
     bounds = torch.tensor([f_min, f_max], dtype=torch.float64, device=device)
     mel_lo, mel_hi = _hz_to_slaney_mel(bounds).tolist()
     points = _slaney_mel_to_hz(torch.linspace(mel_lo, mel_hi, n_mels + 2, dtype=torch.float64, device=device))
+    filters = _triangles(points, sample_rate, n_fft)
+    filters = filters * (2.0 / (points[2:] - points[:-2]))[:, None]  # equal area per filter
+    return filters.T.contiguous()
+
+
+def htk_mel_filters(
+    sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float, *, device: torch.device | None = None
+) -> Tensor:
+    """(n_fft // 2 + 1, n_mels) float64 triangular filters on the HTK mel scale (2595 log10(1 + f / 700)),
+    peak 1, no area normalisation: torchaudio's `melscale_fbanks(norm=None, mel_scale="htk")`, the filters of
+    its `MelSpectrogram` defaults (Synchformer's audio features)."""
+    mel_lo, mel_hi = (2595.0 * math.log10(1.0 + f / 700.0) for f in (f_min, f_max))
+    mels = torch.linspace(mel_lo, mel_hi, n_mels + 2, dtype=torch.float64, device=device)
+    points = 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
+    return _triangles(points, sample_rate, n_fft).T.contiguous()
+
+
+def _triangles(points: Tensor, sample_rate: int, n_fft: int) -> Tensor:
+    """(n_mels, n_fft // 2 + 1) triangles over the STFT bins' frequencies: filter i rises from points[i] to 1 at
+    points[i + 1] and falls to 0 at points[i + 2] (`points`: n_mels + 2 band edges in Hz, float64)."""
+    fft_hz = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64, device=points.device)
     spacing = points.diff()  # (n_mels + 1,)
     offset = points[:, None] - fft_hz[None, :]  # (n_mels + 2, bins)
     rising = -offset[:-2] / spacing[:-1, None]
     falling = offset[2:] / spacing[1:, None]
-    filters = torch.minimum(rising, falling).clamp(min=0)
-    filters = filters * (2.0 / (points[2:] - points[:-2]))[:, None]  # equal area per filter
-    return filters.T.contiguous()
+    return torch.minimum(rising, falling).clamp(min=0)
 
 
 def power_to_db(power: Tensor, *, amin: float = 1e-10, top_db: float | None = None) -> Tensor:

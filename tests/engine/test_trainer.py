@@ -12,7 +12,7 @@ from engine.cli import main
 from engine.config import load_config
 from engine.errors import CheckpointError, RewardError
 from engine.metrics import read_metrics
-from engine.rewards import Reward
+from engine.rewards import Reward, Rollout
 from engine.trainer import Trainer
 
 SMALL = [
@@ -213,3 +213,26 @@ def test_evaluation_leaves_training_untouched_and_logs_every_reward(tmp_path, ca
     assert "video_sharpness" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(ckpt), *SMALL]) == 2  # no eval prompts: one line
     assert "needs task.eval_prompts" in capsys.readouterr().err
+
+
+class _LatentDeSync(Reward):
+    """Stands in for `desync` (its name, its score form 1 / (1 + seconds)) on latents: 1 / (1 + |mean|)."""
+
+    name = "desync"
+    modality = "av"
+
+    def score(self, rollout: Rollout) -> torch.Tensor:
+        return 1.0 / (1.0 + rollout.video.mean(dim=(1, 2)).abs())
+
+
+def test_evaluation_logs_desync_in_seconds_from_the_desync_reward(tmp_path):
+    evals = ["task.eval_prompts=[a cat purrs, thunder rolls]", "eval.samples_per_prompt=2", "eval.sampler.steps=2"]
+    trainer = Trainer(_cfg(tmp_path, *evals), for_training=False)
+    trainer.rewards = [_LatentDeSync()]
+    metrics = trainer.evaluate(0)
+    prompts = list(trainer.cfg.task.eval_records())
+    rollout, _, _ = trainer.rollout(0, prompts, list(range(4)), evaluation=True)
+    seconds = rollout.video.mean(dim=(1, 2)).abs()
+    assert metrics["eval/desync"] == pytest.approx(float(seconds.mean()), rel=1e-5)
+    assert metrics["eval/desync_std"] == pytest.approx(float(seconds.std(unbiased=False)), rel=1e-4)
+    assert metrics["eval/reward/desync"] == pytest.approx(float((1 / (1 + seconds)).mean()), rel=1e-6)

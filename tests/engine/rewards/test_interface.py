@@ -175,7 +175,14 @@ def test_latent_rewards_read_latents_only():
 def test_reads_media_names_what_to_decode():
     assert reads_media([_Reads("a", {"latents"}), _Reads("b", {"waveform", "text"})]) == {"waveform"}
     assert reads_media([_Reads("a", {"frames"}), _Reads("b", {"waveform"})]) == {"frames", "waveform"}
-    assert {name for name in REGISTRY if REGISTRY[name].reads & MEDIA} == {"clap", "audiobox_aesthetics", "av_align"}
+    assert {name for name in REGISTRY if REGISTRY[name].reads & MEDIA} == {
+        "clap",
+        "audiobox_aesthetics",
+        "av_align",
+        "videoalign",
+        "hpsv3",
+        "desync",
+    }
     assert reads_media([REGISTRY["av_align"]()]) == {"frames", "waveform"}
 
 
