@@ -149,7 +149,10 @@ def add_adapters(cfg: LoRASection, model: LTX2AVTransformer, seed: int) -> None:
     every layout) or read from `lora.init_from`; "old" starts equal to "default"."""
     if cfg.rank == 0:
         return
-    apply_lora(model, cfg.spec(), seed)
+    try:
+        apply_lora(model, cfg.spec(), seed)
+    except ValueError as e:  # a target that matches no layer of this model
+        raise ConfigError(str(e)) from e
     if cfg.init_from is not None:
         load_lora_file(model, cfg.init_from, TRAINED)
         load_lora_state_dict(model, lora_state_dict(model, TRAINED), OLD, source=cfg.init_from)

@@ -122,7 +122,8 @@ class Trainer(RolloutPhases):
             dataclasses.asdict(cfg), cfg.run_dir, self.checkpoints, self.layout
         )
         # Text first: prompts the cache lacks are encoded before any DiT weights take device memory.
-        self.conditioning = self.build_conditioning(model_config(cfg.model).caption_channels)
+        shape = model_config(cfg.model)
+        self.conditioning = self.build_conditioning((shape.video_context_dim, shape.audio_context_dim))
         self.model = build_policy(cfg.model, self.layout, cfg.parallel.sequence_parallel)
         add_adapters(cfg.lora, self.model, cfg.model.init_seed)  # with lora.rank > 0: the base is frozen
         self.model.set_a2v_grad_scales(a2v_grad_scales(cfg.surgery.schedule, self.model.config.num_layers))
@@ -159,13 +160,14 @@ class Trainer(RolloutPhases):
         self.dtype = DTYPES[cfg.model.dtype]
         self.pipeline = Pipeline(self.layout, lambda: autocast(cfg.model, self.device))
 
-    def build_conditioning(self, caption_channels: int) -> Conditioning:
-        """The text contexts of the run: the stand-in features without `text.encoder`; else the real
-        LTX-2 path, with every training prompt and negative prompt encoded (or found in the cache)
-        before the DiT trains, each rank encoding its share."""
+    def build_conditioning(self, widths: tuple[int, int]) -> Conditioning:
+        """The text contexts of the run, `widths` = the DiT's (video, audio) context widths (caption_channels
+        both, or LTX-2.3's stream widths): the stand-in features without `text.encoder`; else the real LTX-2
+        path, with every training prompt and negative prompt encoded (or found in the cache) before the DiT
+        trains, each rank encoding its share."""
         cfg = self.cfg
         if cfg.text.encoder is None:
-            return StandInConditioning(cfg.task.context_tokens, caption_channels)
+            return StandInConditioning(cfg.task.context_tokens, widths[0], audio_channels=widths[1])
         texts = run_texts((*cfg.task.records(), *(cfg.task.eval_records() or ())), cfg.text.negative_prompt)
         with self.layout.collectively("preparing the text contexts"):  # also waits for every rank's share
             conditioning = TextConditioning(
@@ -173,10 +175,10 @@ class Trainer(RolloutPhases):
             )
         with self.layout.collectively("reading the text cache"):
             conditioning.check_complete(texts)
-        if conditioning.caption_channels != caption_channels:
+        if tuple(conditioning.context_channels) != tuple(widths):
             raise ConfigError(
-                f"text connectors give {conditioning.caption_channels}-wide contexts but the DiT takes "
-                f"{caption_channels} (model caption_channels)"
+                f"text connectors give {'x'.join(map(str, conditioning.context_channels))} (video x audio) contexts "
+                f"but the DiT takes {'x'.join(map(str, widths))}: text.connectors and model.init are different releases"
             )
         return conditioning
 

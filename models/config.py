@@ -13,8 +13,16 @@ class ModelConfig:
     """Shape of the dual-stream DiT (field meanings follow ../shared/ltx2/ARCHITECTURE.md section 0).
 
     Both cross-modal attentions use the audio head layout, so video and audio share `num_heads`
-    (LTX-2 asserts the same). Text contexts enter at `caption_channels` and are projected to each
-    stream's width inside the model, as in the 19B release.
+    (LTX-2 asserts the same). With `caption_projection` (the 19B release) text contexts enter at
+    `caption_channels` and are projected to each stream's width inside the model; without it (LTX-2.3,
+    whose connectors project them) they enter at the stream widths (`video_context_dim`,
+    `audio_context_dim`).
+
+    LTX-2.3 is three flags on the same model (ARCHITECTURE.md sections 0, 1): `gated_attention` (each of
+    the six attentions scales its per-head outputs by 2 sigmoid(to_gate_logits(x)) before `to_out`),
+    `cross_attention_adaln` (the text cross-attention gets adaLN: shift, scale and gate of its queries
+    from rows 6-8 of 9-row tables, shift and scale of its contexts from the prompt adaLN-single and the
+    blocks' 2-row prompt tables) and `caption_projection=False`.
     """
 
     num_layers: int = 48
@@ -36,6 +44,9 @@ class ModelConfig:
     timestep_scale_multiplier: float = 1000.0
     av_ca_timestep_scale_multiplier: float = 1000.0
     timestep_embed_dim: int = 256
+    gated_attention: bool = False  # LTX-2.3: per-head output gates (`to_gate_logits`) on every attention
+    cross_attention_adaln: bool = False  # LTX-2.3: adaLN on the text cross-attention (prompt adaLN, 9-row tables)
+    caption_projection: bool = True  # the 19B's in-DiT caption projections; LTX-2.3 has none (its connectors project)
 
     @property
     def video_dim(self) -> int:
@@ -44,6 +55,22 @@ class ModelConfig:
     @property
     def audio_dim(self) -> int:
         return self.num_heads * self.audio_head_dim
+
+    @property
+    def modulation_rows(self) -> int:
+        """Rows of each stream's adaLN-single output and block table: 6, or 9 with text cross-attention adaLN."""
+        return 9 if self.cross_attention_adaln else 6
+
+    @property
+    def video_context_dim(self) -> int:
+        """Width of the video text context the model takes: caption_channels, or the video width without
+        caption projection (LTX-2.3's connectors give it at that width)."""
+        return self.caption_channels if self.caption_projection else self.video_dim
+
+    @property
+    def audio_context_dim(self) -> int:
+        """Width of the audio text context the model takes (see video_context_dim)."""
+        return self.caption_channels if self.caption_projection else self.audio_dim
 
     @property
     def geometry(self) -> LatentGeometry:
@@ -72,6 +99,9 @@ class ModelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
+        for key in ("gated_attention", "cross_attention_adaln", "caption_projection"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"model.{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("video_head_dim", "audio_head_dim"):
             if getattr(self, key) % 2:
                 raise ValueError(f"model.{key} must be even (split RoPE rotates half-dims), got {getattr(self, key)}")
@@ -80,18 +110,23 @@ class ModelConfig:
             raise ValueError(f"model: video width {self.video_dim} is too small for 3-axis RoPE")
 
 
+# What LTX-2.3 changes in the DiT (its widths, depth and RoPE are the 19B's).
+LTX23 = dict(gated_attention=True, cross_attention_adaln=True, caption_projection=False)
+# CPU-sized: same topology (dual stream, shared heads, split RoPE on every axis), tiny widths.
+_TINY = ModelConfig(
+    num_layers=4,
+    num_heads=4,
+    video_head_dim=16,
+    audio_head_dim=8,
+    in_channels=16,
+    audio_in_channels=16,
+    caption_channels=32,
+)
 PRESETS: dict[str, ModelConfig] = {
     "ltx2-19b": ModelConfig(),
-    # CPU-sized: same topology (dual stream, shared heads, split RoPE on every axis), tiny widths.
-    "tiny": ModelConfig(
-        num_layers=4,
-        num_heads=4,
-        video_head_dim=16,
-        audio_head_dim=8,
-        in_channels=16,
-        audio_in_channels=16,
-        caption_channels=32,
-    ),
+    "ltx2.3-22b": ModelConfig(**LTX23),  # 18,988,838,144 DiT parameters; "22B" counts its text connectors too
+    "tiny": _TINY,
+    "tiny-2.3": dataclasses.replace(_TINY, **LTX23),
 }
 
 

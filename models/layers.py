@@ -68,7 +68,9 @@ class AdaLNSingle(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with QK RMSNorm across all heads and optional split RoPE on Q and K.
+    """Multi-head attention with QK RMSNorm across all heads and optional split RoPE on Q and K; with
+    `gated` (LTX-2.3), each head's output is scaled by 2 sigmoid of its logit from `to_gate_logits(x)`
+    (a (heads, query_dim) linear on the query input, 1 when the logits are 0) before `to_out`.
 
     `skip_rows` (B,) bool marks batch rows whose attention is skipped, as in the perturbed pass of
     LTX-2's spatio-temporal guidance (STG): those rows get to_out(to_v(context)), the values in
@@ -76,9 +78,19 @@ class Attention(nn.Module):
     on every row and the rows are selected after it, so the other rows are bit-identical to a call
     without the mask, with any backend or kernel; the selection is per batch row, which every
     tensor- or sequence-parallel rank holds whole (its heads, all tokens after the column linears).
+    The gate applies to the skipped rows' values too (diffusers' LTX2PerturbedAttnProcessor).
     """
 
-    def __init__(self, backend: TorchBackend, query_dim: int, context_dim: int, heads: int, head_dim: int, eps: float):
+    def __init__(
+        self,
+        backend: TorchBackend,
+        query_dim: int,
+        context_dim: int,
+        heads: int,
+        head_dim: int,
+        eps: float,
+        gated: bool = False,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.backend, self.heads = backend, backend.sharding.local_heads(heads)  # this rank's heads
@@ -87,6 +99,8 @@ class Attention(nn.Module):
         self.to_q = backend.linear(query_dim, inner, role="column")
         self.to_k = backend.linear(context_dim, inner, role="column")
         self.to_v = backend.linear(context_dim, inner, role="column")
+        # LTX-2.3 gated attention: one logit per head from the query input, split over the ranks with the heads.
+        self.to_gate_logits = backend.linear(query_dim, heads, role="column") if gated else None
         self.to_out = nn.ModuleList([backend.linear(inner, query_dim, role="row")])
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -118,6 +132,9 @@ class Attention(nn.Module):
             probe(q.detach(), k.detach(), lse.detach())
         if skip_rows is not None:  # (B, H, N, D) values of the skipped rows in place of their attention output
             out = torch.where(skip_rows[:, None, None, None], v.to(out.dtype), out)
+        if self.to_gate_logits is not None:  # (B, N, H) logits: each head's output times 2 sigmoid(logit)
+            gates = 2.0 * torch.sigmoid(self.to_gate_logits(x))
+            out = out * gates.transpose(1, 2)[..., None].to(out.dtype)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 

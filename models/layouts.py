@@ -34,6 +34,10 @@ _TO_DIFFUSERS = {
     "scale_shift_table_a2v_ca_audio": "audio_a2v_cross_attn_scale_shift_table",
     "q_norm": "norm_q",
     "k_norm": "norm_k",
+    # LTX-2.3 (diffusers' lora_conversion_utils names them so; `to_gate_logits` and the blocks' prompt tables
+    # keep their official names).
+    "prompt_adaln_single": "prompt_adaln",
+    "audio_prompt_adaln_single": "audio_prompt_adaln",
 }
 _FROM_DIFFUSERS = {v: k for k, v in _TO_DIFFUSERS.items()}
 
@@ -105,26 +109,28 @@ def diffusers_config(cfg: ModelConfig) -> dict:
         timestep_scale_multiplier=int(cfg.timestep_scale_multiplier),
         cross_attn_timestep_scale_multiplier=int(cfg.av_ca_timestep_scale_multiplier),
         rope_type="split",
+        gated_attn=cfg.gated_attention,
+        audio_gated_attn=cfg.gated_attention,
+        cross_attn_mod=cfg.cross_attention_adaln,
+        audio_cross_attn_mod=cfg.cross_attention_adaln,
+        use_prompt_embeddings=cfg.caption_projection,
+        use_prompt_adaln_single=True,
     )
 
 
-# diffusers config values our model does not implement (LTX-2.3/2.5 features, legacy RoPE): key -> required value.
+# diffusers config values our model does not implement (LTX-2.5 features, legacy RoPE): key -> required value.
 _DIFFUSERS_REQUIRED = {
     "patch_size": 1,
     "patch_size_t": 1,
     "audio_patch_size": 1,
     "audio_patch_size_t": 1,
-    "gated_attn": False,
-    "cross_attn_mod": False,
-    "audio_gated_attn": False,
-    "audio_cross_attn_mod": False,
     "rope_type": "split",
     "activation_fn": "gelu-approximate",
     "qk_norm": "rms_norm_across_heads",
     "norm_elementwise_affine": False,
     "attention_bias": True,
     "attention_out_bias": True,
-    "use_prompt_embeddings": True,
+    "use_prompt_adaln_single": True,  # False (LTX-2.5): prompt modulation from the tables alone
     "rope_double_precision": True,
     "ff_bias": True,
     "audio_ff_bias": True,
@@ -134,12 +140,28 @@ _DIFFUSERS_REQUIRED = {
 
 
 def config_from_diffusers(dcfg) -> ModelConfig:
-    """The ModelConfig of a diffusers LTX-2 transformer config; unsupported variants fail naming the key."""
+    """The ModelConfig of a diffusers LTX-2 transformer config; unsupported variants fail naming the key.
+
+    LTX-2.3 is `gated_attn`/`audio_gated_attn` (gated_attention), `cross_attn_mod`/`audio_cross_attn_mod`
+    (cross_attention_adaln) and `use_prompt_embeddings=False` (no caption projection); keys a config lacks take
+    diffusers' defaults (the 19B's). The official layout sets each feature for both streams at once, so a
+    config that sets it for one stream only is refused."""
     for key, want in _DIFFUSERS_REQUIRED.items():
         if key in dcfg and dcfg[key] != want:
             raise ValueError(f"diffusers config {key}={dcfg[key]!r} is not supported (need {want!r})")
     if dcfg["num_attention_heads"] != dcfg["audio_num_attention_heads"]:
         raise ValueError("diffusers config: num_attention_heads must equal audio_num_attention_heads")
+    flags = {}
+    for video, audio in (("gated_attn", "audio_gated_attn"), ("cross_attn_mod", "audio_cross_attn_mod")):
+        flags[video] = dcfg.get(video, False)
+        if dcfg.get(audio, False) != flags[video] or not isinstance(flags[video], bool):
+            raise ValueError(
+                f"diffusers config {video}={flags[video]!r}, {audio}={dcfg.get(audio, False)!r}: both streams must "
+                f"be true or both false (the official layout has one flag for both)"
+            )
+    caption_projection = dcfg.get("use_prompt_embeddings", True)
+    if not isinstance(caption_projection, bool):
+        raise ValueError(f"diffusers config use_prompt_embeddings={caption_projection!r} must be true or false")
     cfg = ModelConfig(
         num_layers=dcfg["num_layers"],
         num_heads=dcfg["num_attention_heads"],
@@ -159,6 +181,9 @@ def config_from_diffusers(dcfg) -> ModelConfig:
         causal_offset=dcfg["causal_offset"],
         timestep_scale_multiplier=float(dcfg["timestep_scale_multiplier"]),
         av_ca_timestep_scale_multiplier=float(dcfg["cross_attn_timestep_scale_multiplier"]),
+        gated_attention=flags["gated_attn"],
+        cross_attention_adaln=flags["cross_attn_mod"],
+        caption_projection=caption_projection,
     )
     for key, ours in (("cross_attention_dim", cfg.video_dim), ("audio_cross_attention_dim", cfg.audio_dim)):
         if dcfg[key] != ours:
@@ -169,9 +194,10 @@ def config_from_diffusers(dcfg) -> ModelConfig:
     return cfg
 
 
-# The official header's `transformer` values that describe the 19B DiT we implement. ltx-core checks most of them
+# The official header's `transformer` values that describe the DiT we implement. ltx-core checks most of them
 # with `check_config_value` (which wants them present), so an export carries them all; a file that sets one to
-# anything else is a variant we do not implement (LTX-2.3 gated attention or text AdaLN, the 2.5 bias-free FFN, ...).
+# anything else is a variant we do not implement (the 2.5 bias-free FFN, keyframe embeddings, ...). The LTX-2.3
+# switches are ModelConfig fields (_OFFICIAL_FLAGS).
 _OFFICIAL_REQUIRED = {
     "dropout": 0.0,
     "attention_bias": True,
@@ -194,12 +220,23 @@ _OFFICIAL_REQUIRED = {
     "causal_temporal_positioning": True,
     "rope_type": "split",
     "frequencies_precision": "float64",
-    "apply_gated_attention": False,
-    "cross_attention_adaln": False,
-    "caption_proj_before_connector": False,
     "ff_bias": True,
     "audio_ff_bias": True,
     "use_keyframes_abs_pos_embedding": False,
+}
+# Official `transformer` switches of LTX-2.3 -> (ModelConfig field, whether the field is the negation). ltx-core
+# reads each with a default of False.
+_OFFICIAL_FLAGS = {
+    "apply_gated_attention": ("gated_attention", False),
+    "cross_attention_adaln": ("cross_attention_adaln", False),
+    "caption_proj_before_connector": ("caption_projection", True),
+}
+# The caption features LTX-2.3's header describes beside `caption_proj_before_connector=True` (ltx-core's text
+# encoder configurator reads the four together: projection before the connectors, no linears or norm after them).
+_PROJECTION_BEFORE_CONNECTOR = {
+    "caption_projection_first_linear": False,
+    "caption_projection_second_linear": False,
+    "caption_proj_input_norm": False,
 }
 # ModelConfig fields with no official `transformer` key (official files keep the latent geometry in their `vae` and
 # `audio_vae` sections, and fix the timestep features at 256): stored under our names, which ltx-core ignores.
@@ -217,8 +254,11 @@ def official_config(cfg: ModelConfig) -> dict:
     """The official header's `transformer` section describing `cfg` (official key names, so ltx-core builds the
     same DiT from our exports), plus the fields the official section has no key for."""
     own = {k: getattr(cfg, k) for k in _OWN_FIELDS}
+    flags = {key: getattr(cfg, field) != negated for key, (field, negated) in _OFFICIAL_FLAGS.items()}
     return {
         **_OFFICIAL_REQUIRED,
+        **flags,
+        **({} if cfg.caption_projection else _PROJECTION_BEFORE_CONNECTOR),
         "num_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "attention_head_dim": cfg.video_head_dim,
@@ -250,6 +290,16 @@ def config_from_official(tcfg: dict) -> ModelConfig:
     for key, want in _OFFICIAL_REQUIRED.items():
         if key in tcfg and tcfg[key] != want:
             raise ValueError(f"official config {key}={tcfg[key]!r} is not supported (need {want!r})")
+    if tcfg.get("use_prompt_adaln_single", True) is not True:  # LTX-2.5: prompt modulation from the tables alone
+        raise ValueError(
+            f"official config use_prompt_adaln_single={tcfg['use_prompt_adaln_single']!r} is not supported"
+        )
+    flags = {}
+    for key, (field, negated) in _OFFICIAL_FLAGS.items():
+        value = tcfg.get(key, False)
+        if not isinstance(value, bool):
+            raise ValueError(f"official config {key}={value!r} must be true or false")
+        flags[field] = value != negated
     heads = tcfg.get("num_attention_heads", 32)
     if heads != tcfg.get("audio_num_attention_heads", 32):
         raise ValueError("official config: num_attention_heads must equal audio_num_attention_heads")
@@ -274,6 +324,7 @@ def config_from_official(tcfg: dict) -> ModelConfig:
         audio_rope_max_pos=float(audio_max_pos[0]),
         timestep_scale_multiplier=float(tcfg.get("timestep_scale_multiplier", 1000)),
         av_ca_timestep_scale_multiplier=float(tcfg.get("av_ca_timestep_scale_multiplier", 1)),
+        **flags,
         **own,
     )
     expected = {

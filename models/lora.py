@@ -21,7 +21,10 @@ Targets. Patterns (`fnmatch.fnmatchcase`: `*` matches any characters, dots inclu
 `patchify_proj`), so `attn1.to_q` targets that layer in every block and `transformer_blocks.4[0-7].*`
 every linear of blocks 40-47. Only layers a backend built (they carry `parallel_role`) are candidates.
 The default is the authors' 28 patterns, which match all 28 linears of every block and nothing outside
-the blocks: q, k, v and out of the six attentions (24) and both linears of the two FFNs (4).
+the blocks: q, k, v and out of the six attentions (24) and both linears of the two FFNs (4). LTX-2.3's
+blocks also hold six `to_gate_logits` (one output per head), which the default leaves frozen, as the
+authors' patterns name the other layers only; `lora.targets` with `*.to_gate_logits` adapts them too
+(column-split like Q/K/V, and exported under their official names, which diffusers shares).
 
 Names. Inside the blocks our module names are the official checkpoint's and diffusers' alike (they
 differ only at the top level: `patchify_proj` is diffusers' `proj_in`, see models.layouts), so the

@@ -4,6 +4,11 @@ Per block (ARCHITECTURE.md section 2): video and audio self-attention, text cros
 the two cross-modal attentions on the pre-A2V snapshots of both streams (A2V: video queries, audio
 keys/values; V2A: audio queries, video keys/values, both in the audio head layout), then the FFNs.
 Every sub-layer is modulated by adaLN-single rows plus the block's own table.
+
+LTX-2.3 is the same definition with three ModelConfig flags (models.config): gated attentions, adaLN on
+the text cross-attention (rows 6-8 of the 9-row tables modulate and gate its queries; the prompt
+adaLN-single, fed the per-sample sigma, plus the blocks' 2-row prompt tables shift and scale its
+contexts) and no caption projections (the contexts arrive at the stream widths).
 """
 
 from __future__ import annotations
@@ -45,20 +50,24 @@ def _rows(table: Tensor, mod: Tensor, start: int, stop: int) -> list[Tensor]:
 class AVBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: TorchBackend):
         super().__init__()
-        dv, da, h, eps = cfg.video_dim, cfg.audio_dim, cfg.num_heads, cfg.norm_eps
-        self.eps = eps
-        self.attn1 = Attention(backend, dv, dv, h, cfg.video_head_dim, eps)
-        self.attn2 = Attention(backend, dv, dv, h, cfg.video_head_dim, eps)
-        self.audio_attn1 = Attention(backend, da, da, h, cfg.audio_head_dim, eps)
-        self.audio_attn2 = Attention(backend, da, da, h, cfg.audio_head_dim, eps)
-        self.audio_to_video_attn = Attention(backend, dv, da, h, cfg.audio_head_dim, eps)
-        self.video_to_audio_attn = Attention(backend, da, dv, h, cfg.audio_head_dim, eps)
+        dv, da, h, eps, gated = cfg.video_dim, cfg.audio_dim, cfg.num_heads, cfg.norm_eps, cfg.gated_attention
+        self.eps, self.text_adaln = eps, cfg.cross_attention_adaln
+        self.attn1 = Attention(backend, dv, dv, h, cfg.video_head_dim, eps, gated)
+        self.attn2 = Attention(backend, dv, dv, h, cfg.video_head_dim, eps, gated)
+        self.audio_attn1 = Attention(backend, da, da, h, cfg.audio_head_dim, eps, gated)
+        self.audio_attn2 = Attention(backend, da, da, h, cfg.audio_head_dim, eps, gated)
+        self.audio_to_video_attn = Attention(backend, dv, da, h, cfg.audio_head_dim, eps, gated)
+        self.video_to_audio_attn = Attention(backend, da, dv, h, cfg.audio_head_dim, eps, gated)
         self.ff = FeedForward(backend, dv)
         self.audio_ff = FeedForward(backend, da)
-        self.scale_shift_table = nn.Parameter(torch.randn(6, dv) / dv**0.5)
-        self.audio_scale_shift_table = nn.Parameter(torch.randn(6, da) / da**0.5)
+        k = cfg.modulation_rows
+        self.scale_shift_table = nn.Parameter(torch.randn(k, dv) / dv**0.5)
+        self.audio_scale_shift_table = nn.Parameter(torch.randn(k, da) / da**0.5)
         self.scale_shift_table_a2v_ca_video = nn.Parameter(torch.randn(5, dv) / dv**0.5)
         self.scale_shift_table_a2v_ca_audio = nn.Parameter(torch.randn(5, da) / da**0.5)
+        if self.text_adaln:  # shift and scale of the text contexts (LTX-2.3)
+            self.prompt_scale_shift_table = nn.Parameter(torch.randn(2, dv) / dv**0.5)
+            self.audio_prompt_scale_shift_table = nn.Parameter(torch.randn(2, da) / da**0.5)
         # Layer-wise gradient surgery: dK, dV of the A2V audio keys/values are multiplied by this.
         self.a2v_kv_grad_scale = 1.0
 
@@ -77,15 +86,26 @@ class AVBlock(nn.Module):
         `perturbed` (B,) bool: rows whose video and audio self-attention this block skips (STG, see
         Attention); None: no row."""
         eps = self.eps
-        # Self-attention and text cross-attention (no AdaLN, no gate on the latter in the 19B release).
+        # Self-attention, then text cross-attention (no AdaLN, no gate on the latter in the 19B release;
+        # LTX-2.3: queries modulated and gated by rows 6-8, contexts shifted and scaled by the prompt rows).
         sh, sc, g = _rows(self.scale_shift_table, mod["video"], 0, 3)
         x = rms_norm(vx, eps) * (1 + sc) + sh
         vx = vx + self.attn1(x, q_rope=rope["video"], key_mask=masks["video"], skip_rows=perturbed) * g
         sh, sc, g = _rows(self.audio_scale_shift_table, mod["audio"], 0, 3)
         x = rms_norm(ax, eps) * (1 + sc) + sh
         ax = ax + self.audio_attn1(x, q_rope=rope["audio"], key_mask=masks["audio"], skip_rows=perturbed) * g
-        vx = vx + self.attn2(rms_norm(vx, eps), ctx[0], key_mask=masks["video_ctx"])
-        ax = ax + self.audio_attn2(rms_norm(ax, eps), ctx[1], key_mask=masks["audio_ctx"])
+        if self.text_adaln:
+            sh, sc, g = _rows(self.scale_shift_table, mod["video"], 6, 9)
+            sh_kv, sc_kv = _rows(self.prompt_scale_shift_table, mod["prompt_video"], 0, 2)
+            x = rms_norm(vx, eps) * (1 + sc) + sh
+            vx = vx + self.attn2(x, ctx[0] * (1 + sc_kv) + sh_kv, key_mask=masks["video_ctx"]) * g
+            sh, sc, g = _rows(self.audio_scale_shift_table, mod["audio"], 6, 9)
+            sh_kv, sc_kv = _rows(self.audio_prompt_scale_shift_table, mod["prompt_audio"], 0, 2)
+            x = rms_norm(ax, eps) * (1 + sc) + sh
+            ax = ax + self.audio_attn2(x, ctx[1] * (1 + sc_kv) + sh_kv, key_mask=masks["audio_ctx"]) * g
+        else:
+            vx = vx + self.attn2(rms_norm(vx, eps), ctx[0], key_mask=masks["video_ctx"])
+            ax = ax + self.audio_attn2(rms_norm(ax, eps), ctx[1], key_mask=masks["audio_ctx"])
 
         # Cross-modal attentions, both reading the same pre-A2V snapshots. AV tables are scale-then-shift.
         vn, an = rms_norm(vx, eps), rms_norm(ax, eps)
@@ -141,14 +161,18 @@ class LTX2AVTransformer(nn.Module):
         if stage.layers is None:
             stage = replace(stage, layers=stage_layers(cfg.num_layers, stage.count, stage.index))
         self.config, self.backend, self.stage, self.sharding = cfg, backend, stage, backend.sharding
-        dv, da, f = cfg.video_dim, cfg.audio_dim, cfg.timestep_embed_dim
+        dv, da, f, k = cfg.video_dim, cfg.audio_dim, cfg.timestep_embed_dim, cfg.modulation_rows
         if stage.first:
             self.patchify_proj = backend.linear(cfg.in_channels, dv)
             self.audio_patchify_proj = backend.linear(cfg.audio_in_channels, da)
-            self.caption_projection = CaptionProjection(backend, cfg.caption_channels, dv)
-            self.audio_caption_projection = CaptionProjection(backend, cfg.caption_channels, da)
-            self.adaln_single = AdaLNSingle(backend, dv, 6, f)
-            self.audio_adaln_single = AdaLNSingle(backend, da, 6, f)
+            if cfg.caption_projection:
+                self.caption_projection = CaptionProjection(backend, cfg.caption_channels, dv)
+                self.audio_caption_projection = CaptionProjection(backend, cfg.caption_channels, da)
+            self.adaln_single = AdaLNSingle(backend, dv, k, f)
+            self.audio_adaln_single = AdaLNSingle(backend, da, k, f)
+            if cfg.cross_attention_adaln:  # the text contexts' shift and scale, from the per-sample sigma
+                self.prompt_adaln_single = AdaLNSingle(backend, dv, 2, f)
+                self.audio_prompt_adaln_single = AdaLNSingle(backend, da, 2, f)
             self.av_ca_video_scale_shift_adaln_single = AdaLNSingle(backend, dv, 4, f)
             self.av_ca_audio_scale_shift_adaln_single = AdaLNSingle(backend, da, 4, f)
             self.av_ca_a2v_gate_adaln_single = AdaLNSingle(backend, dv, 1, f)
@@ -205,16 +229,16 @@ class LTX2AVTransformer(nn.Module):
     ) -> dict[str, tuple[int, ...]]:
         """Shape of each part of the carry on this rank (this rank's tokens under sequence parallelism)."""
         cfg, local = self.config, self.sharding.local_length
-        dv, da = cfg.video_dim, cfg.audio_dim
+        dv, da, k = cfg.video_dim, cfg.audio_dim, cfg.modulation_rows
         tv = local(n_video) if per_token_video else 1
         ta = local(n_audio) if per_token_audio else 1
-        return {
+        shapes = {
             "video": (b, local(n_video), dv),
             "audio": (b, local(n_audio), da),
             "video_ctx": (b, local(n_video_ctx), dv),
             "audio_ctx": (b, local(n_audio_ctx), da),
-            "mod_video": (b, tv, 6 * dv),
-            "mod_audio": (b, ta, 6 * da),
+            "mod_video": (b, tv, k * dv),
+            "mod_audio": (b, ta, k * da),
             "mod_video_ca": (b, tv, 4 * dv),
             "mod_audio_ca": (b, ta, 4 * da),
             "mod_a2v_gate": (b, tv, dv),
@@ -222,6 +246,9 @@ class LTX2AVTransformer(nn.Module):
             "emb_video": (b, tv, dv),
             "emb_audio": (b, ta, da),
         }
+        if cfg.cross_attention_adaln:  # one row per sample: the prompt adaLN reads the per-sample sigma
+            shapes.update(mod_prompt_video=(b, 1, 2 * dv), mod_prompt_audio=(b, 1, 2 * da))
+        return shapes
 
     def forward(
         self,
@@ -241,9 +268,11 @@ class LTX2AVTransformer(nn.Module):
         perturbed: Tensor | None = None,
         stg_blocks: Collection[int] = (),
     ) -> tuple[Tensor, Tensor] | Tensor:
-        """video (B, F*H*W, C) f-major, audio (B, T_a, C), sigma (B,); contexts (B, T_ctx, caption_channels)
-        with optional bool masks (B, T_ctx) (True = real token). `video_sigma`/`audio_sigma` (B, T) give
-        per-token noise levels (conditioning tokens at 0); otherwise every token has `sigma`.
+        """video (B, F*H*W, C) f-major, audio (B, T_a, C), sigma (B,); contexts (B, T_ctx, video_context_dim) and
+        (B, T_ctx, audio_context_dim) (caption_channels, or the stream widths without caption projection) with
+        optional bool masks (B, T_ctx) (True = real token). `video_sigma`/`audio_sigma` (B, T) give
+        per-token noise levels (conditioning tokens at 0); otherwise every token has `sigma`. The prompt
+        adaLN of LTX-2.3 always reads the per-sample `sigma`.
         `v2a_probe` sees the V2A attention of the blocks it wants (see V2AProbe).
         `perturbed` (B,) bool and `stg_blocks` (global block indices) go together: the perturbed rows
         skip the video and audio self-attention of those blocks (STG's perturbed pass: the attention
@@ -256,8 +285,8 @@ class LTX2AVTransformer(nn.Module):
         _check("video", video, (b, f * hh * ww, cfg.in_channels))
         _check("audio", audio, (b, None, cfg.audio_in_channels))
         _check("sigma", sigma, (b,))
-        _check("video_context", video_context, (b, None, cfg.caption_channels))
-        _check("audio_context", audio_context, (b, None, cfg.caption_channels))
+        _check("video_context", video_context, (b, None, cfg.video_context_dim))
+        _check("audio_context", audio_context, (b, None, cfg.audio_context_dim))
         for name, mask, ctx in (
             ("video_context_mask", video_context_mask, video_context),
             ("audio_context_mask", audio_context_mask, audio_context),
@@ -301,9 +330,7 @@ class LTX2AVTransformer(nn.Module):
             "video_ctx": shard.key_mask(video_context_mask, b, video_context.shape[1], video.device),
             "audio_ctx": shard.key_mask(audio_context_mask, b, audio_context.shape[1], video.device),
         }
-        mod = {
-            name: carry["mod_" + name] for name in ("video", "audio", "video_ca", "audio_ca", "a2v_gate", "v2a_gate")
-        }
+        mod = {name[len("mod_") :]: part for name, part in carry.items() if name.startswith("mod_")}
         ctx = (carry["video_ctx"], carry["audio_ctx"])
         vx, ax = carry["video"], carry["audio"]
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
@@ -376,11 +403,14 @@ class LTX2AVTransformer(nn.Module):
         dtype = self.patchify_proj.weight.dtype
         mod_video, emb_video = self.adaln_single(t_video, dtype)
         mod_audio, emb_audio = self.audio_adaln_single(t_audio, dtype)
+        video_ctx, audio_ctx = split(video_context), split(audio_context)
+        if cfg.caption_projection:
+            video_ctx, audio_ctx = self.caption_projection(video_ctx), self.audio_caption_projection(audio_ctx)
         carry = {
             "video": self.patchify_proj(split(video)),
             "audio": self.audio_patchify_proj(split(audio)),
-            "video_ctx": self.caption_projection(split(video_context)),
-            "audio_ctx": self.audio_caption_projection(split(audio_context)),
+            "video_ctx": video_ctx,
+            "audio_ctx": audio_ctx,
             "mod_video": mod_video,
             "mod_audio": mod_audio,
             "mod_video_ca": self.av_ca_video_scale_shift_adaln_single(t_video, dtype)[0],
@@ -390,4 +420,8 @@ class LTX2AVTransformer(nn.Module):
             "emb_video": emb_video,
             "emb_audio": emb_audio,
         }
+        if cfg.cross_attention_adaln:
+            t_prompt = sigma[:, None] * cfg.timestep_scale_multiplier
+            carry["mod_prompt_video"] = self.prompt_adaln_single(t_prompt, dtype)[0]
+            carry["mod_prompt_audio"] = self.audio_prompt_adaln_single(t_prompt, dtype)[0]
         return {name: t.to(dtype) for name, t in carry.items()}

@@ -86,7 +86,7 @@ def tiny_inputs(cfg) -> dict:
         video=torch.randn(2, 24, cfg.in_channels, generator=g),
         audio=torch.randn(2, 9, cfg.audio_in_channels, generator=g),
         sigma=torch.rand(2, generator=g) * 0.9 + 0.05,
-        video_context=torch.randn(2, 7, cfg.caption_channels, generator=g),
-        audio_context=torch.randn(2, 6, cfg.caption_channels, generator=g),
+        video_context=torch.randn(2, 7, cfg.video_context_dim, generator=g),
+        audio_context=torch.randn(2, 6, cfg.audio_context_dim, generator=g),
         video_grid=(2, 3, 4),
     )

@@ -3,14 +3,17 @@ computed once by `omninft encode-prompts` and read by the trainer, so Gemma 3 ne
 with the DiT.
 
 Layout: `<cache>/<fingerprint>/<sha256(prompt)[:2]>/<sha256(prompt)>.safetensors`, one file per
-prompt, holding `features` (n_tokens, caption_channels) and the prompt text in its header. The
+prompt, holding `features` (n_tokens, feature_channels) and the prompt text in its header. The
 fingerprint (engine.data.text.encoding_fingerprint) covers the encoder, the projection weights, the
-padded length and the dtype, so entries of another encoder are never mixed in. Each file is written
-atomically, so a killed encode leaves complete entries only and a rerun encodes just what is missing.
+padded length and the dtype (and, for LTX-2.3, both projections and the per-token norm), so entries of
+another encoder or release are never mixed in. Each file is written atomically, so a killed encode
+leaves complete entries only and a rerun encodes just what is missing.
 
-Cache point (measured, bench/text.py): after the projection, real tokens only. That is
-caption_channels x 2 bytes per token in bf16 (7.5 KB for 19B), so 0.4 MB for a 50-token prompt,
-against 15.7 MB for the two connector outputs at 1024 tokens.
+Cache point (measured, bench/text.py): after the projection, real tokens only. LTX-2.0: caption_channels
+x 2 bytes per token in bf16 (7.5 KB for 19B), so 0.4 MB for a 50-token prompt, against 15.7 MB for the
+two connector outputs at 1024 tokens. LTX-2.3: the video and audio projections' rows side by side,
+(4096 + 2048) x 2 bytes = 12 KB per token, 0.6 MB for a 50-token prompt, against 12.6 MB for its two
+contexts (1024 x 4096 and 1024 x 2048) at 1024 tokens.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class EmbeddingCache:
         atomic_save_file({FEATURES: features}, self.path(prompt), metadata={"prompt": prompt.strip()})
 
     def get(self, prompt: str) -> Tensor:
-        """(n_tokens, caption_channels) features of `prompt`; a DataError names a missing or foreign entry."""
+        """(n_tokens, feature_channels) features of `prompt`; a DataError names a missing or foreign entry."""
         path = self.path(prompt)
         if not path.is_file():
             raise DataError(f"text.cache: no entry for prompt {prompt!r} in {self.dir} (run omninft encode-prompts)")

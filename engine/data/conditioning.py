@@ -20,23 +20,35 @@ from .text import DTYPES, ContextConnectors, PromptEncoder, TextConfig, encoding
 
 
 class Conditioning(Protocol):
+    # (video, audio) context widths: (caption_channels, caption_channels) for a DiT that projects its text
+    # (LTX-2.0), the DiT's own video and audio widths for one that does not (LTX-2.3).
+    context_channels: tuple[int, int]
+
     def contexts(self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(video, audio) contexts, each (B, T_ctx, caption_channels), for B prompts."""
+        """(video, audio) contexts, (B, T_ctx, context_channels[0]) and (B, T_ctx, context_channels[1]), for B
+        prompts."""
 
 
 class StandInConditioning:
-    """The tiny task's seeded per-prompt features (engine.data.features); video and audio share them."""
+    """The tiny task's seeded per-prompt features (engine.data.features). Video and audio share them, unless
+    `audio_channels` asks for audio contexts of another width (a DiT without caption projection, as LTX-2.3's,
+    reads each stream's contexts at that stream's width)."""
 
-    def __init__(self, tokens: int, channels: int):
+    def __init__(self, tokens: int, channels: int, audio_channels: int | None = None):
         self.tokens, self.channels = tokens, channels
-        self._memo: dict[str, Tensor] = {}
+        self.context_channels = (channels, channels if audio_channels is None else audio_channels)
+        self._memo: dict[tuple[str, int], Tensor] = {}
+
+    def _features(self, prompts: Sequence[str], channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        for p in prompts:
+            if (p, channels) not in self._memo:
+                self._memo[p, channels] = prompt_features(p, self.tokens, channels)
+        return torch.stack([self._memo[p, channels] for p in prompts]).to(device=device, dtype=dtype)
 
     def contexts(self, prompts: Sequence[str], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        for p in prompts:
-            if p not in self._memo:
-                self._memo[p] = prompt_features(p, self.tokens, self.channels)
-        ctx = torch.stack([self._memo[p] for p in prompts]).to(device=device, dtype=dtype)
-        return ctx, ctx
+        video_width, audio_width = self.context_channels
+        video = self._features(prompts, video_width, device, dtype)
+        return video, video if audio_width == video_width else self._features(prompts, audio_width, device, dtype)
 
 
 def connectors_source(cfg: TextConfig, model_init: str | None) -> str:
@@ -66,6 +78,10 @@ def encode_into(
 class TextConditioning:
     """The real LTX-2 text path: cached (or freshly encoded) prompt features through the connectors.
 
+    The contexts are `context_channels` wide: (caption_channels, caption_channels) for LTX-2.0, whose DiT
+    projects them; the DiT's video and audio widths for LTX-2.3 (per-modality projections in the connectors,
+    none in the DiT). `caption_channels` is Gemma's width (the connectors' input) in both.
+
     `prompts` are all the texts the run will condition on (training prompts and negative prompts).
     Those the cache lacks are encoded here with Gemma on `device`, before the DiT trains, when
     `text.on_missing=encode`; Gemma is then released. With `on_missing=error` they are an error that
@@ -93,7 +109,7 @@ class TextConditioning:
             raise DataError(
                 f"text.cache: {len(missing)} prompt(s) are not encoded in {self.cache.dir} ({shown}): run omninft "
                 f"encode-prompts with this config (entries are keyed by the encoder's files, the connectors' "
-                f"projection, text.max_length and text.dtype), or set text.on_missing=encode"
+                f"projection(s), text.max_length and text.dtype), or set text.on_missing=encode"
             )
         # Without a cache every rank needs every text in memory; with one, each encodes its share into it.
         mine = [p for i, p in enumerate(wanted) if p in missing and (self.cache is None or i % world == rank)]
@@ -105,6 +121,7 @@ class TextConditioning:
                 torch.cuda.empty_cache()
         self.connectors = ContextConnectors(connectors, cfg.max_length).to(device)
         self.caption_channels = connectors.config.caption_channels
+        self.context_channels = self.connectors.context_channels
 
     def check_complete(self, prompts: Sequence[str]) -> None:
         """After every rank encoded its share: all of `prompts` are readable here (a cache on a disk

@@ -6,8 +6,15 @@ waveforms, decoded exactly as diffusers 0.42.1's `LTX2Pipeline` does after its d
   VAE's per-channel statistics -> `AutoencoderKLLTX2Video.decode(z, temb)` -> `(x / 2 + 0.5).clamp(0, 1)` ->
   frames (N, 8 (F - 1) + 1, 32 H, 32 W, 3).
 - Audio: packed tokens (N, T_a, C*M) -> `x * std + mean` in the packed space (the audio VAE's statistics have
-  C*M entries) -> (N, C, T_a, M) -> `AutoencoderKLLTX2Audio.decode` -> mel (N, 2, 4 T_a - 3, 64) -> `LTX2Vocoder`
-  -> waveform (N, 2, 240 (4 T_a - 3)) at `sample_rate` (24 kHz for the 19B release), in [-1, 1].
+  C*M entries) -> (N, C, T_a, M) -> `AutoencoderKLLTX2Audio.decode` -> mel (N, 2, 4 T_a - 3, 64) -> the vocoder
+  -> waveform at `sample_rate`, in [-1, 1]: `LTX2Vocoder` (19B: x240, 24 kHz) or `LTX2VocoderWithBWE` (LTX-2.3:
+  a BigVGAN v2 at 16 kHz, a log-mel STFT of its output, a bandwidth extender whose output adds to a 3x
+  resampling: x480, 48 kHz; run in float32, as ltx-core does).
+
+LTX-2.3. Same classes, other configs, read from the weights' own config (the official header's `vae` and
+`vocoder` sections, in ltx-core's formats; a folder's config.json): the VAE decoder has four upsamplers (in
+running order two over all axes, then time, then space; no residuals; zero padding) instead of three, and the
+vocoder section has a `bwe` part. The audio VAE is 2.0's.
 
 Timestep-conditioned decoding. A VAE whose decoder carries `last_time_embedder` weights is conditioned on a
 decode timestep, and mixes noise into the normalised latents first: `z <- (1 - s) z + s * noise`. We use
@@ -146,30 +153,46 @@ VOCODER_19B = dict(
 )
 
 
+# ltx-core's decoder blocks that grow the latent grid, and the diffusers upsample_type of each.
+_UPSAMPLE_TYPES = {"compress_all": "spatiotemporal", "compress_time": "temporal", "compress_space": "spatial"}
+
+
 def _video_vae_kwargs(section: dict | None, timestep_conditioning: bool) -> dict:
     """AutoencoderKLLTX2Video arguments from the header's `vae` section (ltx-core's CausalVideoAutoencoder
-    config, its defaults for absent keys; `decoder_blocks` alternate `res_x` and `compress_all`, and the
-    channels grow by each `compress_all` multiplier from `decoder_base_channels`), else the 19B values."""
+    config, its defaults for absent keys), else the 19B values. `decoder_blocks` alternate `res_x` and an
+    upsampler: `compress_all` (LTX-2.0: three, residual, x2 channels each), `compress_time` / `compress_space`
+    (LTX-2.3: space, time, all x1, all x2, without residuals); the channels grow by each upsampler's multiplier
+    from `decoder_base_channels`. ltx-core lists the blocks latent-last and runs them reversed; diffusers
+    reverses every list itself but `upsample_type`, which is given in running order. The decoder pads with
+    ltx-core's `spatial_padding_mode` (its default: reflect)."""
     kwargs = dict(VIDEO_VAE_19B, timestep_conditioning=timestep_conditioning)
     if section is None:
         return kwargs
     if section.get("norm_layer", "pixel_norm") != "pixel_norm":
         raise ValueError(f"norm_layer {section['norm_layer']!r} (LTX-2 uses pixel_norm)")
     latent = int(section.get("latent_channels", 128))
+    padding = section.get("spatial_padding_mode", section.get("decoder_spatial_padding_mode", "reflect"))
     kwargs.update(
         latent_channels=latent,
         out_channels=int(section.get("out_channels", 3)),
         patch_size=int(section.get("patch_size", 4)),
         scaling_factor=float(section.get("scaling_factor", 1.0)),
         decoder_causal=bool(section.get("causal_decoder", False)),
-        decoder_spatial_padding_mode=section.get("decoder_spatial_padding_mode", "reflect"),
+        decoder_spatial_padding_mode=padding,
     )
     if "decoder_blocks" not in section:
         return kwargs
     blocks = [(name, {"num_layers": p} if isinstance(p, int) else dict(p)) for name, p in section["decoder_blocks"]]
     names = [name for name, _ in blocks]
-    if len(blocks) % 2 != 1 or names != ["res_x", "compress_all"] * (len(blocks) // 2) + ["res_x"]:
-        raise ValueError(f"decoder_blocks {names} (only alternating res_x / compress_all, as in LTX-2.0, is supported)")
+    if (
+        len(blocks) % 2 != 1
+        or names[::2] != ["res_x"] * (len(blocks) // 2 + 1)
+        or not set(names[1::2]) <= set(_UPSAMPLE_TYPES)
+    ):
+        raise ValueError(
+            f"decoder_blocks {names} (only res_x alternating with {', '.join(_UPSAMPLE_TYPES)} is supported, "
+            f"as in LTX-2.0 and 2.3)"
+        )
     res, ups = [p for _, p in blocks[::2]], [p for _, p in blocks[1::2]]
     factors = tuple(int(p.get("multiplier", 1)) for p in ups)
     base = int(section.get("decoder_base_channels", latent))
@@ -178,7 +201,7 @@ def _video_vae_kwargs(section: dict | None, timestep_conditioning: bool) -> dict
         decoder_inject_noise=tuple(bool(p.get("inject_noise", False)) for p in res),
         decoder_block_out_channels=tuple(base * math.prod(factors[: i + 1]) for i in range(len(ups))),
         decoder_spatio_temporal_scaling=(True,) * len(ups),
-        upsample_type=("spatiotemporal",) * len(ups),
+        upsample_type=tuple(_UPSAMPLE_TYPES[name] for name in reversed(names[1::2])),
         upsample_residual=tuple(bool(p.get("residual", False)) for p in ups),
         upsample_factor=factors,
     )
@@ -215,33 +238,76 @@ def _audio_vae_kwargs(section: dict | None) -> dict:
     )
 
 
-def _vocoder_kwargs(section: dict | None, audio: dict) -> dict:
-    """LTX2Vocoder arguments from the header's `vocoder` section (ltx-core's flat HiFi-GAN config), else the 19B
-    values; its input is the audio VAE's mel, (channels x mel bins) wide."""
-    kwargs = dict(VOCODER_19B, in_channels=audio["output_channels"] * audio["mel_bins"])
-    if section is None:
-        return kwargs
-    if "bwe" in section:
-        raise ValueError("a bandwidth-extension vocoder (LTX-2.3) is not supported yet")
-    if section.get("resblock", "1") != "1":
-        raise ValueError(f"vocoder resblock {section['resblock']!r} (LTX-2.0 uses '1')")
-    return dict(
-        kwargs,
+def _hifigan_kwargs(section: dict, resblock: str, prefix: str = "") -> dict:
+    """One ltx-core `Vocoder` (its flat config, its defaults) as LTX2Vocoder / LTX2VocoderWithBWE arguments
+    (`prefix` "bwe_" for the bandwidth extender), checked as ltx-core checks it: HiFi-GAN (`resblock` "1", leaky
+    ReLU; LTX-2.0) or BigVGAN v2 ("AMP1", anti-aliased snakebeta throughout; both stages of LTX-2.3), stereo;
+    `use_tanh_at_final` picks tanh, else a clamp to [-1, 1]."""
+    found = (section.get("resblock", "1"), section.get("stereo", True))
+    if found != (resblock, True):
+        raise ValueError(f"vocoder resblock {found[0]!r}, stereo {found[1]!r} (expected {resblock!r}, stereo)")
+    amp = resblock == "AMP1"
+    if amp and section.get("activation", "snake") != "snakebeta":
+        raise ValueError(f"vocoder activation {section.get('activation', 'snake')!r} (LTX-2.3 uses snakebeta)")
+    kwargs = dict(
         hidden_channels=int(section.get("upsample_initial_channel", 1024)),
-        out_channels=2 if section.get("stereo", True) else 1,
+        out_channels=2,
         upsample_kernel_sizes=list(section.get("upsample_kernel_sizes", [16, 15, 8, 4, 4])),
         upsample_factors=list(section.get("upsample_rates", [6, 5, 2, 2, 2])),
         resnet_kernel_sizes=list(section.get("resblock_kernel_sizes", [3, 7, 11])),
         resnet_dilations=[list(d) for d in section.get("resblock_dilation_sizes", [[1, 3, 5]] * 3)],
-        output_sampling_rate=int(section.get("output_sample_rate", section.get("output_sampling_rate", 24000))),
+        act_fn="snakebeta" if amp else "leaky_relu",
+        leaky_relu_negative_slope=0.1,
+        antialias=amp,
+        antialias_ratio=2,
+        antialias_kernel_size=12,
+        final_act_fn="tanh" if section.get("use_tanh_at_final", True) else "clamp",
+        final_bias=bool(section.get("use_bias_at_final", True)),
     )
+    return {prefix + k: v for k, v in kwargs.items()}
+
+
+def _vocoder_kwargs(section: dict | None, audio: dict) -> tuple[str, dict]:
+    """The vocoder's diffusers class and arguments from the header's `vocoder` section, as ltx-core's
+    VocoderConfigurator reads it: a flat HiFi-GAN config (LTX-2.0: LTX2Vocoder, x240 to 24 kHz), or `vocoder` +
+    `bwe` sections (LTX-2.3: LTX2VocoderWithBWE, a BigVGAN v2 at 16 kHz, a log-mel STFT of its output and a
+    bandwidth extender that adds to a 3x resampling of it, 48 kHz). No section: the 19B values. The first stage
+    reads the audio VAE's mel, (channels x mel bins) wide; the extender its own STFT's `num_mels` per channel."""
+    mel_in = audio["output_channels"] * audio["mel_bins"]
+    if section is None:
+        return "LTX2Vocoder", dict(VOCODER_19B, in_channels=mel_in)
+    if "bwe" not in section:
+        kwargs = dict(VOCODER_19B, in_channels=mel_in, **_hifigan_kwargs(section, "1"))
+        rate = section.get("output_sample_rate", section.get("output_sampling_rate", 24000))
+        return "LTX2Vocoder", dict(kwargs, output_sampling_rate=int(rate))
+    bwe = section["bwe"]
+    kwargs = dict(
+        in_channels=mel_in,
+        **_hifigan_kwargs(section.get("vocoder", {}), "AMP1"),
+        bwe_in_channels=2 * int(bwe["num_mels"]),
+        **_hifigan_kwargs(bwe, "AMP1", "bwe_"),
+        filter_length=int(bwe["n_fft"]),
+        hop_length=int(bwe["hop_length"]),
+        window_length=int(bwe["n_fft"]),  # ltx-core's MelSTFT: win_length = n_fft
+        num_mel_channels=int(bwe["num_mels"]),
+        input_sampling_rate=int(bwe["input_sampling_rate"]),
+        output_sampling_rate=int(bwe["output_sampling_rate"]),
+    )
+    kwargs["bwe_final_act_fn"] = None  # ltx-core: apply_final_activation=False (the sum is clamped instead)
+    return "LTX2VocoderWithBWE", kwargs
 
 
 # ---- key maps: official single file -> diffusers -------------------------------------------------------------
 
 # Per-channel statistics the decode reads; the file's others (`channel`, `mean-of-stds`) are not used.
 _STATISTICS = {"mean-of-means": "latents_mean", "std-of-means": "latents_std"}
-_VOCODER_PARTS = {"ups": "upsamplers", "resblocks": "resnets", "conv_pre": "conv_in", "conv_post": "conv_out"}
+_VOCODER_PARTS = {
+    "ups": "upsamplers",
+    "resblocks": "resnets",
+    "conv_pre": "conv_in",
+    "conv_post": "conv_out",
+    "act_post": "act_out",
+}
 
 
 def official_video_vae_key(key: str) -> str | None:
@@ -275,9 +341,14 @@ def official_audio_vae_key(key: str) -> str | None:
 
 
 def official_vocoder_key(key: str) -> str:
-    """diffusers `LTX2Vocoder` name of an official `vocoder.`-less key (the conversion script's renames, applied
-    to whole name components)."""
-    return ".".join(_VOCODER_PARTS.get(p, p) for p in key.split("."))
+    """diffusers `LTX2Vocoder` / `LTX2VocoderWithBWE` name of an official `vocoder.`-less key (the conversion
+    script's renames, applied to whole name components). LTX-2.3's keys (`vocoder.*`, `bwe_generator.*`,
+    `mel_stft.*` under the file's `vocoder.`) keep their stage names; its anti-aliased activations' output
+    filters lose the `lowpass` level (`downsample.lowpass.filter` -> `downsample.filter`) and `act_post` is
+    `act_out`."""
+    parts = key.split(".")
+    parts = [p for i, p in enumerate(parts) if not (p == "lowpass" and i and parts[i - 1] == "downsample")]
+    return ".".join(_VOCODER_PARTS.get(p, p) for p in parts)
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -299,7 +370,11 @@ class _Part:
         return _NAMES[self.sub]
 
 
-_CLASSES = {"vae": "AutoencoderKLLTX2Video", "audio_vae": "AutoencoderKLLTX2Audio", "vocoder": "LTX2Vocoder"}
+_CLASSES = {
+    "vae": ("AutoencoderKLLTX2Video",),
+    "audio_vae": ("AutoencoderKLLTX2Audio",),
+    "vocoder": ("LTX2Vocoder", "LTX2VocoderWithBWE"),  # LTX-2.0's; LTX-2.3's, with bandwidth extension
+}
 _NAMES = {"vae": "video VAE", "audio_vae": "audio VAE", "vocoder": "vocoder"}
 _OFFICIAL_MAPS = {"vae": official_video_vae_key, "audio_vae": official_audio_vae_key, "vocoder": official_vocoder_key}
 
@@ -307,7 +382,8 @@ _OFFICIAL_MAPS = {"vae": official_video_vae_key, "audio_vae": official_audio_vae
 def _official_parts(path: Path, subs: Sequence[str]) -> list[_Part]:
     """The requested parts of an official single file: tensors by prefix through our key maps, configs from the
     header's `config` sections when present (else the 19B conversion configs), timestep conditioning from the
-    presence of `vae.decoder.last_time_embedder.*`."""
+    presence of `vae.decoder.last_time_embedder.*`, the vocoder's class from its section (a `bwe` section:
+    LTX-2.3's LTX2VocoderWithBWE)."""
     with open_safetensors(path) as f:
         try:
             header = json.loads((f.metadata() or {}).get("config", "{}"))
@@ -329,18 +405,20 @@ def _official_parts(path: Path, subs: Sequence[str]) -> list[_Part]:
     try:
         if "vae" in subs:
             timed = any(k.startswith("decoder.time_embedder.") for k in states["vae"])
-            kwargs["vae"] = _video_vae_kwargs(header.get("vae"), timestep_conditioning=timed)
+            kwargs["vae"] = (_CLASSES["vae"][0], _video_vae_kwargs(header.get("vae"), timestep_conditioning=timed))
         if "audio_vae" in subs:
-            kwargs["audio_vae"] = _audio_vae_kwargs(header.get("audio_vae"))
-            kwargs["vocoder"] = _vocoder_kwargs(header.get("vocoder"), kwargs["audio_vae"])
+            audio = _audio_vae_kwargs(header.get("audio_vae"))
+            kwargs["audio_vae"] = (_CLASSES["audio_vae"][0], audio)
+            kwargs["vocoder"] = _vocoder_kwargs(header.get("vocoder"), audio)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot use the decoder config in its header: {e!r}") from e
-    return [_Part(sub, _CLASSES[sub], kwargs[sub], states[sub]) for sub in subs]
+    return [_Part(sub, *kwargs[sub], states[sub]) for sub in subs]
 
 
 def _folder_part(root: Path, sub: str) -> _Part:
-    """`root/sub/` of a diffusers pipeline folder: config.json (its `_class_name` must be ours) and the
-    safetensors beside it (one file or shards); encoder tensors are dropped."""
+    """`root/sub/` of a diffusers pipeline folder: config.json (its `_class_name` one of ours: for the vocoder
+    LTX2Vocoder, or LTX2VocoderWithBWE for LTX-2.3) and the safetensors beside it (one file or shards);
+    encoder tensors are dropped."""
     folder = root / sub
     files = sorted(folder.glob("*.safetensors"))
     if not (folder / "config.json").is_file() or not files:
@@ -352,11 +430,11 @@ def _folder_part(root: Path, sub: str) -> _Part:
         config = json.loads((folder / "config.json").read_text())
     except ValueError as e:
         raise CheckpointError(f"{folder / 'config.json'} is not JSON ({e})") from e
-    class_name = config.get("_class_name", _CLASSES[sub])
-    if class_name != _CLASSES[sub]:
+    class_name = config.get("_class_name", _CLASSES[sub][0])
+    if class_name not in _CLASSES[sub]:
         raise CheckpointError(
-            f"{folder / 'config.json'}: _class_name is {class_name!r}; the {_NAMES[sub]} must be {_CLASSES[sub]} "
-            f"(LTX-2.0; other variants are not supported yet)"
+            f"{folder / 'config.json'}: _class_name is {class_name!r}; the {_NAMES[sub]} must be "
+            f"{' or '.join(_CLASSES[sub])} (LTX-2.0 or 2.3; other variants are not supported)"
         )
     state = {}
     for file in files:
@@ -367,18 +445,19 @@ def _folder_part(root: Path, sub: str) -> _Part:
 
 def _build(part: _Part, source: str) -> tuple[nn.Module, list[str]]:
     """The part's diffusers module without its encoder, on the meta device (nothing allocated), and the problems
-    its tensors have against it ("missing: ...", "unexpected: ...", "shape: ...")."""
+    its tensors have against it ("missing: ...", "unexpected: ...", "shape: ..."). LTX-2.3's vocoder is built on
+    the CPU instead: its resampler's filter is a buffer the weights do not hold (the constructor computes it)."""
     try:
         import diffusers
-        from diffusers.pipelines.ltx2 import LTX2Vocoder
+        from diffusers.pipelines import ltx2
     except ImportError as e:
         raise ConfigError(
             f'decoding needs diffusers ({e.name} is missing): pip install -c .ci/constraints.txt -e ".[text]"'
         ) from e
 
-    cls = LTX2Vocoder if part.class_name == "LTX2Vocoder" else getattr(diffusers, part.class_name)
+    cls = getattr(ltx2 if part.sub == "vocoder" else diffusers, part.class_name)
     try:
-        with torch.device("meta"):
+        with torch.device("cpu" if part.class_name == "LTX2VocoderWithBWE" else "meta"):
             module = cls(**part.kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: the {part.name} config does not fit {part.class_name} ({e})") from e
@@ -392,8 +471,10 @@ def load_decoders(
     source: str | os.PathLike, dtype: torch.dtype, *, video: bool, audio: bool
 ) -> tuple[nn.Module | None, nn.Module | None, nn.Module | None]:
     """(video VAE, audio VAE, vocoder) from an official single file or a diffusers pipeline folder, each None when
-    not asked for, on the CPU in `dtype`, eval, without gradients and without encoders. Every missing,
-    unexpected or mis-shaped tensor of the requested parts is listed in one CheckpointError."""
+    not asked for, on the CPU in `dtype`, eval, without gradients and without encoders. LTX-2.3's vocoder
+    (LTX2VocoderWithBWE) is float32 whatever `dtype`, as ltx-core runs it (108 sequential convolutions: bf16
+    degrades its output). Every missing, unexpected or mis-shaped tensor of the requested parts is listed in
+    one CheckpointError."""
     path = Path(source)
     subs = (["vae"] if video else []) + (["audio_vae", "vocoder"] if audio else [])
     if path.is_dir():
@@ -407,8 +488,10 @@ def load_decoders(
     modules = {}
     for part, (module, _) in zip(parts, built):
         check_finite(part.state, f"{path} ({part.name})")
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in part.state.items()}
+        part_dtype = torch.float32 if part.class_name == "LTX2VocoderWithBWE" else dtype
+        state = {k: v.to(part_dtype) if v.is_floating_point() else v for k, v in part.state.items()}
         module.load_state_dict(state, strict=True, assign=True)
+        nn.Module.to(module, part_dtype)  # what the weights do not hold (LTX-2.3's resampler filter)
         assert not any(t.is_meta for t in [*module.parameters(), *module.buffers()]), part.name
         modules[part.sub] = module.eval().requires_grad_(False)
     return modules.get("vae"), modules.get("audio_vae"), modules.get("vocoder")
@@ -457,7 +540,8 @@ class Decoders:
 
     @property
     def sample_rate(self) -> int:
-        """Samples per second of `waveforms` (the vocoder's output rate: 24000 for the 19B release)."""
+        """Samples per second of `waveforms`: the vocoder's output rate (24000 for the 19B release, 48000 for
+        LTX-2.3's bandwidth-extended output)."""
         return int(self._require(self.vocoder, "audio").config.output_sampling_rate)
 
     @staticmethod
@@ -522,8 +606,9 @@ class Decoders:
 
     @torch.no_grad()
     def waveforms(self, audio_latents: Tensor) -> Tensor:
-        """Audio latent tokens (N, T_a, C*M), packed `c * M + m` -> waveforms (N, channels, 240 (4 T_a - 3))
-        float32 in [-1, 1] on the CPU, at `sample_rate`."""
+        """Audio latent tokens (N, T_a, C*M), packed `c * M + m` -> waveforms (N, 2, (4 T_a - 3) mel frames x
+        `sample_rate` / 100: 240 per frame at 24 kHz for LTX-2.0, 480 at 48 kHz for 2.3) float32 in [-1, 1] on the
+        CPU, at `sample_rate`."""
         audio_vae, vocoder = self._require(self.audio_vae, "audio"), self._require(self.vocoder, "audio")
         channels = audio_vae.config.latent_channels
         mel_bins = audio_vae.config.mel_bins // audio_vae.mel_compression_ratio
@@ -543,5 +628,5 @@ class Decoders:
                 chunk = audio_latents[start : start + self.cfg.batch_size].to(self.device, torch.float32)
                 z = (chunk * std + mean).unflatten(2, (channels, mel_bins)).transpose(1, 2)  # (B, C, T_a, M)
                 mel = audio_vae.decode(z.to(self.dtype), return_dict=False)[0]  # (B, 2, 4 T_a - 3, mel bins)
-                out.append(vocoder(mel).float().cpu())
+                out.append(vocoder(mel.to(next(vocoder.parameters()).dtype)).float().cpu())
         return torch.cat(out)

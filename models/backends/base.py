@@ -58,7 +58,8 @@ class TorchBackend:
         self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
     ) -> nn.Module:
         """`role` says how a tensor-parallel backend splits it: 'column' (output features:
-        Q/K/V and FFN-in), 'row' (input features: attention out, FFN-out) or 'replicated'."""
+        Q/K/V, LTX-2.3's per-head gate logits and FFN-in), 'row' (input features: attention out,
+        FFN-out) or 'replicated'."""
         return nn.Linear(in_features, out_features, bias=bias)
 
     def attention(

@@ -102,10 +102,12 @@ class Fp8Linear(nn.Linear):
 
 
 class Fp8Backend(TorchBackend):
-    """FP8 for the transformer blocks' GEMMs (attention Q/K/V/out and FFNs: the 'column' and 'row'
-    roles). 'replicated' layers (patchify, adaLN, caption and output projections) stay in the model
-    dtype. Like TE's recipe, this keeps the model's first and last layers and the small conditioning
-    MLPs, where FP8 error hurts most and saves least, out of FP8."""
+    """FP8 for the transformer blocks' GEMMs (attention Q/K/V/out, LTX-2.3's gate logits and FFNs: the
+    'column' and 'row' roles; a layer with a dimension that is not a multiple of 16, like the tiny
+    models' 4-head gate logits, stays plain, see Fp8Linear). 'replicated' layers (patchify, adaLN,
+    caption and output projections) stay in the model dtype. Like TE's recipe, this keeps the
+    model's first and last layers and the small conditioning MLPs, where FP8 error hurts most and
+    saves least, out of FP8."""
 
     name = "fp8"
 

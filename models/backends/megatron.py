@@ -1,9 +1,11 @@
 """megatron-core tensor (and sequence) parallel backend for the one model definition.
 
 Q/K/V and FFN-in are megatron `ColumnParallelLinear`s, attention-out and FFN-out `RowParallelLinear`s,
-so each rank holds heads // tp heads of all six attentions and a 1/tp slice of each FFN. AdaLN,
-tables, embeddings, caption and output projections are replicated. The QK RMSNorm spans all heads,
-so its sum of squares is all-reduced over the tensor-parallel group.
+so each rank holds heads // tp heads of all six attentions and a 1/tp slice of each FFN. LTX-2.3's
+gate logits (one output per head) are column-split too, so each rank computes the gates of its own
+heads. AdaLN (the prompt adaLN too), tables, embeddings, caption and output projections are
+replicated. The QK RMSNorm spans all heads, so its sum of squares is all-reduced over the
+tensor-parallel group.
 
 With sequence parallelism (models.sharding splits the tokens) column linears all-gather the tokens
 and row linears reduce-scatter them (megatron does both on dim 0, so these layers run on (T, B, D)

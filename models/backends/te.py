@@ -11,6 +11,10 @@ Patchify, adaLN, caption and output projections are plain linears outside it, in
 dtype. TE's cache of FP8 weight copies across microbatches is disabled (`is_first_microbatch`
 would have to be reset after every optimizer step), so every forward casts the current weights.
 
+A parallel linear whose local weight is not 16-aligned in both dimensions (LTX-2.3's `to_gate_logits`, one
+output per head: 32 / tp rows) cannot run TE's FP8 GEMM; it is megatron's plain parallel linear of the same
+role and split (models.backends.megatron), in the parameter dtype.
+
 TE's FP8 GEMMs need token rows in multiples of 16 (`row_multiple`): the backend's sharding pads every
 stream to a multiple of 16 (times tp under sequence parallelism) with the model's one padding path
 (models.sharding: padded keys masked, identity RoPE, outputs trimmed), so any token count works.
@@ -42,6 +46,7 @@ from .base import ParallelRole, records_role  # noqa: E402
 from .megatron import BatchFirst, MegatronBackend, _init_like_torch  # noqa: E402
 
 FP8_RECIPES = ("tensorwise", "delayed")
+FP8_ALIGN = 16  # TE's FP8 GEMMs want both weight dimensions in multiples of 16
 
 
 class _TEColumnLinear(BatchFirst, TEColumnParallelLinear):
@@ -85,6 +90,10 @@ class TEBackend(MegatronBackend):
     def linear(
         self, in_features: int, out_features: int, *, bias: bool = True, role: ParallelRole = "replicated"
     ) -> nn.Module:
+        tp = self.sharding.tp_size
+        local = (out_features // tp, in_features) if role == "column" else (out_features, in_features // tp)
+        if role != "replicated" and any(d % FP8_ALIGN for d in local):  # no FP8 kernel for this shape
+            return super().linear(in_features, out_features, bias=bias, role=role)
         if role == "column":
             return _TEColumnLinear(
                 in_features,

@@ -13,6 +13,7 @@ and activations, has been freed by then). Both must equal the formula to the byt
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -74,6 +75,7 @@ def test_formula_equals_the_state_a_real_step_holds(method: memory.Method) -> No
     """With loss.kl_weight > 0: full fine-tuning holds the KL reference copy, LoRA none."""
     cfg = PolicyConfig(preset="tiny", dtype=str(method.dtype).removeprefix("torch."))
     layout = ProcessLayout()
+    gc.collect()  # the profiler counts frees too: earlier tests' garbage must not be freed inside the window
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = build_policy(cfg, layout)
         add_adapters(LoRASection(rank=method.rank), model, seed=0)

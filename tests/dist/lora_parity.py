@@ -30,6 +30,7 @@ import models  # noqa: E402
 from engine.parallel import GradSync, ProcessLayout  # noqa: E402
 from models.backends.megatron import MegatronBackend  # noqa: E402
 from models.lora import (  # noqa: E402
+    DEFAULT_TARGETS,
     LoRAConfig,
     apply_lora,
     load_lora_state_dict,
@@ -41,6 +42,8 @@ from models.lora import (  # noqa: E402
 from models.weights import load_full_state  # noqa: E402
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
+# LTX-2.3 also adapts its per-head gate logits (column-split like Q/K/V) and the replicated prompt adaLN.
+LORA_23 = LoRAConfig(rank=4, alpha=8.0, targets=(*DEFAULT_TARGETS, "*.to_gate_logits", "prompt_adaln_single.linear"))
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -60,13 +63,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--preset", default="tiny")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
     layout = ProcessLayout.from_megatron(torch.device("cpu"))
 
-    cfg = models.PRESETS["tiny"]
+    cfg = models.PRESETS[args.preset]
+    lora = LORA_23 if cfg.gated_attention else LORA
     torch.manual_seed(0)
     ref = models.build_model(cfg)
     with torch.no_grad():  # non-trivial QK norm weights so their sharding matters
@@ -77,16 +82,16 @@ def main() -> None:
     load_full_state(par, ref.state_dict())
     for model in (ref, par):
         model.set_a2v_grad_scales([0.5, 1.0, 0.9, 1.0])  # surgery scales the A2V to_k/to_v adapters' gradients
-        apply_lora(model, LORA, seed=3)
+        apply_lora(model, lora, seed=3)
     # Layout-independent init: the parallel model's adapters are slices of the single process's.
     init_equal = all(
         torch.equal(lora_state_dict(par, s, whole=True)[k], v)
-        for s in LORA.adapters
+        for s in lora.adapters
         for k, v in lora_state_dict(ref, s).items()
     )
 
     g = torch.Generator().manual_seed(2)
-    for adapter in LORA.adapters:
+    for adapter in lora.adapters:
         random = {k: 0.1 * torch.randn(v.shape, generator=g) for k, v in lora_state_dict(ref, adapter).items()}
         load_lora_state_dict(ref, random, adapter)
         load_lora_state_dict(par, random, adapter, whole=True)
@@ -99,8 +104,8 @@ def main() -> None:
         video=torch.randn(b, tv, cfg.in_channels, generator=g),
         audio=torch.randn(b, ta, cfg.audio_in_channels, generator=g),
         sigma=torch.rand(b, generator=g),
-        video_context=torch.randn(b, tc, cfg.caption_channels, generator=g),
-        audio_context=torch.randn(b, tc, cfg.caption_channels, generator=g),
+        video_context=torch.randn(b, tc, cfg.video_context_dim, generator=g),
+        audio_context=torch.randn(b, tc, cfg.audio_context_dim, generator=g),
         video_grid=grid,
         video_context_mask=mask,
         audio_context_mask=mask,

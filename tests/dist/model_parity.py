@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--backend", default="megatron")
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--preset", default="tiny")  # tiny-2.3: LTX-2.3's gated attention and text adaLN
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -77,13 +78,15 @@ def main() -> None:
         backend = MegatronBackend(sharding) if args.backend == "megatron" else args.backend
         return models.build_model(cfg, backend=backend, stage=layout.stage())
 
-    cfg = models.PRESETS["tiny"]
+    cfg = models.PRESETS[args.preset]
     torch.manual_seed(0)
     ref = models.build_model(cfg)
     with torch.no_grad():  # non-trivial QK norm weights so their sharding matters
         for name, p in ref.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
+            if "to_gate_logits" in name:  # gates away from 1 and different per head, so their split matters
+                p.normal_(0, 0.5)
     ref.set_a2v_grad_scales([0.5, 1.0, 0.9, 1.0])
     par = parallel_model()
     load_full_state(par, ref.state_dict())
@@ -104,9 +107,10 @@ def main() -> None:
     mask = torch.ones(b, tc, dtype=torch.bool)
     mask[1, 5:] = False
     inputs = {
-        "args": (torch.randn(b, tv, cfg.in_channels, generator=g), torch.randn(b, ta, cfg.audio_in_channels, generator=g),
-                 torch.rand(b, generator=g), torch.randn(b, tc, cfg.caption_channels, generator=g),
-                 torch.randn(b, tc, cfg.caption_channels, generator=g), grid, 24.0),
+        "args": (torch.randn(b, tv, cfg.in_channels, generator=g),
+                 torch.randn(b, ta, cfg.audio_in_channels, generator=g),
+                 torch.rand(b, generator=g), torch.randn(b, tc, cfg.video_context_dim, generator=g),
+                 torch.randn(b, tc, cfg.audio_context_dim, generator=g), grid, 24.0),
         "kwargs": {"video_context_mask": mask, "audio_context_mask": mask},
     }
     weights = (torch.randn(b, tv, cfg.in_channels, generator=g), torch.randn(b, ta, cfg.audio_in_channels, generator=g))
@@ -128,6 +132,7 @@ def main() -> None:
     held = [n for names in stages for n in names]
     result = {
         "rank": dist.get_rank(), "tp": args.tp, "pp": args.pp, "sp": args.sp, "stage": layout.ranks["pp"],
+        "preset": args.preset, "ltx23_params": sum("gate_logits" in n or "prompt" in n for n in ref.state_dict()),
         "last_stage": par.stage.last, "grad_rel_err": grad_err[worst], "worst_grad": worst,
         "missing_grads": sorted(set(ref_grads) - set(held)), "duplicate_grads": len(held) - len(set(held)),
         "none_grads": sorted(n for n, g in par_grads.items() if g is None), "file_load_equal": file_equal,

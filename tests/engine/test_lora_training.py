@@ -163,3 +163,22 @@ def test_convert_exports_the_adapters_and_the_merged_model(tmp_path, capsys):
     assert main(["convert", str(full_ckpt), str(tmp_path / "x.safetensors"), "--to", "lora"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a full fine-tuning checkpoint: use --to official or --to diffusers" in err
+
+
+def test_ltx23_trains_with_lora_and_exports(tmp_path):
+    """The 2.3 DiT (gated attention, prompt adaLN, contexts at the stream widths) through the whole loop:
+    LoRA on the gates too, resume, and the merged export."""
+    extra = ("model.preset=tiny-2.3", "lora.targets=[attn1.to_q, '*.to_gate_logits', audio_to_video_attn.to_k]")
+    trainer = Trainer(_cfg(tmp_path, "iterations=2", *extra))
+    assert trainer.conditioning.context_channels == (64, 32)
+    assert any(name.endswith("to_gate_logits") for name in lora_layers(trainer.model))
+    history = trainer.run()
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in history)
+    merged = tmp_path / "merged.safetensors"
+    assert main(["convert", str(tmp_path / "checkpoints" / "iter_000001"), str(merged), "--to", "diffusers"]) == 0
+    plain = models.build_model(trainer.model.config)
+    models.load_model_weights(plain, merged)
+    inputs = tiny_inputs(trainer.model.config)
+    with torch.no_grad():
+        for got, want in zip(plain(**inputs), trainer.model(**inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -454,15 +454,14 @@ def test_headers_written_before_the_official_names_still_read(tmp_path) -> None:
 @pytest.mark.parametrize(
     "key,value",
     [
-        ("apply_gated_attention", True),
-        ("cross_attention_adaln", True),
-        ("caption_proj_before_connector", True),
+        ("use_prompt_adaln_single", False),  # LTX-2.5 (LTX-2.3's switches are supported: tests/models/test_ltx23.py)
+        ("use_keyframes_abs_pos_embedding", True),
         ("rope_type", "interleaved"),
         ("ff_bias", False),
     ],
 )
 def test_an_official_header_of_an_unsupported_variant_is_refused_by_key(tmp_path, key, value) -> None:
-    path = tmp_path / "ltx-2.3.safetensors"
+    path = tmp_path / "variant.safetensors"
     save_file(
         {"x": torch.zeros(1)}, str(path), {"config": json.dumps({"transformer": {**OFFICIAL_TINY_HEADER, key: value}})}
     )

@@ -33,8 +33,13 @@ LORA = ["lora.rank=4", "lora.alpha=8"]  # rank-4 adapters at scale 2, as the aut
         (2, ["--tp", "2", "--sp"]),
         (2, ["--tp", "1", "--pp", "2", "--backend", "torch"]),
         (4, ["--tp", "2", "--pp", "2", "--sp"]),
+        # LTX-2.3: gate logits split with the heads, text adaLN, no caption projection, prompt rows in the carry.
+        (2, ["--tp", "2", "--preset", "tiny-2.3"]),
+        (2, ["--tp", "2", "--sp", "--preset", "tiny-2.3"]),
+        (2, ["--tp", "1", "--pp", "2", "--backend", "torch", "--preset", "tiny-2.3"]),
+        (4, ["--tp", "2", "--pp", "2", "--sp", "--preset", "tiny-2.3"]),
     ],
-    ids=["tp2", "tp2-sp", "pp2", "tp2xpp2-sp"],
+    ids=["tp2", "tp2-sp", "pp2", "tp2xpp2-sp", "2.3-tp2", "2.3-tp2-sp", "2.3-pp2", "2.3-tp2xpp2-sp"],
 )
 def test_parallel_model_matches_single_process(tmp_path, nproc, args):
     """Outputs, loss and (gathered) gradients of a parallel layout equal the single-process model's;
@@ -42,6 +47,7 @@ def test_parallel_model_matches_single_process(tmp_path, nproc, args):
     results = torchrun("model_parity.py", nproc, *args, out=tmp_path)
     assert sum(r["last_stage"] for r in results) == nproc // (2 if "--pp" in args else 1)
     for r in results:
+        assert (r["ltx23_params"] > 0) == ("tiny-2.3" in args), r  # the 2.3 layers are there (and only there)
         if r["last_stage"]:
             assert r["video_err"] < 1e-5 and r["audio_err"] < 1e-5, r
             assert r["loss_rel_err"] < 1e-5, r

@@ -304,8 +304,8 @@ def test_strict_loading_names_every_problem(parts, sources, tmp_path) -> None:
         Decoders(FP32, tmp_path / "no_audio.safetensors")
     assert Decoders(FP32, tmp_path / "no_audio.safetensors", audio=False).vae is not None
 
-    (root / "vocoder" / "config.json").write_text('{"_class_name": "LTX2VocoderWithBWE"}')
-    with pytest.raises(CheckpointError, match="must be LTX2Vocoder"):
+    (root / "vocoder" / "config.json").write_text('{"_class_name": "LTX2VocoderWithCoffee"}')
+    with pytest.raises(CheckpointError, match="must be LTX2Vocoder or LTX2VocoderWithBWE"):
         Decoders(FP32, root, video=False)
     with pytest.raises(CheckpointError, match="no such file or folder"):
         Decoders(FP32, tmp_path / "nowhere")
