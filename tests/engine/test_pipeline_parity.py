@@ -1,6 +1,6 @@
 """Sampling with real text conditioning equals diffusers' `LTX2Pipeline(output_type="latent")` on tiny
-random components (Gemma 3, connectors, DiT, VAEs), given the same noise and sigmas: guidance off,
-and CFG with negative prompts. The pipeline's extras we do not implement are switched off
+random components (Gemma 3, connectors, DiT, VAEs), LTX-2.0 and LTX-2.3 alike, given the same noise and sigmas:
+guidance off, and CFG with negative prompts. The pipeline's extras we do not implement are switched off
 (modality guidance, rescale, cross-timestep); STG has its own parity test (tests/models/test_model.py).
 The VAE statistics are mean 0 / std 1, so the pipeline's latent (de)normalisation is the identity
 here; decoding has its own tests."""
@@ -16,7 +16,7 @@ from engine.data.text import TextConfig
 from engine.sampler import ltx2_sigmas, sample
 from models.layouts import diffusers_config
 
-from .data import tiny_ltx2
+from .data import tiny_ltx2, tiny_ltx23
 from .rewards import tiny_decoders
 
 pytest.importorskip("transformers")
@@ -38,13 +38,19 @@ def _dit():
     return dm
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=["2.0", "2.3"], ids=["ltx2", "ltx2.3"])
+def setup(request, tmp_path_factory):
+    """The oracle pipeline and our DiT for LTX-2.0 (tiny preset) or LTX-2.3 (gated attention, prompt adaLN, no
+    caption projection; its connectors project per modality)."""
     root = tmp_path_factory.mktemp("oracle")
-    gemma, tok, conn, dm = tiny_ltx2.gemma(), tiny_ltx2.tokenizer(), tiny_ltx2.connectors(), _dit()
-    folder = tiny_ltx2.write_pipeline(root / "pipe", gemma, tok, conn)
-    cfg = models.PRESETS["tiny"]
-    video_vae, audio_vae = tiny_decoders.video_vae(), tiny_decoders.audio_vae()
+    gemma, tok = tiny_ltx2.gemma(), tiny_ltx2.tokenizer()
+    if request.param == "2.0":
+        conn, dm, video_vae = tiny_ltx2.connectors(), _dit(), tiny_decoders.video_vae()
+        folder = tiny_ltx2.write_pipeline(root / "pipe", gemma, tok, conn)
+    else:
+        conn, dm, video_vae = tiny_ltx23.connectors(), tiny_ltx23.dit(perturbed_attn=False), tiny_ltx23.video_vae()
+        folder = tiny_ltx23.write_pipeline(root / "pipe", gemma, tok, conn)
+    audio_vae = tiny_decoders.audio_vae()
     for vae in (video_vae, audio_vae):  # identity statistics: the pipeline's latent output is then ours
         vae.latents_mean.zero_()
         vae.latents_std.fill_(1.0)
@@ -60,7 +66,8 @@ def setup(tmp_path_factory):
         vocoder=None,
     )
     text_cfg = TextConfig(encoder=str(folder), connectors=str(folder), max_length=tiny_ltx2.MAX_LENGTH, dtype="float32")
-    return dict(pipe=pipe, ours=models.from_diffusers(dm).eval(), text_cfg=text_cfg, geometry=cfg.geometry)
+    ours = models.from_diffusers(dm).eval()
+    return dict(pipe=pipe, ours=ours, text_cfg=text_cfg, geometry=ours.config.geometry)
 
 
 @pytest.mark.parametrize("guidance", [(1.0, 1.0), (3.0, 5.0)], ids=["unguided", "cfg"])
@@ -70,8 +77,9 @@ def test_sampling_equals_the_pipeline(setup, guidance) -> None:
     f, h, w = GRID
     num_audio = setup["geometry"].audio_tokens_for(f, FPS)
     g = torch.Generator().manual_seed(7)
-    noise_video = torch.randn(2, f * h * w, 16, generator=g)
-    noise_audio = torch.randn(2, num_audio, 16, generator=g)
+    config = setup["ours"].config
+    noise_video = torch.randn(2, f * h * w, config.in_channels, generator=g)
+    noise_audio = torch.randn(2, num_audio, config.audio_in_channels, generator=g)
     sigmas = ltx2_sigmas(4)
 
     with torch.no_grad():

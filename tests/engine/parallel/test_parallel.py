@@ -72,6 +72,8 @@ def test_parallel_model_matches_single_process(tmp_path, nproc, args):
         # LoRA (adapters alone trained; the old policy is the "old" set of the same base).
         (4, ["--tp", "2", "--pp", "2", "--sp", "--micro", "2", *LORA], 1),
         (2, ["--tp", "1", "--dist-opt", *LORA], 2),
+        # LTX-2.3 (gated attention, prompt adaLN, per-stream context widths), with LoRA.
+        (4, ["--tp", "2", "--pp", "2", "--sp", "--micro", "2", "model.preset=tiny-2.3", *LORA], 1),
     ],
     ids=[
         "tp2xdp2",
@@ -83,6 +85,7 @@ def test_parallel_model_matches_single_process(tmp_path, nproc, args):
         "tp2xdp2-sp-distopt",
         "tp2xpp2-sp-micro2-lora",
         "dp2-distopt-lora",
+        "tp2xpp2-sp-micro2-ltx23-lora",
     ],
 )
 def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
