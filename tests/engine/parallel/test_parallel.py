@@ -108,8 +108,9 @@ def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
         ((2, ["--tp", "1", "--dist-opt"]), (1, ["--tp", "1"])),
         ((1, ["--tp", "1"]), (2, ["--tp", "1", "--dist-opt"])),
         ((4, ["--tp", "2", "--pp", "2", *LORA]), (2, ["--tp", "1", "--dist-opt", *LORA])),
+        ((4, ["--tp", "2", "--pp", "2", "model.preset=tiny-2.3"]), (1, ["--tp", "1", "model.preset=tiny-2.3"])),
     ],
-    ids=["tp2xpp2-to-1", "distopt-to-1", "1-to-distopt", "lora-tp2xpp2-to-distopt"],
+    ids=["tp2xpp2-to-1", "distopt-to-1", "1-to-distopt", "lora-tp2xpp2-to-distopt", "ltx23-tp2xpp2-to-1"],
 )
 def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, save, resume):
     """Train 2 iterations with megatron distributed checkpoints in one layout, resume in another:
@@ -142,9 +143,9 @@ def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, sa
 
     exported = tmp_path / "exported.safetensors"
     assert main(["convert", str(run_dir / "checkpoints" / "iter_000001"), str(exported), "--to", "official"]) == 0
-    model = models.build_model("tiny")
+    model = models.build_model("tiny-2.3" if "model.preset=tiny-2.3" in overrides else "tiny")
     models.load_model_weights(model, exported)  # every key and shape checked (a LoRA run's: merged)
-    if overrides:  # a LoRA run's adapters, read from the distributed checkpoint
+    if LORA[0] in overrides:  # a LoRA run's adapters, read from the distributed checkpoint
         lora = tmp_path / "lora.safetensors"
         assert main(["convert", str(run_dir / "checkpoints" / "iter_000001"), str(lora), "--to", "lora"]) == 0
         assert len(read_lora_file(lora)) == 2 * 28 * models.PRESETS["tiny"].num_layers
