@@ -61,8 +61,8 @@ def test_an_init_that_is_neither_file_nor_diffusers_folder_is_a_config_error(tmp
 
 
 def test_an_init_of_an_unsupported_variant_is_a_config_error_naming_the_key(tmp_path) -> None:
-    path = tmp_path / "ltx-2.3-22b.safetensors"
-    header = {"transformer": {"apply_gated_attention": True, "cross_attention_adaln": True}}
+    path = tmp_path / "ltx-2.5.safetensors"  # LTX-2.3's switches are supported, LTX-2.5's prompt modulation is not
+    header = {"transformer": {"apply_gated_attention": True, "use_prompt_adaln_single": False}}
     save_file({"x": torch.zeros(1)}, str(path), {"config": json.dumps(header)})
-    with pytest.raises(ConfigError, match="model.init: .*apply_gated_attention=True is not supported"):
+    with pytest.raises(ConfigError, match="model.init: .*use_prompt_adaln_single=False is not supported"):
         PolicyConfig(init=str(path))
