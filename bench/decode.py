@@ -29,7 +29,8 @@ import torch
 import models
 from bench.kernels import CUDA, device_label, package_versions, report, timer
 from engine.config import load_config
-from engine.rewards.decode import AUDIO_VAE_19B, VIDEO_VAE_19B, VOCODER_19B, DecodeConfig, Decoders
+from engine.rewards.decode import DecodeConfig, Decoders
+from engine.rewards.decoder_files import AUDIO_VAE_19B, VIDEO_VAE_19B, VOCODER_19B
 from engine.trainer import Trainer
 from models.latents import LatentGeometry
 from models.layouts import diffusers_config

@@ -348,9 +348,8 @@ class Trainer(RolloutPhases):
                 "time/iteration": time.perf_counter() - t0,
             }
         scores = {name: layout.gather_samples(v.to(self.device), local, n) for name, v in result.values.items()}
-        keys = self.sample_keys(iteration, prompts, local)
         if self.logger is not None and cfg.log.media_every and (iteration + 1) % cfg.log.media_every == 0:
-            self.save_media("train", iteration, rollout, keys)
+            self.save_media("train", iteration, rollout, self.sample_keys(iteration, prompts, local))
 
         t = time.perf_counter()
         with profiling.nvtx_range(profiling.ADVANTAGE):

@@ -16,13 +16,10 @@ from safetensors.torch import load_file, save_file
 import models
 from engine.errors import CheckpointError, ConfigError
 from engine.noise import seeded_normal
-from engine.rewards.decode import (
+from engine.rewards.decode import DecodeConfig, Decoders, decode_source, load_decoders
+from engine.rewards.decoder_files import (
     AUDIO_VAE_19B,
     VIDEO_VAE_19B,
-    DecodeConfig,
-    Decoders,
-    decode_source,
-    load_decoders,
     official_audio_vae_key,
     official_video_vae_key,
     official_vocoder_key,

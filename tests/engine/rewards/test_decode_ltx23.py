@@ -14,14 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from engine.errors import CheckpointError
-from engine.rewards.decode import (
-    DecodeConfig,
-    Decoders,
-    _video_vae_kwargs,
-    _vocoder_kwargs,
-    load_decoders,
-    official_vocoder_key,
-)
+from engine.rewards.decode import DecodeConfig, Decoders, load_decoders
+from engine.rewards.decoder_files import official_vocoder_key, video_vae_kwargs, vocoder_kwargs
 from engine.sampler import ltx2_sigmas
 
 from ..data import tiny_ltx2, tiny_ltx23
@@ -201,7 +195,7 @@ def test_release_headers_give_the_conversion_scripts_configs() -> None:
     get_ltx2_vocoder_config, "2.3") from the released header. One deliberate difference: ltx-core clamps the
     first vocoder stage's output to [-1, 1] (`use_tanh_at_final: false` with its final activation on), which the
     script's config leaves off (`final_act_fn: None`); we build what the header describes."""
-    vae = _video_vae_kwargs(RELEASE_VAE, timestep_conditioning=False)
+    vae = video_vae_kwargs(RELEASE_VAE, timestep_conditioning=False)
     script_vae = dict(
         latent_channels=128,
         decoder_block_out_channels=(256, 512, 512, 1024),
@@ -224,7 +218,7 @@ def test_release_headers_give_the_conversion_scripts_configs() -> None:
     assert tuple(decoder.conv_out.conv.weight.shape) == (48, 128, 3, 3, 3)
 
     audio = dict(output_channels=2, mel_bins=64)
-    class_name, vocoder = _vocoder_kwargs(RELEASE_VOCODER, audio)
+    class_name, vocoder = vocoder_kwargs(RELEASE_VOCODER, audio)
     script_vocoder = dict(
         in_channels=128,
         hidden_channels=1536,
