@@ -29,7 +29,7 @@ from ..errors import CheckpointError, ConfigError
 from ..parallel import ProcessLayout
 from ..policy import DTYPES, add_adapters, build_policy, load_whole_policy_state
 from . import full
-from .manager import is_distributed_checkpoint
+from .manager import is_checkpoint, is_distributed_checkpoint
 
 TARGETS = ("official", "diffusers", "lora")
 
@@ -38,7 +38,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None)
     """Writes `dst` from `src` (a checkpoints/iter_NNNNNN directory, full or distributed, or anything
     `model.init` accepts) as `to` says; returns what was written, in words."""
     src, cast = Path(src), None if dtype is None else DTYPES[dtype]
-    checkpoint = src.is_dir() and (is_distributed_checkpoint(src) or full.is_full_checkpoint(src))
+    checkpoint = src.is_dir() and is_checkpoint(src)
     if checkpoint and _holds_adapters(src):
         config, adapters = _run_config(src), _adapters(src)
         if to == "lora":
@@ -121,7 +121,7 @@ def _adapters(src: Path, policy: int = 0) -> dict[str, Tensor]:
 def lora_checkpoint(src: str | Path) -> bool:
     """A LoRA run's training checkpoint directory (full or distributed)."""
     src = Path(src)
-    return src.is_dir() and (is_distributed_checkpoint(src) or full.is_full_checkpoint(src)) and _holds_adapters(src)
+    return src.is_dir() and is_checkpoint(src) and _holds_adapters(src)
 
 
 def checkpoint_overrides(src: str | Path) -> list[str]:

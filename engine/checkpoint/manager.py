@@ -42,6 +42,11 @@ def is_distributed_checkpoint(path: Path) -> bool:
     return (Path(path) / "metadata.json").is_file()
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A directory holding a training checkpoint of either format."""
+    return is_distributed_checkpoint(path) or full.is_full_checkpoint(path)
+
+
 def _number(path: Path) -> int:
     """The iteration of checkpoint directory iter_NNNNNN."""
     return int(path.name[5:])
@@ -108,7 +113,7 @@ class CheckpointManager:
             holds a checkpoint's files)."""
             named, ours = self.latest(), self.checkpoints()
             older = [p for p in reversed(ours) if named is None or _number(p) < _number(named)]
-            candidates = [(p.name, self._is_checkpoint(p)) for p in [named] * (named is not None) + older]
+            candidates = [(p.name, is_checkpoint(p)) for p in [named] * (named is not None) + older]
             return None if named is None else named.name, candidates
 
         named, candidates = self.layout.from_first_rank(survey())  # rank 0's view, for every rank alike
@@ -128,10 +133,6 @@ class CheckpointManager:
             self.point_latest(chosen)
         self.resume_from = chosen
         return chosen
-
-    @staticmethod
-    def _is_checkpoint(path: Path) -> bool:
-        return is_distributed_checkpoint(path) or full.is_full_checkpoint(path)
 
     def prune(self, saved: Path) -> None:
         """Rank 0 deletes the checkpoints before `saved` that `checkpoint_keep` does not keep (the last
