@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "models", "models.*"]),
+    package_data={"kernels": ["dispatch_table.json"]},
     install_requires=[
         "torch>=2.4",
         "safetensors>=0.4",

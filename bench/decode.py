@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import models
-from bench.kernels import CUDA, device_label, package_versions, report, timer
+from bench.measure import CUDA, device_label, package_versions, report, timer
 from engine.config import load_config
 from engine.rewards.decode import DecodeConfig, Decoders
 from engine.rewards.decoder_files import AUDIO_VAE_19B, VIDEO_VAE_19B, VOCODER_19B

@@ -25,7 +25,7 @@ from datetime import date
 
 import torch
 
-from bench.kernels import CUDA, device_label, package_versions, report
+from bench.measure import CUDA, device_label, package_versions, report
 from engine.rewards import Rollout
 from engine.rewards.desync import random_desync
 from engine.rewards.hpsv3 import random_hpsv3

@@ -1,299 +1,264 @@
-"""Attention kernels against their torch alternatives at LTX-2 shapes.
+"""Every attention implementation on every attention call of LTX-2, and the dispatch table from them.
 
-    python -m bench.kernels [--reps N] [--out PATH]
+    python -m bench.kernels [--reps N] [--shapes ltx2|small] [--dispatch TABLE] [--out PATH]
 
-On CUDA: our Triton cross-attention (forward, forward+backward with the A2V gradient scale fused)
-against torch SDPA with the scale applied by a gradient hook (the reference) and flash-attn plus
-the same hook where installed; our Triton attention mass against the chunked reference and a
-materialised softmax column sum. Shapes (B=1, H=32): A2V video queries 6144/24576 on audio keys
-126/504 at D=64, V2A the other way round, square self-attention 4096/16384 at D=64 and 128.
-On a CPU only the torch paths run, at small shapes, and the figures are labelled CPU figures.
+Calls (B=1, H=32, bf16 on CUDA): a block's six attentions at the training shapes of a 121-frame clip
+at 512x768 (6144 video tokens, 126 audio tokens, 1024 text tokens of which the last 200 are real) and
+at four times the pixels (24576 video, 504 audio): video and audio self-attention, video-text and
+audio-text (key mask), A2V (video queries on audio keys, head dim 64) and V2A. Each is timed as the
+model runs it: `fwd` (no gradient: rollouts), `fwd+bwd` (training; A2V also with the partial
+stop-gradient, kv_grad_scale 0.9), V2A `fwd+lse` (the rollout's probe) and the V2A `mass` with the
+forward's LSE. Candidates are `kernels.dispatch.candidates`: SDPA as torch picks, SDPA held to cuDNN,
+flash or memory-efficient, flash-attn where installed, our Triton kernels; a candidate that refuses a
+call or differs from SDPA by more than bf16 rounding (relative error 2e-2 on outputs and gradients) is
+recorded with its error and never chosen. On a CPU only the torch paths run, at small shapes, in fp32,
+labelled CPU figures.
 
-Per row: median time, TFLOP/s (model FLOPs, backward counted as 2.5x forward), GB/s over the
-minimum bytes (inputs read and outputs written once), those as fractions of the device-to-device
-copy bandwidth and the matmul rate measured in the same run (bf16 on CUDA; fp32 on a CPU, which
-runs the benchmark in fp32 for want of fast bf16 matmuls), and peak memory above the inputs (CUDA
-only). Writes bench/results/<device>-<date>.json.
+Per row: median time, TFLOP/s (model FLOPs: backward counted as 2.5x forward), GB/s over the minimum
+bytes (inputs read and outputs written once), those as fractions of the copy bandwidth and matmul rate
+measured in the same run, and peak memory above the inputs (CUDA only). Writes the JSON after each call,
+so a run cut short keeps what it measured. `--dispatch TABLE` merges the fastest candidate per shape
+class into that dispatch table for this device and dtype (kernels/dispatch_table.json is the committed one).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import math
 import platform
-import re
-import statistics
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from kernels import HAS_TRITON, reference
+from bench.measure import CUDA, DTYPE, device_label, device_peaks, package_versions, peak_mib, timer
+from kernels import dispatch
+from kernels.dispatch import DispatchTable, Implementation
 
-CUDA = torch.cuda.is_available()
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-GPU_HEADS, CPU_HEADS = 32, 4
-A2V_GPU = [(nq, nk) for nq in (6144, 24576) for nk in (126, 504)]
-A2V_CPU = [(1024, 126)]
-SELF_GPU = [(n, d) for n in (4096, 16384) for d in (64, 128)]
-SELF_CPU = [(512, 64), (512, 128)]
-
-
-def timer(fn: Callable[[], object], reps: int) -> float:
-    """Median seconds of `fn` after warm-up (which also absorbs Triton's autotuning)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start_s = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start_s)
-    return statistics.median(times)
+HEADS = {"ltx2": 32, "small": 4}
+# (video tokens, audio tokens, text tokens, real text tokens) per shape set.
+SHAPES = {"ltx2": [(6144, 126, 1024, 200), (24576, 504, 1024, 200)], "small": [(512, 26, 64, 20)]}
+A2V_SCALE = 0.9  # kv_grad_scale of a shallow block under surgery
+TOLERANCE = 2e-2  # relative error against SDPA: bf16 rounding, and far below any indexing bug
+WRONG = "relative error against the reference above 2e-2:"
 
 
-def peak_mib(fn: Callable[[], object]) -> float | None:
-    """Memory allocated by one call above what was allocated before it (CUDA only)."""
-    if not CUDA:
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+@dataclass(frozen=True)
+class Call:
+    """One attention of a block: name, query and key lengths, head dim, real keys (None: no mask), ops."""
+
+    name: str
+    nq: int
+    nk: int
+    dim: int
+    real_keys: int | None
+    ops: tuple[str, ...]
 
 
-def device_peaks(device: torch.device, dtype: torch.dtype, reps: int) -> tuple[float, float]:
-    """(copy GB/s counting read + write, matmul TFLOP/s in `dtype`), measured now on this device."""
-    numel = (1 << 28) if CUDA else (1 << 24)
-    src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    copy_s = timer(lambda: dst.copy_(src), reps)
-    n = 8192 if CUDA else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    mm_s = timer(lambda: a @ b, reps)
-    return 2 * src.numel() * 4 / copy_s / 1e9, 2 * n**3 / mm_s / 1e12
+def block_calls(video: int, audio: int, text: int, real_text: int) -> list[Call]:
+    """The six attentions of an LTX-2 block (ARCHITECTURE.md section 2) and the ops each is run as."""
+    both = ("fwd", "fwd+bwd")
+    return [
+        Call("video-self", video, video, 128, None, both),
+        Call("audio-self", audio, audio, 64, None, both),
+        Call("video-text", video, text, 128, real_text, both),
+        Call("audio-text", audio, text, 64, real_text, both),
+        Call("a2v", video, audio, 64, None, ("fwd", "fwd+bwd", "fwd+bwd/scaled")),
+        Call("v2a", audio, video, 64, None, ("fwd", "fwd+lse", "fwd+bwd", "mass")),
+    ]
 
 
-def flash_attention() -> Callable[..., Tensor] | None:
-    """flash-attn on (B, H, N, D) tensors with the reference's gradient scale, where installed."""
-    if not CUDA or importlib.util.find_spec("flash_attn") is None:
-        return None
-    from flash_attn import flash_attn_func
-
-    def run(q: Tensor, k: Tensor, v: Tensor, kv_grad_scale: float = 1.0) -> Tensor:
-        if kv_grad_scale != 1.0:
-            k = reference._ScaleGrad.apply(k, kv_grad_scale)
-            v = reference._ScaleGrad.apply(v, kv_grad_scale)
-        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-    return run
+def relative_error(ours: Tensor, ref: Tensor) -> float:
+    return float((ours.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
-def materialised_mass(q: Tensor, k: Tensor) -> Tensor:
-    """The whole Nq x Nk probability map, summed over queries and averaged over heads."""
-    probs = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
-    return probs.sum(dim=2).mean(dim=1)
+class CallInputs:
+    """Random inputs of one call (never zeros), with its key mask: the last `real_keys` keys are real, as
+    left-padded prompts leave them."""
+
+    def __init__(self, call: Call, heads: int, device: torch.device):
+        shape = (1, heads)
+        self.q, self.k, self.v = (
+            torch.randn(*shape, n, call.dim, device=device, dtype=DTYPE, requires_grad=True)
+            for n in (call.nq, call.nk, call.nk)
+        )
+        self.do = torch.randn(*shape, call.nq, call.dim, device=device, dtype=DTYPE)
+        self.mask = None
+        if call.real_keys is not None:
+            self.mask = torch.zeros(1, call.nk, dtype=torch.bool, device=device)
+            self.mask[:, -call.real_keys :] = True
+
+    def run(self, impl: Implementation, op: str, scale: float) -> Callable[[], object]:
+        """A zero-argument call of `impl` doing `op`; it returns what is compared across implementations."""
+        q, k, v, mask = self.q, self.k, self.v, self.mask
+        if op == "mass":
+            lse = dispatch.IMPLEMENTATIONS["sdpa"].attention_lse(q.detach(), k.detach(), k.detach(), 1.0, mask)[1]
+            return lambda: impl.mass(q.detach(), k.detach(), key_mask=mask, lse=lse)
+        if op == "fwd+bwd":
+            return lambda: torch.autograd.grad(impl.attention(q, k, v, scale, mask), (q, k, v), self.do)
+
+        def forward() -> object:
+            with torch.no_grad():
+                return (
+                    impl.attention_lse(q, k, v, scale, mask)
+                    if op == "fwd+lse"
+                    else impl.attention(q, k, v, scale, mask)
+                )
+
+        return forward
+
+    def counts(self, op: str) -> tuple[int, int]:
+        """(model FLOPs, minimum bytes) of `op`: QK^T and PV 2*Nq*Nk*D each per head, backward 2.5x."""
+        _, heads, nq, dim = self.q.shape
+        nk, size = self.k.shape[2], self.q.element_size()
+        fwd_flops = 4 * heads * nq * nk * dim
+        fwd_bytes = size * heads * dim * (2 * nq + 2 * nk)
+        if op == "mass":
+            return fwd_flops // 2, size * heads * dim * (nq + nk) + 4 * heads * nq + 4 * nk
+        if op == "fwd+bwd":  # also read q o dO k v, write dq dk dv
+            return int(3.5 * fwd_flops), fwd_bytes + size * heads * dim * (4 * nq + 4 * nk)
+        return fwd_flops, fwd_bytes + (4 * heads * nq if op == "fwd+lse" else 0)
 
 
-def attention_impls() -> dict[str, Callable[..., Tensor]]:
-    impls: dict[str, Callable[..., Tensor]] = {}
-    if CUDA and HAS_TRITON:
-        from kernels import triton_attention
-
-        impls["triton"] = triton_attention.cross_attention
-    impls["sdpa+hook"] = reference.cross_attention
-    flash = flash_attention()
-    if flash is not None:
-        impls["flash-attn+hook"] = flash
-    return impls
-
-
-def mass_impls(q: Tensor, k: Tensor) -> dict[str, Callable[[], Tensor]]:
-    """Zero-argument calls; 'lse given' is the V2A case where the forward already produced the LSE."""
-    impls: dict[str, Callable[[], Tensor]] = {}
-    if CUDA and HAS_TRITON:
-        from kernels import triton_attention, triton_mass
-
-        lse = triton_attention.cross_attention_lse(q, k, k)[1]
-        impls["triton"] = partial(triton_mass.attention_mass, q, k)
-        impls["triton, lse given"] = partial(triton_mass.attention_mass, q, k, lse=lse)
-    impls["torch chunked"] = partial(reference.attention_mass, q, k)
-    impls["materialised"] = partial(materialised_mass, q, k)
-    return impls
-
-
-def forward(attend: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, g: float) -> Callable[[], Tensor]:
-    def run() -> Tensor:
-        with torch.no_grad():
-            return attend(q, k, v, kv_grad_scale=g)
-
-    return run
-
-
-def train_step(
-    attend: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, g: float, do: Tensor
-) -> Callable[[], tuple[Tensor, ...]]:
-    return lambda: torch.autograd.grad(attend(q, k, v, kv_grad_scale=g), (q, k, v), do)
-
-
-def bench_attention(
-    name: str, heads: int, nq: int, nk: int, dim: int, g: float, device: torch.device, reps: int
-) -> list[dict]:
-    q, k, v = (torch.randn(1, heads, n, dim, device=device, dtype=DTYPE, requires_grad=True) for n in (nq, nk, nk))
-    do = torch.randn(1, heads, nq, dim, device=device, dtype=DTYPE)
-    size = q.element_size()
-    fwd_flops = 4 * heads * nq * nk * dim
-    fwd_bytes = size * heads * dim * (2 * nq + 2 * nk)
-    bwd_bytes = size * heads * dim * (4 * nq + 4 * nk)  # read q o dO k v, write dq dk dv
+def bench_call(call: Call, heads: int, device: torch.device, reps: int) -> list[dict]:
+    """Rows for every op and candidate of `call`; the first candidate, the default (SDPA; the mass: the torch
+    reference), is what the others are compared with."""
+    inputs = CallInputs(call, heads, device)
     rows = []
-    for impl, attend in attention_impls().items():
-        for op, fn, flops, nbytes in [
-            ("fwd", forward(attend, q, k, v, g), fwd_flops, fwd_bytes),
-            ("fwd+bwd", train_step(attend, q, k, v, g, do), 3.5 * fwd_flops, fwd_bytes + bwd_bytes),
-        ]:
-            rows.append(
-                {
-                    "case": name,
-                    "op": op,
-                    "impl": impl,
-                    "shape": [1, heads, nq, nk, dim],
-                    "kv_grad_scale": g,
-                    "seconds": timer(fn, reps),
-                    "flops": flops,
-                    "bytes": nbytes,
-                    "peak_mib": peak_mib(fn),
-                }
-            )
-    return rows
-
-
-def bench_mass(name: str, heads: int, nq: int, nk: int, dim: int, device: torch.device, reps: int) -> list[dict]:
-    q, k = (torch.randn(1, heads, n, dim, device=device, dtype=DTYPE) for n in (nq, nk))
-    flops = 2 * heads * nq * nk * dim
-    nbytes = q.element_size() * heads * dim * (nq + nk) + 4 * nk
-    rows = []
-    for impl, fn in mass_impls(q, k).items():
-        rows.append(
-            {
-                "case": name,
-                "op": "mass",
-                "impl": impl,
-                "shape": [1, heads, nq, nk, dim],
-                "seconds": timer(fn, reps),
+    for op_name in call.ops:
+        op, scaled = op_name.removesuffix("/scaled"), op_name.endswith("/scaled")
+        scale = A2V_SCALE if scaled else 1.0
+        cls = dispatch.call_class(op, inputs.q, inputs.k, scale, inputs.mask)
+        flops, nbytes = inputs.counts(op)
+        expected = None
+        for impl in dispatch.candidates(op, inputs.q, inputs.mask):
+            row = {
+                "case": call.name,
+                "class": cls.key,
+                "op": op,
+                "impl": impl.name,
+                "shape": [1, heads, call.nq, call.nk, call.dim],
+                "kv_grad_scale": scale,
+                "real_keys": call.real_keys,
                 "flops": flops,
                 "bytes": nbytes,
-                "peak_mib": peak_mib(fn),
             }
-        )
+            fn = inputs.run(impl, op, scale)
+            try:
+                result = fn()
+                outputs = list(result) if isinstance(result, tuple) else [result]
+                expected = outputs if expected is None else expected
+                error = max(relative_error(ours, ref) for ours, ref in zip(outputs, expected, strict=True))
+                row["rel_error_vs_reference"] = error
+                if not error <= TOLERANCE:  # NaN fails too
+                    raise RuntimeError(f"{WRONG} {error:.3g}")
+                row["seconds"] = timer(fn, reps)
+                row["peak_mib"] = peak_mib(fn)
+            except RuntimeError as err:  # a backend that refuses the call, or a wrong result
+                row["error"] = str(err).splitlines()[0][:300]
+            rows.append(row)
     return rows
 
 
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-    return "cpu"
+def add_rates(rows: list[dict], copy_gbps: float, matmul_tflops: float) -> None:
+    for row in rows:
+        if "seconds" in row:
+            row["tflops"] = row["flops"] / row["seconds"] / 1e12
+            row["gbps"] = row["bytes"] / row["seconds"] / 1e9
+            row["frac_copy_bw"] = row["gbps"] / copy_gbps
+            row["frac_matmul"] = row["tflops"] / matmul_tflops
 
 
-def report(result: dict, out: str | None, suffix: str) -> Path:
-    """Prints `result` and writes it as JSON to `out`, default bench/results/<device>-<date>-<suffix>.json."""
-    print(json.dumps(result, indent=2))
-    path = Path(out or f"bench/results/{result['device']}-{result['date']}-{suffix}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
-    return path
+HEADER = (
+    f"{'case':10s} {'op':8s} {'impl':14s} {'B,H,Nq,Nk,D':>20s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>8s} "
+    f"{'%copy':>6s} {'%mm':>6s} {'peak MiB':>9s}"
+)
 
 
-def package_versions(*modules: str) -> dict[str, str]:
-    """torch's version and those of the named optional packages that are installed, for the JSON."""
-    versions = {"torch": torch.__version__}
-    for module in modules:
-        if importlib.util.find_spec(module) is not None:
-            versions[module] = __import__(module).__version__
-    return versions
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        shape = ",".join(map(str, r["shape"]))
+        op = r["op"] + ("/g" if r["kv_grad_scale"] != 1.0 else "")
+        if "error" in r:
+            print(f"{r['case']:10s} {op:8s} {r['impl']:14s} {shape:>20s}   {r['error'][:60]}")
+            continue
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        print(
+            f"{r['case']:10s} {op:8s} {r['impl']:14s} {shape:>20s} {r['seconds'] * 1e3:9.3f} {r['tflops']:8.2f} "
+            f"{r['gbps']:8.1f} {100 * r['frac_copy_bw']:6.1f} {100 * r['frac_matmul']:6.1f} {peak:>9s}"
+        )
+
+
+def update_table(path: Path, label: str, dtype: str, rows: list[dict], about: str) -> dict[str, dict]:
+    """Merges the fastest candidate per class measured here into the table at `path`; returns the entries."""
+    entries = dispatch.fastest(r for r in rows if "seconds" in r)
+    table = DispatchTable.load(path) if path.exists() else DispatchTable(source=str(path))
+    table.merged(label, dtype, entries).save(path, about)
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on CUDA, 5 on CPU)")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>.json)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default=None, help="default ltx2 on CUDA, small on CPU")
+    parser.add_argument("--dispatch", default=None, help="dispatch table to merge the fastest candidates into")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/<device>-<date>-kernels.json)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if CUDA else "cpu")
-    reps = args.reps or (20 if CUDA else 5)
-    heads = GPU_HEADS if CUDA else CPU_HEADS
+    reps = args.reps or (20 if CUDA else 3)
+    shapes = args.shapes or ("ltx2" if CUDA else "small")
+    label, dtype, today = device_label(device), dispatch.dtype_name(DTYPE), date.today().isoformat()
     copy_gbps, matmul_tflops = device_peaks(device, DTYPE, reps)
-
-    rows = []
-    for nq, nk in A2V_GPU if CUDA else A2V_CPU:
-        rows += bench_attention("a2v", heads, nq, nk, 64, 0.9, device, reps)
-        rows += bench_attention("v2a", heads, nk, nq, 64, 1.0, device, reps)
-        rows += bench_mass("v2a", heads, nk, nq, 64, device, reps)
-    for n, dim in SELF_GPU if CUDA else SELF_CPU:
-        rows += bench_attention("self", heads, n, n, dim, 1.0, device, reps)
-    for row in rows:
-        row["tflops"] = row["flops"] / row["seconds"] / 1e12
-        row["gbps"] = row["bytes"] / row["seconds"] / 1e9
-        row["frac_copy_bw"] = row["gbps"] / copy_gbps
-        row["frac_matmul"] = row["tflops"] / matmul_tflops
-
-    label = device_label(device)
-    dtype_name = str(DTYPE).removeprefix("torch.")
     what = (
-        f"GPU figures, {torch.cuda.get_device_name(device)}, {dtype_name}"
+        f"GPU figures, {torch.cuda.get_device_name(device)}, {dtype}"
         if CUDA
         else f"CPU figures ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{dtype_name}, small shapes, torch paths only)"
+        f"{dtype}, torch paths only)"
     )
-    print(f"{what}; measured copy {copy_gbps:.1f} GB/s, {dtype_name} matmul {matmul_tflops:.3f} TFLOP/s")
-    print(
-        f"{'case':5s} {'op':8s} {'impl':18s} {'B,H,Nq,Nk,D':>22s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>8s} "
-        f"{'%copy':>6s} {'%mm':>6s} {'peak MiB':>9s}"
-    )
-    for r in rows:
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        print(
-            f"{r['case']:5s} {r['op']:8s} {r['impl']:18s} {','.join(map(str, r['shape'])):>22s} "
-            f"{r['seconds'] * 1e3:9.3f} {r['tflops']:8.3f} {r['gbps']:8.1f} {100 * r['frac_copy_bw']:6.1f} "
-            f"{100 * r['frac_matmul']:6.1f} {peak:>9s}"
-        )
-
-    out = Path(args.out or f"bench/results/{label}-{date.today().isoformat()}.json")
+    print(f"{what}; measured copy {copy_gbps:.1f} GB/s, {dtype} matmul {matmul_tflops:.3f} TFLOP/s", flush=True)
+    print(HEADER)
+    out = Path(args.out or f"bench/results/{label}-{today}-kernels.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    versions = package_versions("triton", "flash_attn")
-    out.write_text(
-        json.dumps(
-            {
-                "device": label,
-                "figures": what,
-                "date": date.today().isoformat(),
-                "reps": reps,
-                "versions": versions,
-                "dtype": dtype_name,
-                "copy_gbps": copy_gbps,
-                "matmul_tflops": matmul_tflops,
-                "rows": rows,
-            },
-            indent=1,
+    result = {
+        "device": label,
+        "figures": what,
+        "date": today,
+        "reps": reps,
+        "versions": package_versions("triton", "flash_attn"),
+        "dtype": dtype,
+        "shapes": shapes,
+        "copy_gbps": copy_gbps,
+        "matmul_tflops": matmul_tflops,
+        "rows": [],
+    }
+    for video, audio, text, real_text in SHAPES[shapes]:
+        for call in block_calls(video, audio, text, real_text):
+            rows = bench_call(call, HEADS[shapes], device, reps)
+            add_rates(rows, copy_gbps, matmul_tflops)
+            print_rows(rows)
+            result["rows"] += rows
+            out.write_text(json.dumps(result, indent=1) + "\n")  # after each call: a cut-short run keeps its rows
+            if CUDA:
+                torch.cuda.empty_cache()
+    if args.dispatch:
+        about = (
+            "Attention implementation per device, dtype and shape class: the fastest that "
+            "`python -m bench.kernels --dispatch` measured (kernels/dispatch.py); the 'ms' of every candidate."
         )
-    )
+        result["dispatch"] = update_table(Path(args.dispatch), label, dtype, result["rows"], about)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"dispatch for {label}/{dtype} merged into {args.dispatch}:")
+        for key, entry in result["dispatch"].items():
+            others = ", ".join(f"{k} {v:.3f}" for k, v in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
+            print(f"  {key:40s} -> {entry['impl']:14s} ms: {others}")
     print(f"wrote {out}")
-    return 0
+    wrong = [f"{r['case']} {r['op']} {r['impl']}" for r in result["rows"] if r.get("error", "").startswith(WRONG)]
+    if wrong:
+        print(f"WRONG RESULTS (never chosen): {'; '.join(wrong)}")
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

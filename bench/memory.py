@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 import models
-from bench.kernels import CUDA, device_label, package_versions, report
+from bench.measure import CUDA, device_label, package_versions, report
 from models import LTX2AVTransformer, ModelConfig, Sharding, Stage
 from models.lora import LoRAConfig, apply_lora, lora_layers, lora_parameters
 

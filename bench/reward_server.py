@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.kernels import device_label, package_versions, report, timer
+from bench.measure import device_label, package_versions, report, timer
 from engine.rewards import LATENT_REWARDS, REGISTRY, Rollout, score_rewards, wire
 from engine.rewards.remote import RemoteReward
 from models.latents import LatentGeometry

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 import models
-from bench.kernels import CUDA, DTYPE, device_label, device_peaks, package_versions, timer
+from bench.measure import CUDA, DTYPE, device_label, device_peaks, package_versions, timer
 from engine.algorithm.loss import nft_loss
 from engine.optim import build_optimizer, clip_and_step
 from engine.parallel import ProcessLayout, init_one_process

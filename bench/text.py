@@ -26,7 +26,7 @@ from datetime import date
 
 import torch
 
-from bench.kernels import CUDA, DTYPE, device_label, package_versions, report, timer
+from bench.measure import CUDA, DTYPE, device_label, package_versions, report, timer
 from engine.data import DEFAULT_PROMPTS
 from engine.data.cache import EmbeddingCache
 from engine.data.text import ContextConnectors, PromptEncoder, TextConfig, load_connectors

@@ -23,6 +23,11 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    """`x`, whose gradient is multiplied by `scale` (the partial stop-gradient as a hook); `x` itself at 1."""
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
+
+
 def _check_4d(name: str, t: Tensor) -> None:
     if t.dim() != 4:
         raise ValueError(f"{name} must be 4-D (B,H,N,D), got shape {tuple(t.shape)}")
@@ -100,9 +105,7 @@ def cross_attention(
     """
     check_attention_inputs(q, k, v, kv_grad_scale, key_mask)
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-    if kv_grad_scale != 1.0:
-        k = _ScaleGrad.apply(k, kv_grad_scale)
-        v = _ScaleGrad.apply(v, kv_grad_scale)
+    k, v = scale_grad(k, kv_grad_scale), scale_grad(v, kv_grad_scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
@@ -118,7 +121,7 @@ def cross_attention_lse(
     writes the LSE in its forward; here it is one more chunked pass over the logits."""
     out = cross_attention(q, k, v, kv_grad_scale, key_mask)
     with torch.no_grad():
-        return out, _row_lse(q, k, key_mask, chunk_size=1024)
+        return out, row_lse(q, k, key_mask)
 
 
 def _logit_chunks(q: Tensor, k: Tensor, key_mask: Tensor | None, chunk_size: int):
@@ -133,7 +136,8 @@ def _logit_chunks(q: Tensor, k: Tensor, key_mask: Tensor | None, chunk_size: int
         yield start, s if masked is None else s.masked_fill(masked, float("-inf"))
 
 
-def _row_lse(q: Tensor, k: Tensor, key_mask: Tensor | None, chunk_size: int) -> Tensor:
+def row_lse(q: Tensor, k: Tensor, key_mask: Tensor | None, chunk_size: int = 1024) -> Tensor:
+    """(B, H, Nq) log-sum-exp of the scaled, masked logits, `chunk_size` query rows at a time."""
     return torch.cat([torch.logsumexp(s, dim=-1) for _, s in _logit_chunks(q, k, key_mask, chunk_size)], dim=-1)
 
 
@@ -160,7 +164,7 @@ def attention_mass(
     n_k = k.shape[2]
 
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = (_row_lse(q, k, key_mask, chunk_size) if lse is None else lse).to(compute_dtype)
+    lse = (row_lse(q, k, key_mask, chunk_size) if lse is None else lse).to(compute_dtype)
     mass = torch.zeros(batch, heads, n_k, dtype=compute_dtype, device=q.device)
     for s, logits in _logit_chunks(q, k, key_mask, chunk_size):
         mass += torch.exp(logits - lse[:, :, s : s + chunk_size, None]).sum(dim=2)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import TRITON_DTYPES, TRITON_HEAD_DIMS
+from kernels.dispatch import TRITON_DTYPES, TRITON_HEAD_DIMS
 from kernels.reference import check_attention_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
