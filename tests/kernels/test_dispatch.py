@@ -211,27 +211,57 @@ def test_ltx2_candidates_match_float64(call) -> None:
     _check_candidates(call.nq, call.nk, call.dim, torch.bfloat16, g, call.real_keys is not None, tol=2e-2)
 
 
+def _model_step(model: torch.nn.Module, device: str, dtype: torch.dtype) -> list[Tensor]:
+    """Velocities and every parameter gradient of one forward and backward on fixed random inputs (host float64)."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    video, audio = (
+        torch.randn(1, 32, cfg.in_channels, generator=gen),
+        torch.randn(1, 9, cfg.audio_in_channels, generator=gen),
+    )
+    context = torch.randn(1, 7, cfg.caption_channels, generator=gen)
+    model = model.to(device, dtype)
+    model.zero_grad()
+    args = (t.to(device, dtype) for t in (video, audio, torch.tensor([0.6]), context, context))
+    v, a = model(*args, (2, 4, 4))
+    (v.square().mean() + a.square().mean()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return [t.detach().cpu().double() for t in (v, a, *grads)]
+
+
 def test_model_with_a_forced_implementation(monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole tiny model, forward and backward, with every attention on torch's CPU flash kernel."""
     cfg = models.resolve_config({"preset": "tiny", "num_layers": 2})
     torch.manual_seed(0)
     model = models.build_model(cfg)
-    video, audio = torch.randn(1, 32, cfg.in_channels), torch.randn(1, 9, cfg.audio_in_channels)
-    context = torch.randn(1, 7, cfg.caption_channels)
-
-    def run() -> list[Tensor]:
-        model.zero_grad()
-        v, a = model(video, audio, torch.tensor([0.6]), context, context, (2, 4, 4))
-        (v.square().mean() + a.square().mean()).backward()
-        return [v.detach(), a.detach(), *(p.grad.clone() for p in model.parameters() if p.grad is not None)]
-
-    expected = run()
+    expected = _model_step(model, "cpu", torch.float32)
     monkeypatch.setenv("OMNINFT_ATTENTION", "sdpa-flash")
     calls = _count_calls(monkeypatch, "sdpa-flash")
-    got = run()
+    got = _model_step(model, "cpu", torch.float32)
     assert len(calls) == 6 * cfg.num_layers  # every attention of every block
     for ours, ref in zip(got, expected, strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ["sdpa", "sdpa-efficient", "triton"])
+def test_model_on_cuda_matches_float64(monkeypatch: pytest.MonkeyPatch, impl: str) -> None:
+    """Two blocks at LTX-2's head dims (video 128, audio 64), forward and backward on CUDA in fp32 with every
+    attention on `impl`, against the same weights in float64 on the host (fp32 matmuls without TF32)."""
+    cfg = models.resolve_config(
+        {"preset": "tiny", "num_layers": 2, "num_heads": 2, "video_head_dim": 128, "audio_head_dim": 64}
+    )
+    torch.manual_seed(0)
+    model = models.build_model(cfg)
+    expected = _model_step(model, "cpu", torch.float64)
+    monkeypatch.setenv("OMNINFT_ATTENTION", impl)
+    calls = _count_calls(monkeypatch, impl)
+    got = _model_step(model, "cuda", torch.float32)
+    assert len(calls) == 6 * cfg.num_layers
+    for i, (ours, ref) in enumerate(zip(got, expected, strict=True)):
+        err = float((ours - ref).norm() / ref.norm().clamp_min(1e-300))
+        assert err < 1e-4, f"{impl}: output {i} (velocities, then parameter gradients): relative error {err:.3g}"
 
 
 def test_kernels_work_without_triton_in_a_fresh_process() -> None:
