@@ -22,6 +22,12 @@ and to gpu_check.log:
 Last, the issue's targets judged from those figures (summary.json), with what limits each missed one:
 its FLOPs and bytes against the matmul rate and copy bandwidth measured in the same run. At most eight
 files land in --out, as the device tool brings back. Exit status 0 when every stage passed.
+
+On a lent device: `python -m bench.gpu_check --fetch-wheels --wheels .whl` here (.whl/ ignored by git),
+then one device run of `python3 -m bench.gpu_check --out "$OUT" --wheels .whl` carrying `.whl` with
+timeout_s 540 (a 15-minute lease leaves room for one rerun), give the machine back, and commit what
+came back: kernels.json, step.json and summary.json as bench/results/<device>-<date>-{kernels,step,
+gpu-check}.json, and dispatch_table.json over kernels/dispatch_table.json.
 """
 
 from __future__ import annotations

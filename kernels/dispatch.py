@@ -244,6 +244,7 @@ class DispatchTable:
         self.devices = devices or {}
         self.source = source
         self._classes: dict[tuple[str, str], list[tuple[CallClass, str]]] = {}
+        self._chosen: dict[tuple[str, str, CallClass], str | None] = {}
         for device, dtypes in self.devices.items():
             for dtype, entries in dtypes.items():
                 for key, entry in entries.items():
@@ -285,12 +286,15 @@ class DispatchTable:
 
     def choose(self, device: str, dtype: str, cls: CallClass) -> str | None:
         """The measured implementation of `cls`, of the nearest measured class within NEAREST_DOUBLINGS, or None."""
-        best, best_distance = None, math.inf
-        for measured, impl in self._classes.get((device, dtype), ()):
-            distance = cls.distance(measured)
-            if distance < best_distance:
-                best, best_distance = impl, distance
-        return best if best_distance <= NEAREST_DOUBLINGS else None
+        key = (device, dtype, cls)
+        if key not in self._chosen:  # a model makes hundreds of calls per forward, of a handful of classes
+            best, best_distance = None, math.inf
+            for measured, impl in self._classes.get((device, dtype), ()):
+                distance = cls.distance(measured)
+                if distance < best_distance:
+                    best, best_distance = impl, distance
+            self._chosen[key] = best if best_distance <= NEAREST_DOUBLINGS else None
+        return self._chosen[key]
 
 
 def fastest(rows: Iterable[dict]) -> dict[str, dict]:
