@@ -38,7 +38,7 @@ def records_role(linear: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 class TorchBackend:
-    """Plain torch layers; the attention core is `kernels.cross_attention` (Triton on CUDA)."""
+    """Plain torch layers; the attention core is `kernels.cross_attention` (run as `kernels.dispatch` picks)."""
 
     name = "torch"
     tensor_parallel = False  # whether its column/row layers split over the sharding's tensor-parallel ranks
