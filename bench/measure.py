@@ -23,8 +23,9 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 
 def timer(fn: Callable[[], object], reps: int) -> float:
-    """Median seconds of `fn` after warm-up (which also absorbs Triton's autotuning)."""
-    for _ in range(3):
+    """Median seconds of `fn` after warm-up: three calls on CUDA (module loads, Triton's compilation and
+    autotuning, cuBLAS handles), one on a CPU (first-call allocations; nothing there is compiled)."""
+    for _ in range(3 if CUDA else 1):
         fn()
     times = []
     for _ in range(reps):
