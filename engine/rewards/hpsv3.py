@@ -25,17 +25,17 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, one_line
-from .base import Reward, Rollout, register, require_package
+from .base import Rollout, register, require_package
 from .qwen2vl import (
     CHAT,
     IMAGE_PAD,
     INSTALL,
     QWEN2VL_7B,
     Backbone,
+    JudgeReward,
     Tensors,
     load_backbone,
     load_strict,
-    parse_dtype,
     patchify,
     random_backbone,
     smart_resize,
@@ -215,12 +215,10 @@ def random_hpsv3(
 
 
 @register
-class HPSv3Score(Reward):
+class HPSv3Score(JudgeReward):
     """HPSv3's preference for the clip's best frames given its `prompt_video`; higher is better."""
 
     name = "hpsv3"
-    modality = "video"
-    reads = frozenset({"frames", "text"})
 
     def __init__(
         self,
@@ -235,22 +233,9 @@ class HPSv3Score(Reward):
         device: str | None = None,
         dtype: str = "bfloat16",
     ) -> None:
-        """Loads the judge (see the module docstring) on `device`, or on the CPU and then wherever the frames are
-        when `device` is None; `dtype` is the backbone's ("bfloat16" as the authors ran it, "float32")."""
-        super().__init__(weight)
-        self.device = None if device is None else torch.device(device)
-        self.judge = load_hpsv3(
-            path,
-            base,
-            num_frames=num_frames,
-            top_k=top_k,
-            cap=cap,
-            pixels=pixels,
-            device=self.device or "cpu",
-            dtype=parse_dtype(dtype),
-        )
+        """Loads the judge (see the module docstring and `JudgeReward`)."""
+        settings = dict(num_frames=num_frames, top_k=top_k, cap=cap, pixels=pixels)
+        super().__init__(weight, lambda at, dt: load_hpsv3(path, base, **settings, device=at, dtype=dt), device, dtype)
 
-    def score(self, rollout: Rollout) -> Tensor:
-        assert rollout.frames is not None  # score_rewards checks `reads`
-        device = self.device or rollout.frames.device
-        return self.judge.to(device).score(rollout.frames, rollout.video_prompts).to(rollout.frames.device)
+    def judge_scores(self, rollout: Rollout) -> Tensor:
+        return self.judge.score(rollout.frames, rollout.video_prompts)

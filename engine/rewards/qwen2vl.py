@@ -13,6 +13,7 @@ image/video processors need torchvision (which does not load with our CPU torch)
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, one_line
-from .base import local_dir, require_package
+from .base import Reward, Rollout, local_dir, require_package
 
 INSTALL = "pip install 'omninft[rewards]'"
 
@@ -433,3 +434,28 @@ def random_backbone(
             else:
                 param.normal_(0.0, 0.02)
     return Backbone(model, word_tokenizer(reward, added_tokens), Patches())
+
+
+class JudgeReward(Reward):
+    """A Qwen2-VL judge (VideoAlign, HPSv3) as a reward: `load(device, dtype)` builds it on `device`, or on the
+    CPU and then it moves to wherever the frames are when `device` is None; `dtype` is the backbone's
+    ("bfloat16" as the authors ran them, "float32"). Subclasses say how their judge scores a rollout."""
+
+    modality = "video"
+    reads = frozenset({"frames", "text"})
+
+    def __init__(
+        self, weight: float, load: Callable[[torch.device | str, torch.dtype], object], device: str | None, dtype: str
+    ) -> None:
+        super().__init__(weight)
+        self.device = None if device is None else torch.device(device)
+        self.judge = load(self.device or "cpu", parse_dtype(dtype))
+
+    @abc.abstractmethod
+    def judge_scores(self, rollout: Rollout) -> Tensor:
+        """(N,) scores of the judge, on its device, for the rollout's frames (not None: score_rewards checks)."""
+
+    def score(self, rollout: Rollout) -> Tensor:
+        assert rollout.frames is not None  # score_rewards checks `reads`
+        self.judge.to(self.device or rollout.frames.device)
+        return self.judge_scores(rollout).to(rollout.frames.device)

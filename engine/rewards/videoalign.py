@@ -24,16 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, one_line
-from .base import Reward, Rollout, register
+from .base import Rollout, register
 from .qwen2vl import (
     CHAT,
     QWEN2VL_2B,
     VIDEO_PAD,
     Backbone,
+    JudgeReward,
     Tensors,
     load_backbone,
     load_strict,
-    parse_dtype,
     patchify,
     random_backbone,
     smart_resize,
@@ -341,13 +341,11 @@ def random_videoalign(
 
 
 @register
-class VideoAlignScore(Reward):
+class VideoAlignScore(JudgeReward):
     """VideoReward's calibrated ratings of the clip against its `prompt_video`, weighted by `dimensions`
     (default (VQ + TA) / 2); higher is better."""
 
     name = "videoalign"
-    modality = "video"
-    reads = frozenset({"frames", "text"})
 
     def __init__(
         self,
@@ -362,23 +360,11 @@ class VideoAlignScore(Reward):
         device: str | None = None,
         dtype: str = "bfloat16",
     ) -> None:
-        """Loads the judge (see the module docstring) on `device`, or on the CPU and then wherever the frames are
-        when `device` is None; `dtype` is the model's ("bfloat16" as the authors ran it, "float32")."""
-        super().__init__(weight)
-        self.device = None if device is None else torch.device(device)
-        self.judge = load_videoalign(
-            path,
-            base,
-            checkpoint=checkpoint,
-            dimensions=dimensions,
-            fps=fps,
-            max_pixels=max_pixels,
-            device=self.device or "cpu",
-            dtype=parse_dtype(dtype),
+        """Loads the judge (see the module docstring and `JudgeReward`)."""
+        settings = dict(checkpoint=checkpoint, dimensions=dimensions, fps=fps, max_pixels=max_pixels)
+        super().__init__(
+            weight, lambda at, dt: load_videoalign(path, base, **settings, device=at, dtype=dt), device, dtype
         )
 
-    def score(self, rollout: Rollout) -> Tensor:
-        assert rollout.frames is not None  # score_rewards checks `reads`
-        device = self.device or rollout.frames.device
-        scores = self.judge.to(device).score(rollout.frames, rollout.fps, rollout.video_prompts)
-        return scores.to(rollout.frames.device)
+    def judge_scores(self, rollout: Rollout) -> Tensor:
+        return self.judge.score(rollout.frames, rollout.fps, rollout.video_prompts)
