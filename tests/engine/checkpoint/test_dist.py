@@ -1,8 +1,10 @@
 """Distributed checkpoints resharded between tensor-parallel layouts: real torchrun, gloo, CPU.
 
-Three torchrun runs chained so each layout saves once and loads once (tests/dist/ckpt_reshard.py):
-TP=1 saves; TP=2 (2 ranks) loads it and saves; TP=1 loads that. The export to the official file and
-the errors for missing or corrupt checkpoints are checked here, in one process.
+Three runs chained so each layout saves once and loads once (tests/dist/ckpt_reshard.py): TP=1 (one
+process) saves; TP=2 (2 ranks) loads it and saves; TP=1 (one process) loads that. They are the phases of
+one 2-process torchrun launch (a launch costs ~10 s of start-up): rank 0 runs the one-process phases alone
+in a world of its own. The export to the official file and the errors for missing or corrupt checkpoints
+are checked here, in one process.
 """
 
 from __future__ import annotations
@@ -66,11 +68,13 @@ def test_save_and_load_name_the_missing_process_group(tmp_path):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_ckpt")
     ckpts = root / "checkpoints"
-    tp1_save = torchrun("ckpt_reshard.py", 1, "--tp", "1", "--save", str(ckpts / "tp1"), out=root / "run1")
-    tp2 = torchrun(
-        "ckpt_reshard.py", 2, "--tp", "2", "--load", str(ckpts / "tp1"), "--save", str(ckpts / "tp2"), out=root / "run2"
-    )
-    tp1_load = torchrun("ckpt_reshard.py", 1, "--tp", "1", "--load", str(ckpts / "tp2"), out=root / "run3")
+    ranks = torchrun("ckpt_reshard.py", 2, "--dir", str(ckpts), out=root / "run")
+    # Each phase ran in the world it names: [processes, tensor-parallel size]; rank 1 sat out the one-process ones.
+    assert [{k: v["world"] for k, v in r.items() if k != "rank"} for r in ranks] == [
+        {"tp1_save": [1, 1], "tp2": [2, 2], "tp1_load": [1, 1]},
+        {"tp2": [2, 2]},
+    ], ranks
+    tp1_save, tp2, tp1_load = [ranks[0]["tp1_save"]], [r["tp2"] for r in ranks], [ranks[0]["tp1_load"]]
     return {"ckpts": ckpts, "tp1_save": tp1_save, "tp2": tp2, "tp1_load": tp1_load}
 
 
