@@ -5,6 +5,7 @@
 0-2 without stopping (the reference where no single-process run is one). Rank 0 writes the metrics
 of the iterations it ran to <out>/<phase>.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,19 +13,22 @@ import json
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.dist.megatron_cpu_shim import install  # noqa: E402
-
-install()
-
-from engine.config import load_config  # noqa: E402
-from engine.trainer import Trainer  # noqa: E402
-from tests.helpers import TASK  # noqa: E402
-
 
 def main() -> None:
+    # Imported here rather than at module level: megatron's first save in a process starts a helper (a
+    # multiprocessing Manager, `spawn`) that imports this file again as __mp_main__ and needs none of it;
+    # torch, megatron-core and the engine would cost it ~6 CPU-seconds per rank.
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.dist.megatron_cpu_shim import install
+
+    install()
+
+    from engine.config import load_config
+    from engine.trainer import Trainer
+    from tests.helpers import TASK
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--phase", choices=("save", "resume", "straight"), required=True)
     parser.add_argument("--tp", type=int, required=True)
@@ -35,12 +39,18 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value for every phase (e.g. lora.rank=4)")
     args = parser.parse_args()
-    layout = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
-              f"parallel.distributed_optimizer={str(args.dist_opt).lower()}", f"model.dtype={args.dtype}",
-              f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
-              "checkpoint_format=dist", f"run_dir={args.run_dir}"]
-    steps = {"save": ["iterations=2"], "resume": ["iterations=3", "resume=true"],
-             "straight": ["iterations=3"]}[args.phase]
+    layout = [
+        f"parallel.tp={args.tp}",
+        f"parallel.pp={args.pp}",
+        f"parallel.distributed_optimizer={str(args.dist_opt).lower()}",
+        f"model.dtype={args.dtype}",
+        f"model.backend={'megatron' if args.tp > 1 else 'torch'}",
+        "checkpoint_format=dist",
+        f"run_dir={args.run_dir}",
+    ]
+    steps = {"save": ["iterations=2"], "resume": ["iterations=3", "resume=true"], "straight": ["iterations=3"]}[
+        args.phase
+    ]
     trainer = Trainer(load_config(None, [*TASK, *args.overrides, *layout, *steps, "checkpoint_every=0"]))
     history = trainer.run()
     out = Path(args.out)
