@@ -24,7 +24,7 @@ from models.lora import (
     merge_lora,
     use_adapter,
 )
-from tests.helpers import tiny_inputs, torchrun
+from tests.helpers import SharedLaunches, tiny_inputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -291,12 +291,18 @@ def test_meta_device_counts_adapter_parameters():
 # ---------------------------------------------------------------- tensor parallelism (torchrun)
 
 
+@pytest.fixture(scope="module")
+def lora_parity(tmp_path_factory) -> SharedLaunches:
+    """tests/dist/lora_parity.py, one launch for the selected cases (start-up is paid once)."""
+    return SharedLaunches("lora_parity.py", tmp_path_factory)
+
+
 @pytest.mark.parametrize(
     "args",
     [["--tp", "2"], ["--tp", "2", "--sp"], ["--tp", "2", "--sp", "--preset", "tiny-2.3"]],
     ids=["tp2", "tp2-sp", "2.3-tp2-sp"],
 )
-def test_tensor_parallel_lora_matches_single_process(tmp_path, args):
+def test_tensor_parallel_lora_matches_single_process(lora_parity, request, args):
     """megatron column/row linears with adapters split by their role (and SP's token split) against the
     single process: outputs, loss, gathered adapter gradients, the old set, adapters off and the
     per-rank merge; the initial adapters are the single process's, sliced. On LTX-2.3 the gate logits
@@ -304,7 +310,7 @@ def test_tensor_parallel_lora_matches_single_process(tmp_path, args):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (see README: test command)")
     # Per block 28 default layers (+ 6 gate logits on 2.3), plus the prompt adaLN's linear on 2.3; A and B each.
     layers = 28 * 4 if "tiny-2.3" not in args else (28 + 6) * 4 + 1
-    for r in torchrun("lora_parity.py", 2, *args, out=tmp_path):
+    for r in lora_parity.reports(request, 2):
         assert r["init_equal"], r
         assert r["video_err"] < 1e-5 and r["audio_err"] < 1e-5 and r["loss_rel_err"] < 1e-5, r
         assert r["grad_rel_err"] < 1e-5 and r["adapter_grads"] == 2 * layers, r

@@ -1,7 +1,8 @@
 """Parallel layouts against the single-process model: real torchrun, gloo, CPU.
 
-Each case launches `torchrun` (tests.helpers.torchrun) and reads one JSON verdict per rank written
-by the worker in tests/dist/.
+Each case reads one JSON verdict per rank written by the worker in tests/dist/. The parity cases of a
+test share one torchrun launch per process count (tests.helpers.SharedLaunches), so that start-up (~10-20 s
+on a 2-core machine) is paid once per launch; the other tests launch `torchrun` themselves.
 """
 
 from __future__ import annotations
@@ -21,9 +22,21 @@ from engine.config import load_config  # noqa: E402
 from engine.parallel import ProcessLayout  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 from models.lora_files import read_lora_file  # noqa: E402
-from tests.helpers import ROOT, TASK, TIMEOUT_S, free_port, torchrun  # noqa: E402
+from tests.helpers import ROOT, TASK, TIMEOUT_S, SharedLaunches, free_port, torchrun  # noqa: E402
 
 LORA = ["lora.rank=4", "lora.alpha=8"]  # rank-4 adapters at scale 2, as the authors train (rank 32, alpha 64)
+
+
+@pytest.fixture(scope="module")
+def model_parity(tmp_path_factory) -> SharedLaunches:
+    """tests/dist/model_parity.py, one launch for the selected cases of each process count."""
+    return SharedLaunches("model_parity.py", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def train_parity(tmp_path_factory) -> SharedLaunches:
+    """tests/dist/train_parity.py, one launch for the selected cases of each process count."""
+    return SharedLaunches("train_parity.py", tmp_path_factory)
 
 
 @pytest.mark.parametrize(
@@ -41,10 +54,10 @@ LORA = ["lora.rank=4", "lora.alpha=8"]  # rank-4 adapters at scale 2, as the aut
     ],
     ids=["tp2", "tp2-sp", "pp2", "tp2xpp2-sp", "2.3-tp2", "2.3-tp2-sp", "2.3-pp2", "2.3-tp2xpp2-sp"],
 )
-def test_parallel_model_matches_single_process(tmp_path, nproc, args):
+def test_parallel_model_matches_single_process(model_parity, request, nproc, args):
     """Outputs, loss and (gathered) gradients of a parallel layout equal the single-process model's;
     with pp=2 through megatron's 1F1B schedule, every parameter's gradient on exactly one stage."""
-    results = torchrun("model_parity.py", nproc, *args, out=tmp_path)
+    results = model_parity.reports(request, nproc)
     assert sum(r["last_stage"] for r in results) == nproc // (2 if "--pp" in args else 1)
     for r in results:
         assert (r["ltx23_params"] > 0) == ("tiny-2.3" in args), r  # the 2.3 layers are there (and only there)
@@ -88,11 +101,11 @@ def test_parallel_model_matches_single_process(tmp_path, nproc, args):
         "tp2xpp2-sp-micro2-ltx23-lora",
     ],
 )
-def test_one_iteration_matches_single_process(tmp_path, nproc, args, dp):
+def test_one_iteration_matches_single_process(train_parity, request, nproc, args, dp):
     """Rollouts, rewards, routed advantages, loss, gradient norm and the updated weights (model and
     EMA old policy) of a parallel iteration equal the single-process iteration. Data-parallel
     gradients go through megatron-core's DistributedDataParallel."""
-    for r in torchrun("train_parity.py", nproc, *args, out=tmp_path):
+    for r in train_parity.reports(request, nproc):
         assert r["dp"] == dp and r["steps"] == [2, 2], r
         assert r["grad_sync"] == ("MegatronGradSync" if dp > 1 else "GradSync"), r
         assert r["optimizer"] == ("DistributedAdamW" if "--dist-opt" in args else "AdamW"), r
