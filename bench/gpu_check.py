@@ -3,6 +3,7 @@
     python3 -m bench.gpu_check --out "$OUT" --wheels .whl      (on the GPU machine; 450 s by default)
     python -m bench.gpu_check --fetch-wheels --wheels .whl     (here, where pip reaches a registry)
     python -m bench.gpu_check --dry-run --out DIR              (on a CPU: every stage at CPU size)
+    python3 -m bench.gpu_check --out "$OUT" --wheels .whl --stages wheels kernels step --budget-s 300   (a rerun)
 
 A lent GPU comes with about 15 minutes of device time, start-up included, and no network, so this is
 prepared and tested here and run there once. Stages, each a subprocess with its own time limit (never
@@ -23,11 +24,12 @@ Last, the issue's targets judged from those figures (summary.json), with what li
 its FLOPs and bytes against the matmul rate and copy bandwidth measured in the same run. At most eight
 files land in --out, as the device tool brings back. Exit status 0 when every stage passed.
 
-On a lent device: `python -m bench.gpu_check --fetch-wheels --wheels .whl` here (.whl/ ignored by git),
-then one device run of `python3 -m bench.gpu_check --out "$OUT" --wheels .whl` carrying `.whl` with
-timeout_s 540 (a 15-minute lease leaves room for one rerun), give the machine back, and commit what
-came back: kernels.json, step.json and summary.json as bench/results/<device>-<date>-{kernels,step,
-gpu-check}.json, and dispatch_table.json over kernels/dispatch_table.json.
+On a lent device: `python -m bench.gpu_check --fetch-wheels --wheels .whl` here (.whl/ is ignored by git),
+then one device run of `python3 -m bench.gpu_check --out "$OUT" --wheels .whl` carrying `.whl`, timeout_s 540.
+Copy what came back before another run (each run empties $OUT); while device time is left, rerun what failed
+with `--stages wheels <failed stages> --budget-s N` (wheels again: every run starts a fresh site folder); give
+the machine back; commit kernels.json, step.json and summary.json as bench/results/<device>-<date>-{kernels,
+step,gpu-check}.json and dispatch_table.json over kernels/dispatch_table.json.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ("megatron-core==0.19.2", "nvtx==0.2.17")  # absent from the GPU machines' image (device KINDS.md)
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 DEVICE_PYTHON = "3.12"
+STAGES = ("env", "wheels", "pytest", "kernels", "step")
 TARGETS = {
     "a2v_fused_vs_sdpa_hook": 1.0,  # Triton A2V fwd+bwd with the scale fused, speed-up over SDPA + hook: >=
     "mass_over_forward": 0.6,  # Triton mass (LSE given) time over the V2A forward at the same shape: <=
@@ -325,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=450.0, help="time for all stages together (default 450)")
     parser.add_argument("--dry-run", action="store_true", help="run every stage on this machine's CPU")
     parser.add_argument("--fetch-wheels", action="store_true", help="download WHEELS into --wheels and stop")
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="run only these (a rerun of what failed)"
+    )
     args = parser.parse_args(argv)
     wheels = Path(args.wheels) if args.wheels else None
     if args.fetch_wheels:
@@ -341,13 +347,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = stages(out, wheels, site, args.dry_run)
     except ValueError as err:
         parser.error(str(err))
-    shutil.copyfile(ROOT / "kernels" / "dispatch_table.json", out / "dispatch_table.json")  # merged into, not replaced
+    if not (out / "dispatch_table.json").exists():  # merged into, not replaced (also by a rerun)
+        shutil.copyfile(ROOT / "kernels" / "dispatch_table.json", out / "dispatch_table.json")
     path = [p for p in (str(site), str(ROOT), os.environ.get("PYTHONPATH")) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "PYTHONUNBUFFERED": "1"}
     deadline = time.monotonic() + args.budget_s
     outcomes = []
-    with open(out / "gpu_check.log", "w") as log:
-        for stage in plan:
+    with open(out / "gpu_check.log", "a") as log:  # a rerun of some stages adds to the first run's log
+        for stage in (s for s in plan if s.name in args.stages):
             limit = min(stage.budget_s, deadline - time.monotonic())
             if limit < 1:
                 outcomes.append(Outcome(stage.name, None, 0.0))

@@ -117,3 +117,16 @@ def test_targets_are_judged_from_the_figures() -> None:
     assert "forward: triton" in verdicts["mass_over_forward"]["goal"]
     assert verdicts["step_mfu_bf16"]["met"]
     assert verdicts["fp8_step_speedup"]["value"] == pytest.approx(1.25) and not verdicts["fp8_step_speedup"]["met"]
+
+
+def test_a_rerun_of_some_stages(tmp_path: Path) -> None:
+    """`--stages` runs only those (in plan order), adds to the log, and keeps a dispatch table already there."""
+    (tmp_path / "gpu_check.log").write_text("first run\n")
+    table = {"about": "measured before", "devices": {}}
+    (tmp_path / "dispatch_table.json").write_text(json.dumps(table))
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--stages", "wheels", "env"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["env", "wheels"]
+    assert (tmp_path / "gpu_check.log").read_text().startswith("first run\n")
+    assert json.loads((tmp_path / "dispatch_table.json").read_text()) == table
+    assert list(gpu_check.STAGES) == [s.name for s in gpu_check.stages(tmp_path, None, tmp_path, dry_run=True)]
