@@ -39,7 +39,7 @@ def test_dry_run_runs_every_stage(tmp_path: Path) -> None:
     }
     assert len(files) <= 8  # what the device tool brings back
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == ["env", "wheels", "pytest", "kernels", "step"]
+    assert [s["name"] for s in summary["stages"]] == ["env", "wheels", "kernels", "step", "pytest"]
     assert all(s["returncode"] == 0 for s in summary["stages"]) and summary["dry_run"]
     suite = ET.parse(out / "pytest.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) > 0 and int(suite.get("skipped")) == int(suite.get("tests"))  # no GPU here
