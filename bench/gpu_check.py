@@ -74,6 +74,11 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info.update(device=p.name, capability=list(torch.cuda.get_device_capability(0)), sms=p.multi_processor_count,
                 memory_gib=p.total_memory / 2**30, cudnn=torch.backends.cudnn.version())
+import shutil, subprocess
+if shutil.which("nvidia-smi"):  # the card's state as found (clocks, power, memory in use): read, never set
+    query = "name,driver_version,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,memory.used"
+    smi = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv"], capture_output=True, text=True)
+    info["nvidia_smi"] = (smi.stdout or smi.stderr).strip()
 print(json.dumps(info, indent=1))
 open(sys.argv[1], "w").write(json.dumps(info, indent=1) + "\\n")
 """
