@@ -157,7 +157,9 @@ def bench_call(call: Call, heads: int, device: torch.device, reps: int) -> list[
                     raise RuntimeError(f"{WRONG} {error:.3g}")
                 row["seconds"] = timer(fn, reps)
                 row["peak_mib"] = peak_mib(fn)
-            except RuntimeError as err:  # a backend that refuses the call, or a wrong result
+            except (
+                Exception
+            ) as err:  # any failure of a candidate: refused call, OOM, Triton compile error, wrong result
                 row["error"] = str(err).splitlines()[0][:300]
             rows.append(row)
     return rows
