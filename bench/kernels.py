@@ -157,9 +157,8 @@ def bench_call(call: Call, heads: int, device: torch.device, reps: int) -> list[
                     raise RuntimeError(f"{WRONG} {error:.3g}")
                 row["seconds"] = timer(fn, reps)
                 row["peak_mib"] = peak_mib(fn)
-            except (
-                Exception
-            ) as err:  # any failure of a candidate: refused call, OOM, Triton compile error, wrong result
+            # Any failure of a candidate (a refused call, OOM, a Triton compile error, a wrong result) is its row's.
+            except Exception as err:
                 row["error"] = str(err).splitlines()[0][:300]
             rows.append(row)
     return rows
