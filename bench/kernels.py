@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from bench.measure import CUDA, DTYPE, device_label, device_peaks, package_versions, peak_mib, timer
+from engine.errors import one_line
 from kernels import dispatch
 from kernels.dispatch import DispatchTable, Implementation
 
@@ -43,7 +44,10 @@ HEADS = {"ltx2": 32, "small": 4}
 SHAPES = {"ltx2": [(6144, 126, 1024, 200), (24576, 504, 1024, 200)], "small": [(512, 26, 64, 20)]}
 A2V_SCALE = 0.9  # kv_grad_scale of a shallow block under surgery
 TOLERANCE = 2e-2  # relative error against SDPA: bf16 rounding, and far below any indexing bug
-WRONG = "relative error against the reference above 2e-2:"
+
+
+class WrongResult(Exception):
+    """A candidate's result differs from the reference by more than TOLERANCE."""
 
 
 @dataclass(frozen=True)
@@ -154,12 +158,12 @@ def bench_call(call: Call, heads: int, device: torch.device, reps: int) -> list[
                 error = max(relative_error(ours, ref) for ours, ref in zip(outputs, expected, strict=True))
                 row["rel_error_vs_reference"] = error
                 if not error <= TOLERANCE:  # NaN fails too
-                    raise RuntimeError(f"{WRONG} {error:.3g}")
+                    raise WrongResult(f"relative error against the reference {error:.3g} > {TOLERANCE}")
                 row["seconds"] = timer(fn, reps)
                 row["peak_mib"] = peak_mib(fn)
             # Any failure of a candidate (a refused call, OOM, a Triton compile error, a wrong result) is its row's.
             except Exception as err:
-                row["error"] = str(err).splitlines()[0][:300]
+                row["error"] = one_line(err, limit=300)
             rows.append(row)
     return rows
 
@@ -256,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             others = ", ".join(f"{k} {v:.3f}" for k, v in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
             print(f"  {key:40s} -> {entry['impl']:14s} ms: {others}")
     print(f"wrote {out}")
-    wrong = [f"{r['case']} {r['op']} {r['impl']}" for r in result["rows"] if r.get("error", "").startswith(WRONG)]
+    wrong = [
+        f"{r['case']} {r['op']} {r['impl']}" for r in result["rows"] if r.get("error", "").startswith("WrongResult")
+    ]
     if wrong:
         print(f"WRONG RESULTS (never chosen): {'; '.join(wrong)}")
     return 1 if wrong else 0
