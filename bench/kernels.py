@@ -137,8 +137,8 @@ def bench_call(call: Call, heads: int, device: torch.device, reps: int) -> list[
         scale = A2V_SCALE if scaled else 1.0
         cls = dispatch.call_class(op, inputs.q, inputs.k, scale, inputs.mask)
         flops, nbytes = inputs.counts(op)
-        expected = None
-        for impl in dispatch.candidates(op, inputs.q, inputs.mask):
+        expected = None  # the reference's outputs: the first candidate's
+        for n, impl in enumerate(dispatch.candidates(op, inputs.q, inputs.mask)):
             row = {
                 "case": call.name,
                 "class": cls.key,
@@ -154,7 +154,10 @@ def bench_call(call: Call, heads: int, device: torch.device, reps: int) -> list[
             try:
                 result = fn()
                 outputs = list(result) if isinstance(result, tuple) else [result]
-                expected = outputs if expected is None else expected
+                if n == 0:
+                    expected = outputs
+                elif expected is None:
+                    raise RuntimeError("the reference failed: nothing to check this candidate against")
                 error = max(relative_error(ours, ref) for ours, ref in zip(outputs, expected, strict=True))
                 row["rel_error_vs_reference"] = error
                 if not error <= TOLERANCE:  # NaN fails too
