@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +154,63 @@ class SharedLaunches:
         if isinstance(outcome, str):
             raise AssertionError(outcome)
         return outcome[item.callspec.id]
+
+
+class SharedPhases:
+    """The torchrun launches of a parametrized test function whose cases each take several launches of one
+    worker script in order (phases: e.g. a save, then a resume from the save's checkpoint): per phase, one
+    launch per process count (`torchrun_cases`), so that start-up is paid once per phase and count.
+
+    Made by a module-scoped fixture with `phases(params, case_dir)`: a case's launches, a list of (nproc, the
+    worker's arguments) per phase, from its test item's parametrize values `params` and a folder `case_dir`
+    of its own (e.g. for the worker's run directories). A test item calls `outputs(request)`. The first item
+    launches every *selected* item (after -k, --lf, ...) of the same test function: phase 0 of all of them
+    (a launch per process count, in order of first appearance), then phase 1, ... Each item then gets its
+    `case_dir` and its phases' output folders (<out>/<id>: the rank reports and what the worker wrote there).
+    A failed launch fails every item of its group with torchrun's output; their later phases are not run."""
+
+    def __init__(self, script: str, tmp_path_factory, phases: Callable[[dict, Path], list[tuple[int, list[str]]]]):
+        self.script, self.tmp_path_factory, self.phases = script, tmp_path_factory, phases
+        self.outcomes: dict[str, dict[str, tuple[Path, list[Path]] | str]] = {}  # per function, per case; or failure
+
+    def outputs(self, request) -> tuple[Path, list[Path]]:
+        """The case dir and the output folder of each phase of the case of test item `request.node` (its
+        parametrize id)."""
+        item = request.node
+        if item.originalname not in self.outcomes:
+            self.outcomes[item.originalname] = self._run(
+                [
+                    o
+                    for o in request.session.items
+                    if getattr(o, "originalname", None) == item.originalname and o.parent is item.parent
+                ]
+            )
+        outcome = self.outcomes[item.originalname][item.callspec.id]
+        if isinstance(outcome, str):
+            raise AssertionError(outcome)
+        return outcome
+
+    def _run(self, items) -> dict[str, tuple[Path, list[Path]] | str]:
+        root = self.tmp_path_factory.mktemp(Path(self.script).stem)
+        dirs = {o.callspec.id: root / "cases" / o.callspec.id for o in items}
+        launches = {o.callspec.id: self.phases(o.callspec.params, dirs[o.callspec.id]) for o in items}
+        outcomes: dict[str, tuple[Path, list[Path]] | str] = {case: (dirs[case], []) for case in launches}
+        for phase in range(max(len(v) for v in launches.values())):
+            groups: dict[int, dict[str, list[str]]] = {}
+            for case, phases in launches.items():
+                if phase < len(phases) and not isinstance(outcomes[case], str):
+                    nproc, args = phases[phase]
+                    groups.setdefault(nproc, {})[case] = list(args)
+            for nproc, group in groups.items():
+                out = root / f"phase{phase}-{nproc}proc"
+                try:
+                    torchrun_cases(self.script, nproc, group, out)
+                except AssertionError as e:
+                    outcomes.update(dict.fromkeys(group, f"phase {phase} ({nproc} processes): {e}"))
+                else:
+                    for case in group:
+                        outcomes[case][1].append(out / case)
+        return outcomes
 
 
 def worker_cases(argv: list[str] | None = None) -> Iterator[tuple[list[str], Path]]:

@@ -22,7 +22,16 @@ from engine.config import load_config  # noqa: E402
 from engine.parallel import ProcessLayout  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 from models.lora_files import read_lora_file  # noqa: E402
-from tests.helpers import ROOT, TASK, TIMEOUT_S, SharedLaunches, free_port, torchrun  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ROOT,
+    TASK,
+    TIMEOUT_S,
+    SharedLaunches,
+    SharedPhases,
+    free_port,
+    torchrun,
+    torchrun_cases,
+)
 
 LORA = ["lora.rank=4", "lora.alpha=8"]  # rank-4 adapters at scale 2, as the authors train (rank 32, alpha 64)
 
@@ -37,6 +46,22 @@ def model_parity(tmp_path_factory) -> SharedLaunches:
 def train_parity(tmp_path_factory) -> SharedLaunches:
     """tests/dist/train_parity.py, one launch for the selected cases of each process count."""
     return SharedLaunches("train_parity.py", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def train_resume(tmp_path_factory) -> SharedPhases:
+    """tests/dist/train_resume.py for the resume cases: the selected cases' saves, one launch per process
+    count, then their resumes likewise, each case in its own run directory (<case dir>/run)."""
+
+    def phases(params, case_dir):
+        (save_nproc, save_args), (resume_nproc, resume_args) = params["save"], params["resume"]
+        run = ["--run-dir", str(case_dir / "run")]
+        return [
+            (save_nproc, ["--phase", "save", *save_args, *run]),
+            (resume_nproc, ["--phase", "resume", *resume_args, *run]),
+        ]
+
+    return SharedPhases("train_resume.py", tmp_path_factory, phases)
 
 
 @pytest.mark.parametrize(
@@ -125,24 +150,15 @@ def test_one_iteration_matches_single_process(train_parity, request, nproc, args
     ],
     ids=["tp2xpp2-to-1", "distopt-to-1", "1-to-distopt", "lora-tp2xpp2-to-distopt", "ltx23-tp2xpp2-to-1"],
 )
-def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(tmp_path, save, resume):
+def test_trainer_resumes_a_distributed_checkpoint_in_another_layout(train_resume, request, tmp_path, save, resume):
     """Train 2 iterations with megatron distributed checkpoints in one layout, resume in another:
     iteration 2 equals the one an uninterrupted single-process run takes (weights and AdamW state
-    reshard, also between the sharded distributed optimizer and plain AdamW)."""
-    run_dir = tmp_path / "run"
-    torchrun("train_resume.py", save[0], "--phase", "save", *save[1], "--run-dir", str(run_dir), out=tmp_path / "save")
+    reshard, also between the sharded distributed optimizer and plain AdamW). The saves of the cases share
+    a launch per process count, then so do their resumes (the `train_resume` fixture)."""
+    case_dir, (_, resumed_out) = train_resume.outputs(request)
+    run_dir = case_dir / "run"
     assert (run_dir / "checkpoints" / "iter_000001" / "metadata.json").is_file()
-    torchrun(
-        "train_resume.py",
-        resume[0],
-        "--phase",
-        "resume",
-        *resume[1],
-        "--run-dir",
-        str(run_dir),
-        out=tmp_path / "resume",
-    )
-    (resumed,) = json.loads((tmp_path / "resume" / "resume.json").read_text())
+    (resumed,) = json.loads((resumed_out / "resume.json").read_text())
     overrides = [a for a in save[1] if "=" in a]
     straight = Trainer(
         load_config(
@@ -169,13 +185,16 @@ def test_distributed_optimizer_on_bf16_parameters_resumes_exactly(tmp_path):
     checkpoint, resume; iteration 2 is bitwise the one of an uninterrupted run in the same layout."""
     layout = ["--tp", "1", "--dist-opt", "--dtype", "bfloat16"]
     runs = {phase: tmp_path / phase for phase in ("save", "straight")}
-    torchrun("train_resume.py", 2, "--phase", "save", *layout, "--run-dir", str(runs["save"]), out=tmp_path / "o1")
-    torchrun("train_resume.py", 2, "--phase", "resume", *layout, "--run-dir", str(runs["save"]), out=tmp_path / "o2")
-    torchrun(
-        "train_resume.py", 2, "--phase", "straight", *layout, "--run-dir", str(runs["straight"]), out=tmp_path / "o3"
+    # The save and the straight run share a launch (the straight run starts from a fresh worker's state).
+    torchrun_cases(
+        "train_resume.py",
+        2,
+        {phase: ["--phase", phase, *layout, "--run-dir", str(runs[phase])] for phase in ("save", "straight")},
+        out=tmp_path / "o1",
     )
+    torchrun("train_resume.py", 2, "--phase", "resume", *layout, "--run-dir", str(runs["save"]), out=tmp_path / "o2")
     (resumed,) = json.loads((tmp_path / "o2" / "resume.json").read_text())
-    straight = json.loads((tmp_path / "o3" / "straight.json").read_text())[2]
+    straight = json.loads((tmp_path / "o1" / "straight" / "straight.json").read_text())[2]
     assert resumed["iteration"] == straight["iteration"] == 2
     assert {k: v for k, v in resumed.items() if not k.startswith("time/")} == {
         k: v for k, v in straight.items() if not k.startswith("time/")
