@@ -4,12 +4,14 @@ megatron-core hard-codes CUDA in its buffers, collectives and pipeline schedule
 (`torch.cuda.current_device()` as an allocation device, `torch.cuda.synchronize()`, a
 `device="cuda"` literals in tensor factories (the schedule's token counter, the optimizers'
 overflow buffers), a `torch.cuda.current_stream()` in DDP's gradient reduction, the distributed
-optimizer's check that parameters are `torch.cuda.*Tensor`s). Without CUDA these are mapped to the CPU (one stream: nothing to wait for); with CUDA nothing is touched, so GPU runs exercise megatron exactly as shipped.
+optimizer's check that parameters are `torch.cuda.*Tensor`s). Without CUDA these are mapped to the
+CPU (one stream: nothing to wait for); with CUDA nothing is touched, so GPU runs exercise megatron
+exactly as shipped.
 """
+
 from __future__ import annotations
 
 import torch
-
 
 _installed = False
 
@@ -41,10 +43,12 @@ def install() -> bool:
 
 def _on_cpu(factory):
     """A tensor factory that allocates `device="cuda"` requests on the CPU."""
+
     def make(*args, **kwargs):
         if str(kwargs.get("device")).startswith("cuda"):
             kwargs["device"] = "cpu"
         return factory(*args, **kwargs)
+
     return make
 
 
