@@ -117,6 +117,17 @@ def torchrun_cases(script: str, nproc: int, cases: dict[str, list[str]], out: Pa
     return reports
 
 
+def _selected_cases(request) -> list:
+    """The test items of `request.node`'s parametrized function (same function, same module or class) that
+    this session runs (after -k, --lf, ...), in collection order."""
+    item = request.node
+    return [
+        other
+        for other in request.session.items
+        if getattr(other, "originalname", None) == item.originalname and other.parent is item.parent
+    ]
+
+
 class SharedLaunches:
     """The torchrun launches of a parametrized test function's cases: one launch per process count.
 
@@ -140,10 +151,8 @@ class SharedLaunches:
         if key not in self.outcomes:
             group = {
                 other.callspec.id: list(other.callspec.params["args"])
-                for other in request.session.items
-                if getattr(other, "originalname", None) == item.originalname
-                and other.parent is item.parent
-                and other.callspec.params.get("nproc", nproc) == nproc
+                for other in _selected_cases(request)
+                if other.callspec.params.get("nproc", nproc) == nproc
             }
             out = self.tmp_path_factory.mktemp(f"{Path(self.script).stem}-{nproc}proc")
             try:
@@ -178,13 +187,7 @@ class SharedPhases:
         parametrize id)."""
         item = request.node
         if item.originalname not in self.outcomes:
-            self.outcomes[item.originalname] = self._run(
-                [
-                    o
-                    for o in request.session.items
-                    if getattr(o, "originalname", None) == item.originalname and o.parent is item.parent
-                ]
-            )
+            self.outcomes[item.originalname] = self._run(_selected_cases(request))
         outcome = self.outcomes[item.originalname][item.callspec.id]
         if isinstance(outcome, str):
             raise AssertionError(outcome)
